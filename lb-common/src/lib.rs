@@ -1,0 +1,286 @@
+//! The map ABI shared by the XDP datapath (`lb-ebpf`) and the control plane (`lb-user`).
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of integers and byte arrays only, with explicit
+//! padding, so that both sides agree on layout and neither reads an enum or `bool` out of a map.
+//! Fields that hold network data keep network byte order as byte arrays (`[u8; 4]` addresses,
+//! `[u8; 2]` ports): the datapath copies them straight from and into packets, and userspace
+//! converts once, at its boundary.
+#![no_std]
+
+/// Most services one datapath holds (the `SERVICES` hash map and per-service arrays).
+pub const MAX_SERVICES: u32 = 1024;
+/// Most backends over all services (the `BACKENDS` array and per-backend counters).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Most backends in one service's scheduling list. A power of two: the datapath masks
+/// indexes with `MAX_BACKENDS_PER_SERVICE - 1` so the verifier sees them bounded.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 256;
+/// Entries in the flow table and in the reverse-translation table (LRU hash maps).
+pub const FLOW_TABLE_SIZE: u32 = 262_144;
+
+/// IP protocol numbers the datapath balances.
+pub mod protocol {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Values of [`Backend::state`].
+pub mod backend_state {
+    /// Not eligible: flows pinned to it are rescheduled on their next packet.
+    pub const DOWN: u8 = 0;
+    /// Passed its health checks.
+    pub const UP: u8 = 1;
+}
+
+/// Values of [`Service::scheduler`]. Only round robin exists today; the field is here so
+/// that table-based schedulers can be added without changing the layout.
+pub mod scheduler {
+    pub const ROUND_ROBIN: u8 = 0;
+}
+
+/// Identifies a service: the packet's destination address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub protocol: u8,
+    /// Zero; keeps the key free of uninitialised bytes, which hash lookups would compare.
+    pub _pad: u8,
+}
+
+/// One service and the backends new flows may be scheduled to.
+///
+/// The whole value is replaced at once when the set of healthy backends changes: the map is
+/// created without preallocation, so an update swaps in a new element and a reader keeps the
+/// old one until it is done (RCU) and never sees a half-written list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service arrays (`RR_CURSORS`, `SERVICE_STATS`).
+    pub id: u32,
+    /// One of [`scheduler`].
+    pub scheduler: u8,
+    /// Zero; room for flags without changing the layout.
+    pub _pad: [u8; 3],
+    /// How many entries of `backends` are valid; 0 means no backend is up.
+    pub backend_count: u32,
+    /// Reserved for table-based schedulers (which table slot is active); zero today.
+    pub table_slot: u32,
+    /// Backend ids (indexes into `BACKENDS`) that are up, in a stable order.
+    pub backends: [u32; MAX_BACKENDS_PER_SERVICE],
+}
+
+/// One backend of one service. A backend serving two services has two ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// One of [`backend_state`].
+    pub state: u8,
+    /// Zero; alignment of the next field.
+    pub _pad: u8,
+    pub service_id: u32,
+    /// Bumped whenever this id is given to another backend, so flows pinned to the previous
+    /// holder are rescheduled instead of following the id.
+    pub generation: u32,
+}
+
+/// A packet's 5-tuple as it arrives at the load balancer. Keys the flow table (client to
+/// service) and the reverse-translation table (backend to client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub protocol: u8,
+    /// Zero; see [`ServiceKey::_pad`].
+    pub _pad: [u8; 3],
+}
+
+/// Where a flow of a service goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The backend's [`Backend::generation`] when the flow was scheduled.
+    pub generation: u32,
+    /// Zero; keeps the size a multiple of 8.
+    pub _pad: u32,
+}
+
+/// How to translate a backend's reply back to the service it answers for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseNat {
+    pub service_addr: [u8; 4],
+    pub service_port: [u8; 2],
+    /// Zero; alignment of the next field.
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Per-CPU traffic counters of one service or one backend. Bytes are whole frames as XDP sees
+/// them (Ethernet header included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// Packets from clients forwarded towards a backend.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows scheduled (first packet of a flow, or a flow moved off a backend that went down).
+    pub new_flows: u64,
+    /// Replies from a backend translated back to the client.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Flows that had to leave their backend because it went down or was replaced.
+    pub rescheduled: u64,
+}
+
+/// Indexes into the global per-CPU `COUNTERS` array, and their names.
+///
+/// `PASS_*` and `DROP_*` count each packet's final verdict by reason; the others count events
+/// along the way and can overlap with a verdict.
+pub mod counter {
+    /// Not IPv4 (ARP, IPv6, ...): passed.
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
+    pub const PASS_NOT_TCP_UDP: u32 = 1;
+    /// TCP or UDP, but not for a service and not a reply of a balanced flow: passed.
+    pub const PASS_NOT_SERVICE: u32 = 2;
+    /// An IPv4 fragment: passed to the kernel (fragments are not balanced yet).
+    pub const PASS_FRAGMENT: u32 = 3;
+    /// Translated, but the next hop's MAC is unknown: passed so the kernel resolves it.
+    pub const PASS_NEIGH_UNRESOLVED: u32 = 4;
+    /// Translated, but forwarding is disabled on the ingress interface: passed.
+    pub const PASS_FORWARDING_DISABLED: u32 = 5;
+    /// Translated, but larger than the egress MTU: passed so the kernel can answer with ICMP.
+    pub const PASS_FRAG_NEEDED: u32 = 6;
+    /// Translated, but the route lookup found no usable route: passed to the kernel.
+    pub const PASS_NO_ROUTE: u32 = 7;
+    /// Shorter than an Ethernet header: dropped.
+    pub const DROP_MALFORMED_ETHERNET: u32 = 8;
+    /// IPv4 header truncated, wrong version or IHL below 5: dropped.
+    pub const DROP_MALFORMED_IPV4: u32 = 9;
+    /// TCP or UDP header truncated on a packet for a VIP address: dropped.
+    pub const DROP_MALFORMED_L4: u32 = 10;
+    /// For a service that has no backend up: dropped.
+    pub const DROP_NO_BACKEND: u32 = 11;
+    /// A service's state was inconsistent (a listed backend id out of range): dropped.
+    pub const DROP_INTERNAL: u32 = 12;
+    /// Client packets forwarded to a backend with XDP_TX (same interface).
+    pub const FORWARD_TX: u32 = 13;
+    /// Client packets forwarded to a backend with XDP_REDIRECT.
+    pub const FORWARD_REDIRECT: u32 = 14;
+    /// Replies sent back to a client with XDP_TX.
+    pub const REPLY_TX: u32 = 15;
+    /// Replies sent back to a client with XDP_REDIRECT.
+    pub const REPLY_REDIRECT: u32 = 16;
+    /// Client packets whose flow was in the flow table.
+    pub const FLOW_HIT: u32 = 17;
+    /// Client packets that started a new flow.
+    pub const FLOW_MISS: u32 = 18;
+    /// Flows moved because their backend went down or was replaced.
+    pub const FLOW_RESCHEDULED: u32 = 19;
+    /// Flow or reverse-translation entries that could not be stored (packet still forwarded).
+    pub const FLOW_INSERT_FAILED: u32 = 20;
+
+    /// Number of counters; the length of the `COUNTERS` array.
+    pub const COUNT: u32 = 21;
+
+    /// Names as `lb-user stats` prints them, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_not_tcp_udp",
+        "pass_not_service",
+        "pass_fragment",
+        "pass_neigh_unresolved",
+        "pass_forwarding_disabled",
+        "pass_frag_needed",
+        "pass_no_route",
+        "drop_malformed_ethernet",
+        "drop_malformed_ipv4",
+        "drop_malformed_l4",
+        "drop_no_backend",
+        "drop_internal",
+        "forward_tx",
+        "forward_redirect",
+        "reply_tx",
+        "reply_redirect",
+        "flow_hit",
+        "flow_miss",
+        "flow_rescheduled",
+        "flow_insert_failed",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    //! Lets aya copy these types in and out of maps. Sound because every type is
+    //! `#[repr(C)]`, has only integer fields and has no implicit padding (see the asserts).
+    use super::*;
+
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for TrafficStats {}
+}
+
+// Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
+// Each equals the sum of its fields, so no type has implicit padding.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 16 + 4 * MAX_BACKENDS_PER_SERVICE);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
+const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    #[test]
+    fn field_offsets_match_the_datapath_layout() {
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, protocol), 6);
+        assert_eq!(offset_of!(Service, scheduler), 4);
+        assert_eq!(offset_of!(Service, backend_count), 8);
+        assert_eq!(offset_of!(Service, table_slot), 12);
+        assert_eq!(offset_of!(Service, backends), 16);
+        assert_eq!(offset_of!(Backend, port), 4);
+        assert_eq!(offset_of!(Backend, state), 6);
+        assert_eq!(offset_of!(Backend, service_id), 8);
+        assert_eq!(offset_of!(Backend, generation), 12);
+        assert_eq!(offset_of!(FlowKey, dst_addr), 4);
+        assert_eq!(offset_of!(FlowKey, src_port), 8);
+        assert_eq!(offset_of!(FlowKey, dst_port), 10);
+        assert_eq!(offset_of!(FlowKey, protocol), 12);
+        assert_eq!(offset_of!(Flow, service_id), 4);
+        assert_eq!(offset_of!(Flow, generation), 8);
+        assert_eq!(offset_of!(ReverseNat, service_port), 4);
+        assert_eq!(offset_of!(ReverseNat, service_id), 8);
+        assert_eq!(offset_of!(ReverseNat, backend_id), 12);
+        assert_eq!(offset_of!(TrafficStats, new_flows), 16);
+        assert_eq!(offset_of!(TrafficStats, rescheduled), 40);
+    }
+
+    #[test]
+    fn every_counter_has_a_distinct_name() {
+        for (index, name) in counter::NAMES.iter().enumerate() {
+            assert!(!name.is_empty());
+            for other in &counter::NAMES[index + 1..] {
+                assert_ne!(name, other);
+            }
+        }
+    }
+}
