@@ -2,4 +2,10 @@
 //! maps, the control socket, and the counters `lb-user stats` prints.
 
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
 pub mod health;
+pub mod services;
+pub mod stats;
+pub mod topology;

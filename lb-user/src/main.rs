@@ -1,1 +1,124 @@
-fn main(){}
+//! `lb-user`: runs the XDP load balancer, and talks to a running one.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_user::{config, control, daemon};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-user",
+    version,
+    about = "XDP layer-4 load balancer: runs the datapath on an interface, or queries it",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The public interface: where packets for the services arrive (e.g. eth0).
+    #[arg(long, required = true)]
+    iface: Option<String>,
+
+    /// The TOML configuration (services, backends, health checks).
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
+
+    /// How to attach: native runs in the driver (fast; veth and most NICs support it), skb
+    /// runs in the kernel's generic path (works on any device, slower).
+    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    xdp_mode: Mode,
+
+    /// The control socket to serve (`lb-user stats` connects to it).
+    #[arg(long, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the counters of the running daemon.
+    Stats {
+        /// Machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The running daemon's control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Validate a configuration file without touching the datapath.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Native,
+    Skb,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Stats { json, socket }) => {
+            let snapshot = control::request_stats(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", snapshot.to_table());
+            }
+            Ok(())
+        }
+        Some(Command::CheckConfig { config }) => {
+            let parsed = config::load(&config)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let backends: usize = parsed.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: {} services, {backends} backends: valid",
+                config.display(),
+                parsed.services.len()
+            );
+            Ok(())
+        }
+        None => {
+            let (Some(interface), Some(config)) = (cli.iface, cli.config) else {
+                anyhow::bail!("--iface and --config are required to run the load balancer");
+            };
+            let mode = match cli.xdp_mode {
+                Mode::Native => XdpMode::Driver,
+                Mode::Skb => XdpMode::Skb,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(daemon::Options {
+                interface,
+                config,
+                mode,
+                socket: cli.socket,
+            }))
+        }
+    }
+}

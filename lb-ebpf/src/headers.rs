@@ -1,0 +1,67 @@
+//! Packet headers as the wire has them, and the one bounds-checked accessor for packet memory.
+//!
+//! Multi-byte fields are byte arrays in network order, so no header is ever read with a wrong
+//! byte order and every struct has alignment 1 (packets give no alignment guarantee).
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+
+pub const ETHERNET_LEN: usize = size_of::<EthernetHeader>();
+pub const ETHER_TYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// IPv4 "more fragments" flag and fragment offset, in the second byte pair of `fragment`.
+pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+
+#[repr(C)]
+pub struct EthernetHeader {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Header {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub fragment: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// The TCP header without options: the datapath needs the ports and the checksum only.
+#[repr(C)]
+pub struct TcpHeader {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub offset_flags: [u8; 2],
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urgent: [u8; 2],
+}
+
+#[repr(C)]
+pub struct UdpHeader {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// A pointer to a `T` at `offset` bytes into the packet, or `None` if any byte of it lies past
+/// `data_end`. Every packet access goes through here, which is what the verifier checks.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}

@@ -1,0 +1,59 @@
+//! The datapath's maps. Their layouts live in `lb-common`; `lb-user` finds them by these names.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats, FLOW_TABLE_SIZE,
+    MAX_BACKENDS, MAX_SERVICES,
+};
+
+/// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
+/// swap: a packet in flight keeps reading the old backend list, never a half-written one.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Addresses that carry at least one service, to tell a malformed packet for a VIP (dropped)
+/// from one for anybody else (passed untouched). The value is unused.
+#[map]
+pub static VIP_ADDRESSES: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Client-to-service 5-tuple to the backend serving that flow.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+
+/// Backend-to-client 5-tuple to the service the reply must appear to come from.
+#[map]
+pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+
+/// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
+/// flows each CPU's rotation is even, so the sum is too.
+#[map]
+pub static RR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Global verdict and event counters, indexed by `lb_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other program touches it while this one runs.
+        unsafe { *value += 1 };
+    }
+}

@@ -1,0 +1,86 @@
+//! Sending a translated packet on: the next hop comes from the kernel's routing and neighbour
+//! tables through `bpf_fib_lookup`, never from configured MAC addresses.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibLookup, helpers::bpf_fib_lookup, programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::counter;
+
+use crate::{headers::EthernetHeader, Verdict};
+
+const AF_INET: u8 = 2;
+
+// Return codes of bpf_fib_lookup (enum in include/uapi/linux/bpf.h).
+const FIB_SUCCESS: i64 = 0;
+const FIB_FORWARDING_DISABLED: i64 = 5;
+const FIB_NO_NEIGHBOUR: i64 = 7;
+const FIB_FRAGMENTATION_NEEDED: i64 = 8;
+
+/// The translated packet's addresses, as the route lookup needs them.
+pub struct Route {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub protocol: u8,
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    /// IPv4 total length, for the lookup's MTU check.
+    pub total_len: u16,
+}
+
+/// Which counters a successful send bumps: client packets and replies are counted apart.
+pub struct SendCounters {
+    pub transmit: u32,
+    pub redirect: u32,
+}
+
+/// Looks up the next hop for `route`, rewrites the Ethernet addresses and picks XDP_TX (same
+/// interface) or XDP_REDIRECT. Anything the lookup cannot settle goes to the kernel with the
+/// translation already applied: its forwarding path resolves neighbours (the packet is not
+/// black-holed while ARP runs), sends ICMP for oversized packets, and applies its own policy.
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    route: &Route,
+    counters: &SendCounters,
+) -> Verdict {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = route.protocol;
+    // The helper takes ports and addresses in network order: keep the wire bytes as they are.
+    params.sport = u16::from_ne_bytes(route.src_port);
+    params.dport = u16::from_ne_bytes(route.dst_port);
+    params.__bindgen_anon_1.tot_len = route.total_len;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(route.src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(route.dst);
+
+    // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
+    let result = unsafe {
+        bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0)
+    };
+    match result {
+        FIB_SUCCESS => {
+            // SAFETY: the caller bounds-checked the Ethernet header before translating.
+            unsafe {
+                (*ethernet).dst = params.dmac;
+                (*ethernet).src = params.smac;
+            }
+            if params.ifindex == ingress {
+                Verdict::Transmit(counters.transmit)
+            } else {
+                Verdict::Redirect(params.ifindex, counters.redirect)
+            }
+        }
+        FIB_NO_NEIGHBOUR => Verdict::Pass(counter::PASS_NEIGH_UNRESOLVED),
+        FIB_FORWARDING_DISABLED => Verdict::Pass(counter::PASS_FORWARDING_DISABLED),
+        FIB_FRAGMENTATION_NEEDED => Verdict::Pass(counter::PASS_FRAG_NEEDED),
+        // Blackhole, unreachable, prohibit, not forwarded, unsupported tunnel, or a helper error.
+        _ => Verdict::Pass(counter::PASS_NO_ROUTE),
+    }
+}

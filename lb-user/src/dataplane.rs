@@ -1,0 +1,247 @@
+//! The datapath's maps as the control plane sees them: a [`Dataplane`] trait, the real XDP
+//! implementation on aya, and an in-memory one for tests that need no kernel.
+
+use std::{collections::HashMap as StdHashMap, path::Path};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{counter, Backend, Service, ServiceKey, TrafficStats};
+
+/// The XDP object built by `build.rs` from `lb-ebpf`.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// The name of the XDP entry point in the object.
+pub const PROGRAM_NAME: &str = "balancer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP program into the kernel failed (verifier log saved to {log_path}): {source}")]
+    Load { log_path: String, source: ProgramError },
+    #[error("opening the BPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("the BPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+    #[error("program {PROGRAM_NAME}: {0}")]
+    Program(#[from] ProgramError),
+}
+
+/// What the control plane writes to and reads from the datapath.
+pub trait Dataplane {
+    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
+    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
+    fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
+    fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
+    fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
+}
+
+/// The loaded XDP program and its maps.
+pub struct XdpDataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    vip_addresses: HashMap<MapData, [u8; 4], u32>,
+    backends: Array<MapData, Backend>,
+    counters: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+    attached: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+}
+
+impl XdpDataplane {
+    /// Loads the program through the verifier. Nothing is attached yet. When the verifier
+    /// refuses, its log is written to `verifier_log` as well as carried in the error.
+    pub fn load(verifier_log: &Path) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT)?;
+        let program = xdp_program(&mut ebpf)?;
+        if let Err(error) = program.load() {
+            let log_path = verifier_log.display().to_string();
+            if let ProgramError::LoadError { verifier_log: log, .. } = &error {
+                if let Err(write_error) = std::fs::write(verifier_log, log.to_string()) {
+                    tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
+                }
+            }
+            return Err(DataplaneError::Load { log_path, source: error });
+        }
+        Ok(Self {
+            services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
+            backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
+            counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
+            service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
+            backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches the program to `interface`. The link is a BPF link owned by this process: if
+    /// the process dies, the kernel detaches the program and the interface works as before.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), ProgramError> {
+        let link = xdp_program(&mut self.ebpf)
+            .map_err(|_| ProgramError::NotLoaded)?
+            .attach(interface, mode)?;
+        self.attached.push((interface.to_string(), link));
+        Ok(())
+    }
+
+    /// Interfaces the program is attached to, in attach order.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        self.attached.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// Detaches from every interface, last attached first. Returns the interfaces that could
+    /// not be detached (the kernel still drops the link when the process exits).
+    pub fn detach_all(&mut self) -> Vec<(String, ProgramError)> {
+        let mut failures = Vec::new();
+        while let Some((interface, link)) = self.attached.pop() {
+            let result = xdp_program(&mut self.ebpf)
+                .map_err(|_| ProgramError::NotLoaded)
+                .and_then(|program| program.detach(link));
+            match result {
+                Ok(()) => tracing::info!("detached XDP program from {interface}"),
+                Err(error) => failures.push((interface, error)),
+            }
+        }
+        failures
+    }
+
+    /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        xdp_program(&mut self.ebpf)
+    }
+
+    /// Any map by name, for tests that inspect the flow tables.
+    pub fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name)
+    }
+}
+
+impl Drop for XdpDataplane {
+    fn drop(&mut self) {
+        for (interface, error) in self.detach_all() {
+            tracing::warn!("detaching XDP program from {interface}: {error}");
+        }
+    }
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or(DataplaneError::Missing { kind: "program", name: PROGRAM_NAME })?
+        .try_into()
+        .map_err(DataplaneError::Program)
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    convert(map).map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
+    values.iter().fold(TrafficStats::default(), |total, cpu| TrafficStats {
+        packets: total.packets + cpu.packets,
+        bytes: total.bytes + cpu.bytes,
+        new_flows: total.new_flows + cpu.new_flows,
+        reply_packets: total.reply_packets + cpu.reply_packets,
+        reply_bytes: total.reply_bytes + cpu.reply_bytes,
+        rescheduled: total.rescheduled + cpu.rescheduled,
+    })
+}
+
+impl Dataplane for XdpDataplane {
+    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
+        self.services
+            .insert(key, service, 0)
+            .map_err(|source| DataplaneError::Map { map: "SERVICES", source })
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|source| DataplaneError::Map { map: "BACKENDS", source })
+    }
+
+    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+        self.vip_addresses
+            .insert(addr, 1, 0)
+            .map_err(|source| DataplaneError::Map { map: "VIP_ADDRESSES", source })
+    }
+
+    fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
+        (0..counter::COUNT)
+            .map(|index| {
+                self.counters
+                    .get(&index, 0)
+                    .map(|values| values.iter().sum())
+                    .map_err(|source| DataplaneError::Map { map: "COUNTERS", source })
+            })
+            .collect()
+    }
+
+    fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError> {
+        self.service_stats
+            .get(&id, 0)
+            .map(sum_stats)
+            .map_err(|source| DataplaneError::Map { map: "SERVICE_STATS", source })
+    }
+
+    fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError> {
+        self.backend_stats
+            .get(&id, 0)
+            .map(sum_stats)
+            .map_err(|source| DataplaneError::Map { map: "BACKEND_STATS", source })
+    }
+}
+
+/// A dataplane that only remembers what it was told, for control-plane tests without a kernel.
+#[derive(Debug, Default)]
+pub struct MemoryDataplane {
+    pub services: StdHashMap<ServiceKey, Service>,
+    pub backends: StdHashMap<u32, Backend>,
+    pub vip_addresses: Vec<[u8; 4]>,
+    /// How many writes happened, to check that unchanged state is not rewritten.
+    pub writes: usize,
+}
+
+impl Dataplane for MemoryDataplane {
+    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.services.insert(key, *service);
+        Ok(())
+    }
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+
+    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        if !self.vip_addresses.contains(&addr) {
+            self.vip_addresses.push(addr);
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
+        Ok(vec![0; counter::COUNT as usize])
+    }
+
+    fn service_stats(&self, _id: u32) -> Result<TrafficStats, DataplaneError> {
+        Ok(TrafficStats::default())
+    }
+
+    fn backend_stats(&self, _id: u32) -> Result<TrafficStats, DataplaneError> {
+        Ok(TrafficStats::default())
+    }
+}

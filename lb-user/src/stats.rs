@@ -1,0 +1,135 @@
+//! The counters `lb-user stats` shows: a snapshot taken by the daemon, sent over the control
+//! socket as JSON, and printed as a table for people or as JSON for scripts.
+
+use lb_common::{counter, TrafficStats};
+use serde::{Deserialize, Serialize};
+
+use crate::{dataplane::Dataplane, services::ServiceTable};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub rescheduled: u64,
+}
+
+impl From<TrafficStats> for Traffic {
+    fn from(stats: TrafficStats) -> Self {
+        Self {
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+            rescheduled: stats.rescheduled,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSnapshot {
+    pub address: String,
+    pub port: u16,
+    /// "up" or "down", as the health checker last decided.
+    pub state: String,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+/// Everything `lb-user stats` prints. Counters are totals since the program was loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub interfaces: Vec<String>,
+    pub services: Vec<ServiceSnapshot>,
+    /// Global counters by name (see `lb_common::counter`), in their fixed order.
+    pub counters: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Snapshot {
+    pub fn take(
+        table: &ServiceTable,
+        dataplane: &impl Dataplane,
+        interfaces: Vec<String>,
+    ) -> Result<Self, crate::dataplane::DataplaneError> {
+        let mut services = Vec::with_capacity(table.services.len());
+        for service in &table.services {
+            let mut backends = Vec::with_capacity(service.backends.len());
+            for backend in &service.backends {
+                backends.push(BackendSnapshot {
+                    address: backend.addr.ip().to_string(),
+                    port: backend.addr.port(),
+                    state: if backend.up { "up" } else { "down" }.to_string(),
+                    traffic: dataplane.backend_stats(backend.id)?.into(),
+                });
+            }
+            services.push(ServiceSnapshot {
+                name: service.config.name.clone(),
+                vip: service.config.vip.to_string(),
+                port: service.config.port,
+                protocol: service.config.protocol.to_string(),
+                traffic: dataplane.service_stats(service.id)?.into(),
+                backends,
+            });
+        }
+        let values = dataplane.counters()?;
+        let counters = counter::NAMES
+            .iter()
+            .zip(values)
+            .map(|(name, value)| (name.to_string(), serde_json::Value::from(value)))
+            .collect();
+        Ok(Self { interfaces, services, counters })
+    }
+
+    /// A table for people: services with their backends, then the global counters.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("interfaces: {}\n\n", self.interfaces.join(", ")));
+        out.push_str(&format!(
+            "{:<26} {:<6} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+            "SERVICE / BACKEND", "STATE", "PACKETS", "BYTES", "NEW FLOWS", "REPLIES",
+            "REPLY BYTES", "RESCHEDULED"
+        ));
+        for service in &self.services {
+            let up = service.backends.iter().filter(|backend| backend.state == "up").count();
+            let title = format!("{} {}:{}/{}", service.name, service.vip, service.port, service.protocol);
+            write_row(&mut out, &title, &format!("{up}/{} up", service.backends.len()), &service.traffic);
+            for backend in &service.backends {
+                let title = format!("  {}:{}", backend.address, backend.port);
+                write_row(&mut out, &title, &backend.state, &backend.traffic);
+            }
+        }
+        out.push_str("\nCOUNTER                      PACKETS\n");
+        for (name, value) in &self.counters {
+            out.push_str(&format!("{name:<28} {value:>8}\n"));
+        }
+        out
+    }
+}
+
+fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
+    out.push_str(&format!(
+        "{:<26} {:<6} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+        title,
+        state,
+        traffic.packets,
+        traffic.bytes,
+        traffic.new_flows,
+        traffic.reply_packets,
+        traffic.reply_bytes,
+        traffic.rescheduled
+    ));
+}

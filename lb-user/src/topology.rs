@@ -1,0 +1,79 @@
+//! What the host's network must provide: the interfaces backends are reached through (the
+//! program is attached there too, to translate their replies) and the forwarding settings
+//! NAT mode depends on.
+//!
+//! Routes are asked from the kernel with `ip -json route get`, the same answer the datapath's
+//! `bpf_fib_lookup` will get, without pulling a netlink library into the daemon.
+
+use std::{net::Ipv4Addr, path::Path, process::Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("interface {0} does not exist (see `ip link`)")]
+    NoSuchInterface(String),
+    #[error("asking the kernel for the route to backend {backend}: {detail}")]
+    Route { backend: Ipv4Addr, detail: String },
+    #[error(
+        "backend {backend} is an address of this host (route via {device}): NAT mode forwards \
+         to other hosts; run the server on another host or namespace"
+    )]
+    LocalBackend { backend: Ipv4Addr, device: String },
+    #[error(
+        "{setting} is {value}: NAT mode forwards packets between interfaces, so IPv4 forwarding \
+         must be on. Enable it with `sysctl -w net.ipv4.conf.all.forwarding=1` (and \
+         `sysctl -w {setting}=1`), or persist it in /etc/sysctl.d/"
+    )]
+    ForwardingDisabled { setting: String, value: String },
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+}
+
+/// Fails unless `interface` exists in this network namespace.
+pub fn check_interface(interface: &str) -> Result<(), TopologyError> {
+    if Path::new("/sys/class/net").join(interface).exists() {
+        Ok(())
+    } else {
+        Err(TopologyError::NoSuchInterface(interface.to_string()))
+    }
+}
+
+/// The device the kernel routes `backend` through.
+pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
+    let route_error = |detail: String| TopologyError::Route { backend, detail };
+    let output = Command::new("ip")
+        .args(["-json", "-4", "route", "get"])
+        .arg(backend.to_string())
+        .output()
+        .map_err(|error| route_error(format!("running `ip`: {error}")))?;
+    if !output.status.success() {
+        return Err(route_error(String::from_utf8_lossy(&output.stderr).trim().to_string()));
+    }
+    let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
+        .map_err(|error| route_error(format!("unreadable answer from `ip`: {error}")))?;
+    let route = routes.first().ok_or_else(|| route_error("no route".to_string()))?;
+    let device = route["dev"]
+        .as_str()
+        .ok_or_else(|| route_error(format!("route without a device: {route}")))?
+        .to_string();
+    if route["type"].as_str() == Some("local") || device == "lo" {
+        return Err(TopologyError::LocalBackend { backend, device });
+    }
+    Ok(device)
+}
+
+/// Fails unless IPv4 forwarding is on for `interface`: `bpf_fib_lookup` refuses to route
+/// packets that arrive on an interface without it, and so does the kernel's own path.
+pub fn check_forwarding(interface: &str) -> Result<(), TopologyError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    let value = std::fs::read_to_string(&path)
+        .map_err(|source| TopologyError::Read { path: path.clone(), source })?;
+    let value = value.trim();
+    if value == "1" {
+        Ok(())
+    } else {
+        Err(TopologyError::ForwardingDisabled {
+            setting: format!("net.ipv4.conf.{interface}.forwarding"),
+            value: value.to_string(),
+        })
+    }
+}
