@@ -15,11 +15,18 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let workspace = manifest_dir.parent().expect("lb-user lives in the workspace root");
+    let workspace = manifest_dir
+        .parent()
+        .expect("lb-user lives in the workspace root");
     let ebpf_dir = workspace.join("lb-ebpf");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
 
-    for path in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-ebpf/Cargo.lock", "lb-common/src"] {
+    for path in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-ebpf/Cargo.lock",
+        "lb-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=LB_EBPF_RUSTC");
@@ -51,14 +58,20 @@ fn main() {
         // aya-ebpf uses unstable features; Debian's stable compiler allows them with this.
         .env("RUSTC_BOOTSTRAP", "1")
         // --btf makes bpf-linker emit .BTF/.BTF.ext, which the loader and verifier use.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     // Make `bpf-linker` from `cargo install` findable even when ~/.cargo/bin is not on PATH.
     if let Some(home) = env::var_os("HOME") {
         let cargo_bin = Path::new(&home).join(".cargo/bin");
         let path = env::var_os("PATH").unwrap_or_default();
         let mut paths: Vec<PathBuf> = env::split_paths(&path).collect();
         paths.push(cargo_bin);
-        command.env("PATH", env::join_paths(paths).expect("PATH entries are valid"));
+        command.env(
+            "PATH",
+            env::join_paths(paths).expect("PATH entries are valid"),
+        );
     }
 
     let status = command.status().unwrap_or_else(|error| {
@@ -74,7 +87,11 @@ fn main() {
     let object = target_dir.join(BPF_TARGET).join("release").join("lb-ebpf");
     let embedded = out_dir.join("lb-ebpf.o");
     std::fs::copy(&object, &embedded).unwrap_or_else(|error| {
-        fail(&format!("copying {} to {}: {error}", object.display(), embedded.display()));
+        fail(&format!(
+            "copying {} to {}: {error}",
+            object.display(),
+            embedded.display()
+        ));
     });
 }
 

@@ -48,9 +48,15 @@ pub enum ControlError {
     )]
     AlreadyRunning(PathBuf),
     #[error("no lb-user is running with control socket {path}: {source}")]
-    NotRunning { path: PathBuf, source: std::io::Error },
+    NotRunning {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: unexpected answer: {detail}")]
     Protocol { path: PathBuf, detail: String },
     #[error("the daemon refused the request: {0}")]
@@ -60,7 +66,10 @@ pub enum ControlError {
 /// Binds the control socket. A socket file left by a daemon that died is removed; one that a
 /// live daemon answers on is an error, so two daemons never fight over the same datapath.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let io_error = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let io_error = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         if !parent.exists() {
             std::fs::create_dir_all(parent).map_err(io_error)?;
@@ -116,10 +125,22 @@ where
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
     let response = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Stats) => match snapshot() {
-            Ok(stats) => Response { ok: true, stats: Some(stats), error: None },
-            Err(error) => Response { ok: false, stats: None, error: Some(error) },
+            Ok(stats) => Response {
+                ok: true,
+                stats: Some(stats),
+                error: None,
+            },
+            Err(error) => Response {
+                ok: false,
+                stats: None,
+                error: Some(error),
+            },
         },
-        Err(error) => Response { ok: false, stats: None, error: Some(format!("bad request: {error}")) },
+        Err(error) => Response {
+            ok: false,
+            stats: None,
+            error: Some(format!("bad request: {error}")),
+        },
     };
     let mut body = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     body.push(b'\n');
@@ -129,20 +150,33 @@ where
 
 /// Asks the daemon behind `path` for its counters (blocking; used by the CLI).
 pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
-    let io_error = |source| ControlError::Io { path: path.to_path_buf(), source };
-    let mut stream = StdUnixStream::connect(path)
-        .map_err(|source| ControlError::NotRunning { path: path.to_path_buf(), source })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io_error)?;
-    let mut request = serde_json::to_vec(&Request::Stats).map_err(|error| {
-        ControlError::Protocol { path: path.to_path_buf(), detail: error.to_string() }
+    let io_error = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = StdUnixStream::connect(path).map_err(|source| ControlError::NotRunning {
+        path: path.to_path_buf(),
+        source,
     })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io_error)?;
+    let mut request =
+        serde_json::to_vec(&Request::Stats).map_err(|error| ControlError::Protocol {
+            path: path.to_path_buf(),
+            detail: error.to_string(),
+        })?;
     request.push(b'\n');
     stream.write_all(&request).map_err(io_error)?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).map_err(io_error)?;
-    let response: Response = serde_json::from_str(line.trim()).map_err(|error| {
-        ControlError::Protocol { path: path.to_path_buf(), detail: format!("{error}: {line:?}") }
-    })?;
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(io_error)?;
+    let response: Response =
+        serde_json::from_str(line.trim()).map_err(|error| ControlError::Protocol {
+            path: path.to_path_buf(),
+            detail: format!("{error}: {line:?}"),
+        })?;
     match (response.ok, response.stats, response.error) {
         (true, Some(stats), _) => Ok(stats),
         (_, _, Some(error)) => Err(ControlError::Refused(error)),

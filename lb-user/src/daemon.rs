@@ -54,10 +54,16 @@ pub async fn run(options: Options) -> Result<()> {
     let mut dataplane = XdpDataplane::load(&verifier_log).context("loading the XDP program")?;
     tracing::info!("XDP program loaded");
     let table = ServiceTable::new(&config);
-    table.install(&mut dataplane).context("writing services and backends to the datapath")?;
+    table
+        .install(&mut dataplane)
+        .context("writing services and backends to the datapath")?;
     for service in &table.services {
         let config = &service.config;
-        let backends: Vec<String> = service.backends.iter().map(|b| b.addr.to_string()).collect();
+        let backends: Vec<String> = service
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
         tracing::info!(
             "service {} {}:{}/{} with backends {} (all down until their first probe passes)",
             config.name,
@@ -83,7 +89,10 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             )
         })?;
-        tracing::info!("attached XDP program to {interface} in {} mode", mode_name(options.mode));
+        tracing::info!(
+            "attached XDP program to {interface} in {} mode",
+            mode_name(options.mode)
+        );
     }
 
     let shared = Arc::new(Mutex::new(Shared { table, dataplane }));
@@ -94,7 +103,9 @@ pub async fn run(options: Options) -> Result<()> {
     let control_task = tokio::spawn(control::serve(listener, {
         let shared = Arc::clone(&shared);
         move || {
-            let shared = shared.lock().map_err(|_| "daemon state poisoned".to_string())?;
+            let shared = shared
+                .lock()
+                .map_err(|_| "daemon state poisoned".to_string())?;
             let interfaces = shared.dataplane.attached_interfaces();
             Snapshot::take(&shared.table, &shared.dataplane, interfaces)
                 .map_err(|error| error.to_string())
@@ -124,7 +135,9 @@ pub async fn run(options: Options) -> Result<()> {
     for checker in checkers {
         checker.abort();
     }
-    let mut shared = shared.lock().map_err(|_| anyhow::anyhow!("daemon state poisoned"))?;
+    let mut shared = shared
+        .lock()
+        .map_err(|_| anyhow::anyhow!("daemon state poisoned"))?;
     let failures = shared.dataplane.detach_all();
     if let Some((interface, error)) = failures.first() {
         // The links die with this process anyway; say so rather than fail silently.
@@ -175,12 +188,19 @@ fn apply_health_event(shared: &Mutex<Shared>, event: HealthEvent) {
         return;
     };
     let Shared { table, dataplane } = &mut *guard;
-    let Some(service) = table.services.get(event.service) else { return };
-    let Some(backend) = service.backends.get(event.backend) else { return };
+    let Some(service) = table.services.get(event.service) else {
+        return;
+    };
+    let Some(backend) = service.backends.get(event.backend) else {
+        return;
+    };
     let (name, addr) = (service.config.name.clone(), backend.addr);
     let state = if event.up { "up" } else { "down" };
     match table.set_backend_up(event.service, event.backend, event.up, dataplane) {
-        Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
+        Ok(true) => tracing::info!(
+            "backend {addr} of service {name} is {state} {}",
+            event.reason
+        ),
         Ok(false) => {}
         Err(error) => {
             tracing::error!("backend {addr} of service {name} is {state}, but updating the datapath failed: {error}")

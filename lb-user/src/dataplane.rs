@@ -19,13 +19,22 @@ pub const PROGRAM_NAME: &str = "balancer";
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the XDP program into the kernel failed (verifier log saved to {log_path}): {source}")]
-    Load { log_path: String, source: ProgramError },
+    Load {
+        log_path: String,
+        source: ProgramError,
+    },
     #[error("opening the BPF object: {0}")]
     Object(#[from] aya::EbpfError),
     #[error("the BPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("program {PROGRAM_NAME}: {0}")]
     Program(#[from] ProgramError),
 }
@@ -61,12 +70,18 @@ impl XdpDataplane {
         let program = xdp_program(&mut ebpf)?;
         if let Err(error) = program.load() {
             let log_path = verifier_log.display().to_string();
-            if let ProgramError::LoadError { verifier_log: log, .. } = &error {
+            if let ProgramError::LoadError {
+                verifier_log: log, ..
+            } = &error
+            {
                 if let Err(write_error) = std::fs::write(verifier_log, log.to_string()) {
                     tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
                 }
             }
-            return Err(DataplaneError::Load { log_path, source: error });
+            return Err(DataplaneError::Load {
+                log_path,
+                source: error,
+            });
         }
         Ok(Self {
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
@@ -132,7 +147,10 @@ impl Drop for XdpDataplane {
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
     ebpf.program_mut(PROGRAM_NAME)
-        .ok_or(DataplaneError::Missing { kind: "program", name: PROGRAM_NAME })?
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name: PROGRAM_NAME,
+        })?
         .try_into()
         .map_err(DataplaneError::Program)
 }
@@ -142,38 +160,51 @@ fn take_map<T>(
     name: &'static str,
     convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
 ) -> Result<T, DataplaneError> {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
     convert(map).map_err(|source| DataplaneError::Map { map: name, source })
 }
 
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
-    values.iter().fold(TrafficStats::default(), |total, cpu| TrafficStats {
-        packets: total.packets + cpu.packets,
-        bytes: total.bytes + cpu.bytes,
-        new_flows: total.new_flows + cpu.new_flows,
-        reply_packets: total.reply_packets + cpu.reply_packets,
-        reply_bytes: total.reply_bytes + cpu.reply_bytes,
-        rescheduled: total.rescheduled + cpu.rescheduled,
-    })
+    values
+        .iter()
+        .fold(TrafficStats::default(), |total, cpu| TrafficStats {
+            packets: total.packets + cpu.packets,
+            bytes: total.bytes + cpu.bytes,
+            new_flows: total.new_flows + cpu.new_flows,
+            reply_packets: total.reply_packets + cpu.reply_packets,
+            reply_bytes: total.reply_bytes + cpu.reply_bytes,
+            rescheduled: total.rescheduled + cpu.rescheduled,
+        })
 }
 
 impl Dataplane for XdpDataplane {
     fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
         self.services
             .insert(key, service, 0)
-            .map_err(|source| DataplaneError::Map { map: "SERVICES", source })
+            .map_err(|source| DataplaneError::Map {
+                map: "SERVICES",
+                source,
+            })
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.backends
             .set(id, backend, 0)
-            .map_err(|source| DataplaneError::Map { map: "BACKENDS", source })
+            .map_err(|source| DataplaneError::Map {
+                map: "BACKENDS",
+                source,
+            })
     }
 
     fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
         self.vip_addresses
             .insert(addr, 1, 0)
-            .map_err(|source| DataplaneError::Map { map: "VIP_ADDRESSES", source })
+            .map_err(|source| DataplaneError::Map {
+                map: "VIP_ADDRESSES",
+                source,
+            })
     }
 
     fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
@@ -182,7 +213,10 @@ impl Dataplane for XdpDataplane {
                 self.counters
                     .get(&index, 0)
                     .map(|values| values.iter().sum())
-                    .map_err(|source| DataplaneError::Map { map: "COUNTERS", source })
+                    .map_err(|source| DataplaneError::Map {
+                        map: "COUNTERS",
+                        source,
+                    })
             })
             .collect()
     }
@@ -191,14 +225,20 @@ impl Dataplane for XdpDataplane {
         self.service_stats
             .get(&id, 0)
             .map(sum_stats)
-            .map_err(|source| DataplaneError::Map { map: "SERVICE_STATS", source })
+            .map_err(|source| DataplaneError::Map {
+                map: "SERVICE_STATS",
+                source,
+            })
     }
 
     fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError> {
         self.backend_stats
             .get(&id, 0)
             .map(sum_stats)
-            .map_err(|source| DataplaneError::Map { map: "BACKEND_STATS", source })
+            .map_err(|source| DataplaneError::Map {
+                map: "BACKEND_STATS",
+                source,
+            })
     }
 }
 

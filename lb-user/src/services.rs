@@ -54,7 +54,11 @@ impl ServiceTable {
                     .map(|backend| {
                         let id = next_backend_id;
                         next_backend_id += 1;
-                        BackendState { id, addr: backend.addr, up: false }
+                        BackendState {
+                            id,
+                            addr: backend.addr,
+                            up: false,
+                        }
                     })
                     .collect(),
             })
@@ -133,7 +137,11 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
     Backend {
         addr: backend.addr.ip().octets(),
         port: backend.addr.port().to_be_bytes(),
-        state: if backend.up { backend_state::UP } else { backend_state::DOWN },
+        state: if backend.up {
+            backend_state::UP
+        } else {
+            backend_state::DOWN
+        },
         _pad: 0,
         service_id,
         generation: FIRST_GENERATION,
@@ -191,10 +199,15 @@ mod tests {
     fn install_writes_every_backend_down_and_empty_services() {
         let table = table();
         let mut dataplane = MemoryDataplane::default();
-        table.install(&mut dataplane).expect("memory dataplane never fails");
+        table
+            .install(&mut dataplane)
+            .expect("memory dataplane never fails");
 
         assert_eq!(dataplane.backends.len(), 3);
-        assert!(dataplane.backends.values().all(|b| b.state == backend_state::DOWN));
+        assert!(dataplane
+            .backends
+            .values()
+            .all(|b| b.state == backend_state::DOWN));
         let backend = dataplane.backends[&1];
         assert_eq!(backend.addr, [10, 200, 12, 2]);
         assert_eq!(backend.port, 8080u16.to_be_bytes());
@@ -212,20 +225,28 @@ mod tests {
     fn health_changes_rewrite_backend_then_service_with_up_backends_only() {
         let mut table = table();
         let mut dataplane = MemoryDataplane::default();
-        table.install(&mut dataplane).expect("memory dataplane never fails");
+        table
+            .install(&mut dataplane)
+            .expect("memory dataplane never fails");
         let key = service_key(&table.services[0].config);
 
-        assert!(table.set_backend_up(0, 1, true, &mut dataplane).expect("ok"));
+        assert!(table
+            .set_backend_up(0, 1, true, &mut dataplane)
+            .expect("ok"));
         let web = dataplane.services[&key];
         assert_eq!(web.backend_count, 1);
         assert_eq!(web.backends[0], 1);
         assert_eq!(dataplane.backends[&1].state, backend_state::UP);
 
-        assert!(table.set_backend_up(0, 0, true, &mut dataplane).expect("ok"));
+        assert!(table
+            .set_backend_up(0, 0, true, &mut dataplane)
+            .expect("ok"));
         let web = dataplane.services[&key];
         assert_eq!(&web.backends[..web.backend_count as usize], &[0, 1]);
 
-        assert!(table.set_backend_up(0, 0, false, &mut dataplane).expect("ok"));
+        assert!(table
+            .set_backend_up(0, 0, false, &mut dataplane)
+            .expect("ok"));
         let web = dataplane.services[&key];
         assert_eq!(&web.backends[..web.backend_count as usize], &[1]);
         assert_eq!(dataplane.backends[&0].state, backend_state::DOWN);
@@ -235,10 +256,16 @@ mod tests {
     fn repeating_a_state_writes_nothing() {
         let mut table = table();
         let mut dataplane = MemoryDataplane::default();
-        table.install(&mut dataplane).expect("memory dataplane never fails");
+        table
+            .install(&mut dataplane)
+            .expect("memory dataplane never fails");
         let writes = dataplane.writes;
-        assert!(!table.set_backend_up(0, 0, false, &mut dataplane).expect("ok"));
-        assert!(!table.set_backend_up(9, 0, true, &mut dataplane).expect("ok"));
+        assert!(!table
+            .set_backend_up(0, 0, false, &mut dataplane)
+            .expect("ok"));
+        assert!(!table
+            .set_backend_up(9, 0, true, &mut dataplane)
+            .expect("ok"));
         assert_eq!(dataplane.writes, writes);
     }
 }

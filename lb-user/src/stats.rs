@@ -91,7 +91,11 @@ impl Snapshot {
             .zip(values)
             .map(|(name, value)| (name.to_string(), serde_json::Value::from(value)))
             .collect();
-        Ok(Self { interfaces, services, counters })
+        Ok(Self {
+            interfaces,
+            services,
+            counters,
+        })
     }
 
     /// A table for people: services with their backends, then the global counters.
@@ -100,13 +104,31 @@ impl Snapshot {
         out.push_str(&format!("interfaces: {}\n\n", self.interfaces.join(", ")));
         out.push_str(&format!(
             "{:<26} {:<6} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
-            "SERVICE / BACKEND", "STATE", "PACKETS", "BYTES", "NEW FLOWS", "REPLIES",
-            "REPLY BYTES", "RESCHEDULED"
+            "SERVICE / BACKEND",
+            "STATE",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "REPLIES",
+            "REPLY BYTES",
+            "RESCHEDULED"
         ));
         for service in &self.services {
-            let up = service.backends.iter().filter(|backend| backend.state == "up").count();
-            let title = format!("{} {}:{}/{}", service.name, service.vip, service.port, service.protocol);
-            write_row(&mut out, &title, &format!("{up}/{} up", service.backends.len()), &service.traffic);
+            let up = service
+                .backends
+                .iter()
+                .filter(|backend| backend.state == "up")
+                .count();
+            let title = format!(
+                "{} {}:{}/{}",
+                service.name, service.vip, service.port, service.protocol
+            );
+            write_row(
+                &mut out,
+                &title,
+                &format!("{up}/{} up", service.backends.len()),
+                &service.traffic,
+            );
             for backend in &service.backends {
                 let title = format!("  {}:{}", backend.address, backend.port);
                 write_row(&mut out, &title, &backend.state, &backend.traffic);

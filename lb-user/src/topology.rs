@@ -25,7 +25,10 @@ pub enum TopologyError {
     )]
     ForwardingDisabled { setting: String, value: String },
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Fails unless `interface` exists in this network namespace.
@@ -46,11 +49,15 @@ pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
         .output()
         .map_err(|error| route_error(format!("running `ip`: {error}")))?;
     if !output.status.success() {
-        return Err(route_error(String::from_utf8_lossy(&output.stderr).trim().to_string()));
+        return Err(route_error(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
     }
     let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
         .map_err(|error| route_error(format!("unreadable answer from `ip`: {error}")))?;
-    let route = routes.first().ok_or_else(|| route_error("no route".to_string()))?;
+    let route = routes
+        .first()
+        .ok_or_else(|| route_error("no route".to_string()))?;
     let device = route["dev"]
         .as_str()
         .ok_or_else(|| route_error(format!("route without a device: {route}")))?
@@ -65,8 +72,10 @@ pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
 /// packets that arrive on an interface without it, and so does the kernel's own path.
 pub fn check_forwarding(interface: &str) -> Result<(), TopologyError> {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
-    let value = std::fs::read_to_string(&path)
-        .map_err(|source| TopologyError::Read { path: path.clone(), source })?;
+    let value = std::fs::read_to_string(&path).map_err(|source| TopologyError::Read {
+        path: path.clone(),
+        source,
+    })?;
     let value = value.trim();
     if value == "1" {
         Ok(())

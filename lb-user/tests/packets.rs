@@ -114,7 +114,11 @@ fn run(command: &[&str]) {
 }
 
 fn mac(bytes: [u8; 6]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn ip(bytes: [u8; 4]) -> String {
@@ -135,8 +139,11 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let namespace =
-            format!("lbpt{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let namespace = format!(
+            "lbpt{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         run(&["ip", "netns", "add", &namespace]);
         let original = File::open("/proc/thread-self/ns/net").expect("own network namespace");
         // From here on, Drop removes the namespace whatever fails next.
@@ -149,30 +156,94 @@ impl Fixture {
         let ns = namespace.as_str();
         let pub_peer = [0x02, 0, 0, 0, 0x01, 0xfe];
         let back_peer = [0x02, 0, 0, 0, 0x02, 0xfe];
-        run(&["ip", "-n", ns, "link", "add", "pub", "address", &mac(PUB_MAC), "type", "veth",
-            "peer", "name", "pub-peer", "address", &mac(pub_peer)]);
-        run(&["ip", "-n", ns, "link", "add", "back", "address", &mac(BACK_MAC), "type", "veth",
-            "peer", "name", "back-peer", "address", &mac(back_peer)]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "pub",
+            "address",
+            &mac(PUB_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pub-peer",
+            "address",
+            &mac(pub_peer),
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "back",
+            "address",
+            &mac(BACK_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "back-peer",
+            "address",
+            &mac(back_peer),
+        ]);
         for link in ["lo", "pub", "pub-peer", "back", "back-peer"] {
             run(&["ip", "-n", ns, "link", "set", link, "up"]);
         }
         run(&["ip", "-n", ns, "addr", "add", "10.200.1.1/24", "dev", "pub"]);
-        run(&["ip", "-n", ns, "addr", "add", "10.200.2.1/24", "dev", "back"]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            "10.200.2.1/24",
+            "dev",
+            "back",
+        ]);
         for (addr, lladdr, dev) in [
             (CLIENT, CLIENT_MAC, "pub"),
             (ONE_ARMED_BACKEND, ONE_ARMED_MAC, "pub"),
             (BACKEND_A, BACKEND_A_MAC, "back"),
             (BACKEND_B, BACKEND_B_MAC, "back"),
         ] {
-            run(&["ip", "-n", ns, "neigh", "replace", &ip(addr), "lladdr", &mac(lladdr), "dev",
-                dev, "nud", "permanent"]);
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &ip(addr),
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
         }
-        run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=1",
+        ]);
 
         let target = File::open(format!("/run/netns/{ns}")).expect("namespace file");
         // SAFETY: setns on this thread only; Drop switches it back.
         let entered = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            entered,
+            0,
+            "setns into {ns}: {}",
+            std::io::Error::last_os_error()
+        );
         // One CPU, so the per-CPU round-robin cursor makes scheduling predictable.
         pin_to_first_allowed_cpu();
 
@@ -197,7 +268,9 @@ impl Fixture {
 
     /// Writes the services and marks every backend up.
     fn install(&mut self) {
-        self.table.install(&mut self.dataplane).expect("install services");
+        self.table
+            .install(&mut self.dataplane)
+            .expect("install services");
         for service in 0..self.table.services.len() {
             for backend in 0..self.table.services[service].backends.len() {
                 self.set_up(service, backend, true);
@@ -206,7 +279,9 @@ impl Fixture {
     }
 
     fn set_up(&mut self, service: usize, backend: usize, up: bool) {
-        self.table.set_backend_up(service, backend, up, &mut self.dataplane).expect("update");
+        self.table
+            .set_backend_up(service, backend, up, &mut self.dataplane)
+            .expect("update");
     }
 
     /// Runs one frame through the program as if it arrived on `ifindex`.
@@ -242,7 +317,9 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         // SAFETY: back to the namespace this thread started in.
         unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
-        let status = Command::new("ip").args(["netns", "del", &self.namespace]).status();
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
         if !matches!(status, Ok(status) if status.success()) {
             eprintln!("could not delete namespace {}: {status:?}", self.namespace);
         }
@@ -253,11 +330,17 @@ fn pin_to_first_allowed_cpu() {
     // SAFETY: plain affinity syscalls on this thread with a zeroed, then filled, cpu_set_t.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        assert_eq!(libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set), 0);
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
         let cpu = (0..libc::CPU_SETSIZE as usize).find(|&cpu| libc::CPU_ISSET(cpu, &set));
         let mut only = std::mem::zeroed();
         libc::CPU_SET(cpu.expect("some CPU allowed"), &mut only);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &only), 0);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &only),
+            0
+        );
     }
 }
 
@@ -293,9 +376,15 @@ impl Tcp {
         let builder = PacketBuilder::ethernet2(self.src_mac, self.dst_mac)
             .ipv4(self.src, self.dst, 64)
             .tcp(self.src_port, self.dst_port, 0x1234_5678, 64240);
-        let builder = if self.syn { builder.syn() } else { builder.ack(0x0102_0304) };
+        let builder = if self.syn {
+            builder.syn()
+        } else {
+            builder.ack(0x0102_0304)
+        };
         let mut frame = Vec::new();
-        builder.write(&mut frame, self.payload).expect("build frame");
+        builder
+            .write(&mut frame, self.payload)
+            .expect("build frame");
         frame
     }
 }
@@ -330,13 +419,15 @@ fn with_fresh_checksums(mut frame: Vec<u8>) -> Vec<u8> {
     let end = 14 + usize::from(ip_header.total_len);
     let checksum = if ip_header.protocol == IpNumber::TCP {
         let (tcp, _) = TcpHeader::from_slice(&frame[l4..end]).expect("TCP header");
-        tcp.calc_checksum_ipv4(&ip_header, &frame[l4 + tcp.header_len()..end]).expect("sum")
+        tcp.calc_checksum_ipv4(&ip_header, &frame[l4 + tcp.header_len()..end])
+            .expect("sum")
     } else {
         let (udp, _) = UdpHeader::from_slice(&frame[l4..end]).expect("UDP header");
         if udp.checksum == 0 {
             0
         } else {
-            udp.calc_checksum_ipv4(&ip_header, &frame[l4 + 8..end]).expect("sum")
+            udp.calc_checksum_ipv4(&ip_header, &frame[l4 + 8..end])
+                .expect("sum")
         }
     };
     frame[l4_check..l4_check + 2].copy_from_slice(&checksum.to_be_bytes());
@@ -355,10 +446,16 @@ fn assert_frames_equal(actual: &[u8], expected: &[u8], what: &str) {
         if offset == l4_check || offset == l4_check + 1 {
             continue;
         }
-        assert_eq!(a, e, "{what}: byte {offset} differs\nactual   {actual:02x?}\nexpected {expected:02x?}");
+        assert_eq!(
+            a, e,
+            "{what}: byte {offset} differs\nactual   {actual:02x?}\nexpected {expected:02x?}"
+        );
     }
     assert!(
-        equivalent(&actual[l4_check..l4_check + 2], &expected[l4_check..l4_check + 2]),
+        equivalent(
+            &actual[l4_check..l4_check + 2],
+            &expected[l4_check..l4_check + 2]
+        ),
         "{what}: transport checksum {:02x?}, expected {:02x?}",
         &actual[l4_check..l4_check + 2],
         &expected[l4_check..l4_check + 2]
@@ -366,8 +463,13 @@ fn assert_frames_equal(actual: &[u8], expected: &[u8], what: &str) {
 }
 
 /// What a client frame should look like after translation towards `backend`.
-fn expected_forward(input: &[u8], src_mac: [u8; 6], dst_mac: [u8; 6], backend: [u8; 4],
-    port: u16) -> Vec<u8> {
+fn expected_forward(
+    input: &[u8],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    backend: [u8; 4],
+    port: u16,
+) -> Vec<u8> {
     let mut frame = input.to_vec();
     frame[0..6].copy_from_slice(&dst_mac);
     frame[6..12].copy_from_slice(&src_mac);
@@ -395,8 +497,14 @@ fn syn_to_a_service_is_translated_to_a_backend_and_redirected() {
     assert_eq!(fixture.counter(counter::FORWARD_REDIRECT), 1);
     assert_eq!(fixture.counter(counter::FLOW_MISS), 1);
     let web = fixture.dataplane.service_stats(0).expect("stats");
-    assert_eq!((web.packets, web.new_flows, web.bytes), (1, 1, syn.len() as u64));
-    assert_eq!(fixture.dataplane.backend_stats(0).expect("stats").new_flows, 1);
+    assert_eq!(
+        (web.packets, web.new_flows, web.bytes),
+        (1, 1, syn.len() as u64)
+    );
+    assert_eq!(
+        fixture.dataplane.backend_stats(0).expect("stats").new_flows,
+        1
+    );
 }
 
 #[test]
@@ -418,7 +526,11 @@ fn a_flow_sticks_to_its_backend_and_new_flows_go_round_robin() {
     // ...and every later packet of the first flow, data included, stays on backend A even
     // though the round-robin cursor has moved on.
     for _ in 0..3 {
-        let data = Tcp { syn: false, payload: b"GET / HTTP/1.1\r\n\r\n", ..Tcp::from_client(80, 40001) };
+        let data = Tcp {
+            syn: false,
+            payload: b"GET / HTTP/1.1\r\n\r\n",
+            ..Tcp::from_client(80, 40001)
+        };
         let frame = data.frame();
         let (verdict, out) = fixture.run(&frame, fixture.pub_ifindex);
         assert_eq!(verdict, XDP_REDIRECT);
@@ -427,8 +539,14 @@ fn a_flow_sticks_to_its_backend_and_new_flows_go_round_robin() {
     }
     assert_eq!(fixture.counter(counter::FLOW_MISS), 2);
     assert_eq!(fixture.counter(counter::FLOW_HIT), 3);
-    assert_eq!(fixture.dataplane.backend_stats(0).expect("stats").packets, 4);
-    assert_eq!(fixture.dataplane.backend_stats(1).expect("stats").packets, 1);
+    assert_eq!(
+        fixture.dataplane.backend_stats(0).expect("stats").packets,
+        4
+    );
+    assert_eq!(
+        fixture.dataplane.backend_stats(1).expect("stats").packets,
+        1
+    );
 }
 
 #[test]
@@ -458,14 +576,32 @@ fn a_backend_reply_is_translated_back_to_the_service() {
     expected[6..12].copy_from_slice(&PUB_MAC);
     expected[26..30].copy_from_slice(&VIP);
     expected[34..36].copy_from_slice(&80u16.to_be_bytes());
-    assert_frames_equal(&out, &with_fresh_checksums(expected), "reply from backend A");
+    assert_frames_equal(
+        &out,
+        &with_fresh_checksums(expected),
+        "reply from backend A",
+    );
     assert_eq!(fixture.counter(counter::REPLY_REDIRECT), 1);
     let stats = fixture.dataplane.backend_stats(0).expect("stats");
-    assert_eq!((stats.reply_packets, stats.reply_bytes), (1, reply.len() as u64));
+    assert_eq!(
+        (stats.reply_packets, stats.reply_bytes),
+        (1, reply.len() as u64)
+    );
 
     // The same backend answering a client it has no balanced flow with is not ours.
-    let unrelated = Tcp { dst_port: 40999, ..Tcp { src_mac: BACKEND_A_MAC, dst_mac: BACK_MAC,
-        src: BACKEND_A, dst: CLIENT, src_port: 8080, dst_port: 0, syn: false, payload: b"" } }
+    let unrelated = Tcp {
+        dst_port: 40999,
+        ..Tcp {
+            src_mac: BACKEND_A_MAC,
+            dst_mac: BACK_MAC,
+            src: BACKEND_A,
+            dst: CLIENT,
+            src_port: 8080,
+            dst_port: 0,
+            syn: false,
+            payload: b"",
+        }
+    }
     .frame();
     let (verdict, out) = fixture.run(&unrelated, fixture.back_ifindex);
     assert_eq!((verdict, out.as_slice()), (XDP_PASS, unrelated.as_slice()));
@@ -488,8 +624,11 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
 
     let mut ipv6 = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
-        .ipv6([0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0xfd, 0, 2, 0, 0, 0, 0, 0,
-            0, 0, 0, 0, 0, 0, 0, 1], 64)
+        .ipv6(
+            [0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
         .tcp(40000, 80, 1, 1000)
         .syn()
         .write(&mut ipv6, b"")
@@ -503,10 +642,25 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
         .expect("build");
 
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("SSH to the VIP's address", Tcp::from_client(22, 50000).frame(), counter::PASS_NOT_SERVICE),
-        ("TCP to another host", Tcp { dst: OTHER_HOST, ..Tcp::from_client(80, 50001) }.frame(),
-            counter::PASS_NOT_SERVICE),
-        ("UDP to a port without a service", udp_frame(54, 50002, false), counter::PASS_NOT_SERVICE),
+        (
+            "SSH to the VIP's address",
+            Tcp::from_client(22, 50000).frame(),
+            counter::PASS_NOT_SERVICE,
+        ),
+        (
+            "TCP to another host",
+            Tcp {
+                dst: OTHER_HOST,
+                ..Tcp::from_client(80, 50001)
+            }
+            .frame(),
+            counter::PASS_NOT_SERVICE,
+        ),
+        (
+            "UDP to a port without a service",
+            udp_frame(54, 50002, false),
+            counter::PASS_NOT_SERVICE,
+        ),
         ("ARP request for the VIP", arp, counter::PASS_NOT_IPV4),
         ("IPv6 TCP to port 80", ipv6, counter::PASS_NOT_IPV4),
         ("ICMP echo to the VIP", icmp, counter::PASS_NOT_TCP_UDP),
@@ -516,7 +670,11 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
         let (verdict, out) = fixture.run(&frame, fixture.pub_ifindex);
         assert_eq!(verdict, XDP_PASS, "{what}");
         assert_eq!(out, frame, "{what}: must pass unchanged");
-        assert_eq!(fixture.counter(reason), before + 1, "{what}: counted under {reason}");
+        assert_eq!(
+            fixture.counter(reason),
+            before + 1,
+            "{what}: counted under {reason}"
+        );
     }
     assert_eq!(fixture.counter(counter::FLOW_MISS), 0);
 }
@@ -529,7 +687,11 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
     let mut fixture = Fixture::new();
     let syn = Tcp::from_client(80, 40004).frame();
     let udp = udp_frame(53, 40005, false);
-    let to_other_host = Tcp { dst: OTHER_HOST, ..Tcp::from_client(80, 40006) }.frame();
+    let to_other_host = Tcp {
+        dst: OTHER_HOST,
+        ..Tcp::from_client(80, 40006)
+    }
+    .frame();
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x44;
     let mut long_ihl = syn.clone();
@@ -538,25 +700,65 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
     // A frame shorter than an Ethernet header cannot be tested: BPF_PROG_TEST_RUN refuses
     // inputs under 14 bytes (EINVAL). The program checks for it anyway, as the verifier demands.
     let cases: Vec<(&str, Vec<u8>, u32, u32)> = vec![
-        ("Ethernet only", syn[..14].to_vec(), XDP_DROP, counter::DROP_MALFORMED_IPV4),
-        ("IPv4 header cut", syn[..14 + 12].to_vec(), XDP_DROP, counter::DROP_MALFORMED_IPV4),
-        ("IHL below 5", bad_ihl, XDP_DROP, counter::DROP_MALFORMED_IPV4),
-        ("IHL past the end", long_ihl, XDP_DROP, counter::DROP_MALFORMED_IPV4),
-        ("TCP header cut, to the VIP", syn[..14 + 20 + 10].to_vec(), XDP_DROP,
-            counter::DROP_MALFORMED_L4),
-        ("UDP header cut, to the VIP", udp[..14 + 20 + 4].to_vec(), XDP_DROP,
-            counter::DROP_MALFORMED_L4),
-        ("TCP header cut, to another host", to_other_host[..14 + 20 + 10].to_vec(), XDP_PASS,
-            counter::PASS_NOT_SERVICE),
+        (
+            "Ethernet only",
+            syn[..14].to_vec(),
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "IPv4 header cut",
+            syn[..14 + 12].to_vec(),
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "IHL below 5",
+            bad_ihl,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "IHL past the end",
+            long_ihl,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "TCP header cut, to the VIP",
+            syn[..14 + 20 + 10].to_vec(),
+            XDP_DROP,
+            counter::DROP_MALFORMED_L4,
+        ),
+        (
+            "UDP header cut, to the VIP",
+            udp[..14 + 20 + 4].to_vec(),
+            XDP_DROP,
+            counter::DROP_MALFORMED_L4,
+        ),
+        (
+            "TCP header cut, to another host",
+            to_other_host[..14 + 20 + 10].to_vec(),
+            XDP_PASS,
+            counter::PASS_NOT_SERVICE,
+        ),
     ];
     for (what, frame, expected_verdict, reason) in cases {
         let before = fixture.counter(reason);
         let (verdict, out) = fixture.run(&frame, fixture.pub_ifindex);
         assert_eq!(verdict, expected_verdict, "{what}");
         assert_eq!(out, frame, "{what}: must not be modified");
-        assert_eq!(fixture.counter(reason), before + 1, "{what}: counted under {reason}");
+        assert_eq!(
+            fixture.counter(reason),
+            before + 1,
+            "{what}: counted under {reason}"
+        );
     }
-    assert_eq!(fixture.counter(counter::FLOW_MISS), 0, "no truncated packet was scheduled");
+    assert_eq!(
+        fixture.counter(counter::FLOW_MISS),
+        0,
+        "no truncated packet was scheduled"
+    );
 }
 
 #[test]
@@ -573,12 +775,19 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
         assert_frames_equal(&out, &expected, "UDP to the dns service");
         let check = &out[14 + 20 + 6..14 + 20 + 8];
         if zero_checksum {
-            assert_eq!(check, [0, 0], "a UDP checksum of 0 means none and must stay 0");
+            assert_eq!(
+                check,
+                [0, 0],
+                "a UDP checksum of 0 means none and must stay 0"
+            );
         } else {
             assert_ne!(check, [0, 0]);
         }
     }
-    assert_eq!(fixture.dataplane.service_stats(1).expect("stats").new_flows, 2);
+    assert_eq!(
+        fixture.dataplane.service_stats(1).expect("stats").new_flows,
+        2
+    );
 }
 
 #[test]
@@ -588,7 +797,9 @@ fn ip_options_are_kept_and_the_packet_is_balanced() {
     }
     let mut fixture = Fixture::new();
     let mut header = Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT, VIP).expect("header");
-    header.options = [1u8, 1, 1, 0][..].try_into().expect("4 bytes of options (NOP NOP NOP EOL)");
+    header.options = [1u8, 1, 1, 0][..]
+        .try_into()
+        .expect("4 bytes of options (NOP NOP NOP EOL)");
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
         .ip(etherparse::IpHeaders::Ipv4(header, Default::default()))
@@ -615,13 +826,27 @@ fn a_flow_whose_backend_went_down_is_rescheduled() {
     assert_eq!(&out[30..34], &BACKEND_A);
 
     fixture.set_up(0, 0, false);
-    let data = Tcp { syn: false, ..Tcp::from_client(80, 40008) }.frame();
+    let data = Tcp {
+        syn: false,
+        ..Tcp::from_client(80, 40008)
+    }
+    .frame();
     let (verdict, out) = fixture.run(&data, fixture.pub_ifindex);
     assert_eq!(verdict, XDP_REDIRECT);
-    assert_frames_equal(&out, &expected_forward(&data, BACK_MAC, BACKEND_B_MAC, BACKEND_B, 8080),
-        "flow moved to backend B");
+    assert_frames_equal(
+        &out,
+        &expected_forward(&data, BACK_MAC, BACKEND_B_MAC, BACKEND_B, 8080),
+        "flow moved to backend B",
+    );
     assert_eq!(fixture.counter(counter::FLOW_RESCHEDULED), 1);
-    assert_eq!(fixture.dataplane.backend_stats(1).expect("stats").rescheduled, 1);
+    assert_eq!(
+        fixture
+            .dataplane
+            .backend_stats(1)
+            .expect("stats")
+            .rescheduled,
+        1
+    );
 
     // Backend A coming back does not pull the flow back.
     fixture.set_up(0, 0, true);
@@ -651,7 +876,10 @@ fn an_unresolved_next_hop_goes_to_the_kernel_translated() {
     let mut fixture = Fixture::new();
     let syn = Tcp::from_client(81, 40010).frame();
     let (verdict, out) = fixture.run(&syn, fixture.pub_ifindex);
-    assert_eq!(verdict, XDP_PASS, "the kernel must get the chance to resolve the neighbour");
+    assert_eq!(
+        verdict, XDP_PASS,
+        "the kernel must get the chance to resolve the neighbour"
+    );
     // Translated, Ethernet header untouched: the kernel forwards it and runs ARP meanwhile.
     let mut expected = expected_forward(&syn, PUB_MAC, CLIENT_MAC, BACKEND_UNRESOLVED, 81);
     expected[0..12].copy_from_slice(&syn[0..12]);
