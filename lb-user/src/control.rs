@@ -186,3 +186,60 @@ pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Snapshot;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            interfaces: vec!["lbpub".to_string()],
+            services: Vec::new(),
+            counters: [("flow_miss".to_string(), serde_json::Value::from(7u64))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn socket_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("lb-control-{}-{name}", std::process::id()))
+    }
+
+    #[tokio::test]
+    async fn stats_round_trip_and_a_second_daemon_is_refused() {
+        let path = socket_path("round-trip.sock");
+        let listener = bind(&path).expect("bind");
+        let server = tokio::spawn(serve(listener, || Ok(snapshot())));
+
+        let client_path = path.clone();
+        let answer = tokio::task::spawn_blocking(move || request_stats(&client_path))
+            .await
+            .expect("join");
+        assert_eq!(answer.expect("stats"), snapshot());
+
+        let second = bind(&path);
+        assert!(matches!(second, Err(ControlError::AlreadyRunning(_))), "{second:?}");
+
+        server.abort();
+        std::fs::remove_file(&path).expect("remove socket");
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_file_is_replaced() {
+        let path = socket_path("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "a dead listener leaves its file behind");
+        let listener = bind(&path).expect("a stale socket must not block a new daemon");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "root only");
+        drop(listener);
+        std::fs::remove_file(&path).expect("remove socket");
+    }
+
+    #[test]
+    fn no_daemon_is_a_clear_error() {
+        let error = request_stats(&socket_path("absent.sock")).expect_err("nothing listens");
+        assert!(error.to_string().contains("no lb-user is running"), "{error}");
+    }
+}
