@@ -13,7 +13,7 @@ fi
 packages=(
     rustc-web libstd-rust-web-dev-bpf llvm-22-dev
     libzstd-dev zlib1g-dev
-    nginx-light curl iproute2 procps
+    nginx-light curl iproute2 procps ethtool
 )
 
 missing=()

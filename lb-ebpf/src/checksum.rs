@@ -38,8 +38,13 @@ pub fn replace2(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
 /// A UDP checksum after an address and a port changed. Zero means "no checksum" in IPv4 UDP
 /// and stays zero; a computed zero is sent as 0xffff, its ones'-complement equal (RFC 768).
 #[inline(always)]
-pub fn udp_replace(check: [u8; 2], old_addr: [u8; 4], new_addr: [u8; 4], old_port: [u8; 2],
-    new_port: [u8; 2]) -> [u8; 2] {
+pub fn udp_replace(
+    check: [u8; 2],
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> [u8; 2] {
     if check == [0, 0] {
         return check;
     }

@@ -127,8 +127,12 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         protocol: ip_protocol,
         _pad: [0; 3],
     };
-    let service_key =
-        ServiceKey { addr: dst_addr, port: tuple.dst_port, protocol: ip_protocol, _pad: 0 };
+    let service_key = ServiceKey {
+        addr: dst_addr,
+        port: tuple.dst_port,
+        protocol: ip_protocol,
+        _pad: 0,
+    };
     // SAFETY: map values stay valid for the whole program run (RCU).
     if let Some(service) = unsafe { SERVICES.get(&service_key) } {
         return forward(ctx, ethernet, ip, &transport, &tuple, service);
@@ -197,8 +201,10 @@ fn forward(
         dst_port: backend.port,
         total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
     };
-    let counters =
-        SendCounters { transmit: counter::FORWARD_TX, redirect: counter::FORWARD_REDIRECT };
+    let counters = SendCounters {
+        transmit: counter::FORWARD_TX,
+        redirect: counter::FORWARD_REDIRECT,
+    };
     Ok(route::send(ctx, ethernet, &route, &counters))
 }
 
@@ -216,7 +222,13 @@ fn reply(
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
-        rewrite(ip, transport, Side::Source, nat.service_addr, nat.service_port);
+        rewrite(
+            ip,
+            transport,
+            Side::Source,
+            nat.service_addr,
+            nat.service_port,
+        );
     }
     add_traffic(nat.service_id, nat.backend_id, |stats| {
         stats.reply_packets += 1;
@@ -231,7 +243,10 @@ fn reply(
         dst_port: tuple.dst_port,
         total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
     };
-    let counters = SendCounters { transmit: counter::REPLY_TX, redirect: counter::REPLY_REDIRECT };
+    let counters = SendCounters {
+        transmit: counter::REPLY_TX,
+        redirect: counter::REPLY_REDIRECT,
+    };
     route::send(ctx, ethernet, &route, &counters)
 }
 
@@ -255,8 +270,14 @@ fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), 
     }
 
     let backend_id = schedule(service)?;
-    let backend = *BACKENDS.get(backend_id).ok_or(Drop(counter::DROP_INTERNAL))?;
-    count(if rescheduled { counter::FLOW_RESCHEDULED } else { counter::FLOW_MISS });
+    let backend = *BACKENDS
+        .get(backend_id)
+        .ok_or(Drop(counter::DROP_INTERNAL))?;
+    count(if rescheduled {
+        counter::FLOW_RESCHEDULED
+    } else {
+        counter::FLOW_MISS
+    });
     add_traffic(service.id, backend_id, |stats| {
         stats.new_flows += 1;
         if rescheduled {
@@ -264,7 +285,12 @@ fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), 
         }
     });
 
-    let flow = Flow { backend_id, service_id: service.id, generation: backend.generation, _pad: 0 };
+    let flow = Flow {
+        backend_id,
+        service_id: service.id,
+        generation: backend.generation,
+        _pad: 0,
+    };
     let reverse_key = FlowKey {
         src_addr: backend.addr,
         dst_addr: tuple.src_addr,
@@ -281,7 +307,8 @@ fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), 
         backend_id,
     };
     // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
-    if FLOWS.insert(tuple, &flow, 0).is_err() || REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_err()
+    if FLOWS.insert(tuple, &flow, 0).is_err()
+        || REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_err()
     {
         count(counter::FLOW_INSERT_FAILED);
     }
@@ -295,7 +322,9 @@ fn schedule(service: &Service) -> Result<u32, Drop> {
     if backend_count == 0 {
         return Err(Drop(counter::DROP_NO_BACKEND));
     }
-    let cursor = RR_CURSORS.get_ptr_mut(service.id).ok_or(Drop(counter::DROP_INTERNAL))?;
+    let cursor = RR_CURSORS
+        .get_ptr_mut(service.id)
+        .ok_or(Drop(counter::DROP_INTERNAL))?;
     // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
     let position = unsafe { *cursor } % backend_count;
     unsafe { *cursor = position + 1 };
@@ -333,7 +362,11 @@ unsafe fn rewrite(
     *transport.check = if transport.is_udp {
         checksum::udp_replace(*transport.check, old_addr, addr, old_port, port)
     } else {
-        checksum::replace2(checksum::replace4(*transport.check, old_addr, addr), old_port, port)
+        checksum::replace2(
+            checksum::replace4(*transport.check, old_addr, addr),
+            old_port,
+            port,
+        )
     };
     *addr_field = addr;
     *port_field = port;

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats, FLOW_TABLE_SIZE,
-    MAX_BACKENDS, MAX_SERVICES,
+    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU

@@ -61,9 +61,8 @@ pub fn send(
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(route.dst);
 
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
-    let result = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0)
-    };
+    let result =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
     match result {
         FIB_SUCCESS => {
             // SAFETY: the caller bounds-checked the Ethernet header before translating.

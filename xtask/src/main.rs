@@ -1,1 +1,96 @@
-fn main(){}
+//! Developer tasks, run as `cargo xtask <task>` from anywhere in the workspace:
+//!
+//! - `demo`: builds lb-user and shows it balancing, failing over and recovering between two
+//!   nginx backends, all inside network namespaces, then removes everything it made.
+//! - `test`: runs every test suite the way CI does (the namespace tests must not skip).
+//!
+//! Both need root: they install packages, load XDP programs and create namespaces.
+
+mod demo;
+mod suite;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  demo   build lb-user and run the load balancer demo in network namespaces (root)
+  test   install dependencies, build, and run all tests with privileged tests required (root)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["demo"] => demo::run(),
+        ["test"] => suite::run(),
+        ["help" | "-h" | "--help"] => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask's own directory's parent.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// A `cargo` command run from the workspace root, with the cargo that runs xtask.
+fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs `command` with its output going straight to the terminal; a non-zero exit is an error.
+fn run_streaming(command: &mut Command) -> anyhow::Result<()> {
+    let line = lb_tests::process::command_line(command);
+    println!("xtask: $ {line}");
+    let status = command
+        .status()
+        .with_context(|| format!("running `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    if !lb_tests::is_root() {
+        bail!(
+            "{task} must run as root: it installs packages, loads XDP programs and creates \
+             network namespaces (try `sudo -E cargo xtask ...`)"
+        );
+    }
+    Ok(())
+}
+
+/// `scripts/install-deps.sh`: idempotent, quick when everything is already there.
+fn install_deps() -> anyhow::Result<()> {
+    let script = workspace_root().join("scripts/install-deps.sh");
+    run_streaming(Command::new(&script).current_dir(workspace_root()))
+}
+
+fn build_lb_user() -> anyhow::Result<()> {
+    run_streaming(cargo().args(["build", "-p", "lb-user"]))
+}

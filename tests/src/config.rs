@@ -1,0 +1,134 @@
+//! lb-user configuration files, written from plain structs.
+//!
+//! Every field is kept as the text that goes into the file (addresses are `String`s, not
+//! `Ipv4Addr`s) so that tests can write invalid values on purpose.
+
+use std::fmt::Write as _;
+
+/// `[service.health_check]`.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// `"tcp"`, `"http"` or `"none"`.
+    pub kind: String,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl HealthCheck {
+    /// HTTP `GET /` expecting 200, every 500 ms with a 300 ms timeout, rise 2, fall 2: short
+    /// enough that failover tests finish in seconds.
+    pub fn fast_http() -> Self {
+        Self {
+            kind: "http".to_string(),
+            path: "/".to_string(),
+            expect_status: 200,
+            interval_ms: 500,
+            timeout_ms: 300,
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// One `[[service]]` with its backends.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub health_check: HealthCheck,
+    /// `(address, port)` of each `[[service.backend]]`.
+    pub backends: Vec<(String, u16)>,
+}
+
+impl ServiceConfig {
+    /// The service as lb-user's TOML.
+    pub fn to_toml(&self) -> String {
+        let health = &self.health_check;
+        let mut text = format!(
+            "[[service]]\n\
+             name = {name:?}\n\
+             vip = {vip:?}\n\
+             port = {port}\n\
+             protocol = {protocol:?}\n\
+             \n\
+             [service.health_check]\n\
+             kind = {kind:?}\n\
+             path = {path:?}\n\
+             expect_status = {expect_status}\n\
+             interval = \"{interval}ms\"\n\
+             timeout = \"{timeout}ms\"\n\
+             rise = {rise}\n\
+             fall = {fall}\n",
+            name = self.name,
+            vip = self.vip,
+            port = self.port,
+            protocol = self.protocol,
+            kind = health.kind,
+            path = health.path,
+            expect_status = health.expect_status,
+            interval = health.interval_ms,
+            timeout = health.timeout_ms,
+            rise = health.rise,
+            fall = health.fall,
+        );
+        for (address, port) in &self.backends {
+            text.push_str("\n[[service.backend]]\n");
+            // Writing to a String cannot fail.
+            writeln!(text, "address = {address:?}").expect("writing to a String");
+            writeln!(text, "port = {port}").expect("writing to a String");
+        }
+        text
+    }
+}
+
+/// A whole configuration file made of `services`.
+pub fn config_toml(services: &[ServiceConfig]) -> String {
+    services
+        .iter()
+        .map(ServiceConfig::to_toml)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_documented_shape() {
+        let service = ServiceConfig {
+            name: "web".to_string(),
+            vip: "10.200.1.1".to_string(),
+            port: 80,
+            protocol: "tcp".to_string(),
+            health_check: HealthCheck::fast_http(),
+            backends: vec![("10.200.11.2".to_string(), 80)],
+        };
+        let expected = r#"[[service]]
+name = "web"
+vip = "10.200.1.1"
+port = 80
+protocol = "tcp"
+
+[service.health_check]
+kind = "http"
+path = "/"
+expect_status = 200
+interval = "500ms"
+timeout = "300ms"
+rise = 2
+fall = 2
+
+[[service.backend]]
+address = "10.200.11.2"
+port = 80
+"#;
+        assert_eq!(service.to_toml(), expected);
+    }
+}

@@ -1,0 +1,233 @@
+//! A real nginx (Debian's `/usr/sbin/nginx`) inside a namespace, as a backend or a stand-in.
+//!
+//! Each instance has its own configuration, PID file and logs in a private temporary
+//! directory, runs in the foreground as a child of the test (`daemon off`), answers every
+//! request with a body naming it (`backend1\n`), and logs each request as a line starting
+//! with the client address.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::netns::{Netns, NetnsName};
+use crate::process::{log_tail, unique_name, wait_until, ChildProcess, Poll, TempDir};
+
+const NGINX: &str = "/usr/sbin/nginx";
+/// How long nginx gets to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long nginx gets to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One nginx master (with one worker) listening on one address and port in a namespace.
+#[derive(Debug)]
+pub struct Nginx {
+    body_name: String,
+    netns: NetnsName,
+    address: Ipv4Addr,
+    port: u16,
+    /// Holds the process, so it is dropped (stopped) before the directory is removed.
+    process: Option<ChildProcess>,
+    /// PIDs of every master this instance started, for leak checks.
+    spawned_pids: Vec<u32>,
+    dir: TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx in `netns`, listening on `address:port` and answering `{body_name}\n`.
+    /// Returns once the listening socket exists.
+    pub fn start(
+        netns: &Netns,
+        body_name: &str,
+        address: Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let dir = TempDir::new(&format!("{}-nginx-{body_name}", unique_name()))?;
+        let mut nginx = Self {
+            body_name: body_name.to_string(),
+            netns: netns.name().clone(),
+            address,
+            port,
+            process: None,
+            spawned_pids: Vec::new(),
+            dir,
+        };
+        fs::write(nginx.config_path(), nginx.config())
+            .with_context(|| format!("writing {}", nginx.config_path().display()))?;
+        nginx.start_again()?;
+        Ok(nginx)
+    }
+
+    /// Starts a stopped instance again, with an empty access log: [`Nginx::access_log_lines`]
+    /// covers the current run only.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.is_running()? {
+            bail!("{} is already running", self.description());
+        }
+        fs::write(self.access_log_path(), "")
+            .with_context(|| format!("truncating {}", self.access_log_path().display()))?;
+        let stderr = fs::File::create(self.dir.path().join("stderr.log"))
+            .context("creating nginx's stderr log")?;
+        let mut command = self.netns.command(NGINX);
+        command
+            .arg("-p")
+            .arg(self.dir.path())
+            .arg("-c")
+            .arg(self.config_path())
+            .arg("-e")
+            .arg(self.error_log_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let process = ChildProcess::spawn(&self.description(), &mut command)?;
+        self.spawned_pids.push(process.pid());
+        self.process = Some(process);
+        self.wait_listening()
+    }
+
+    /// Stops nginx with SIGTERM to its master, by PID, and waits for it to exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut process) = self.process.take() else {
+            return Ok(());
+        };
+        let status = process.terminate(STOP_TIMEOUT)?;
+        // nginx exits 0 on SIGTERM; anything else, or a signal, deserves a look at its logs.
+        if !status.success() {
+            bail!(
+                "{} exited with {status}:\n{}",
+                self.description(),
+                self.logs()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops and starts again (with a fresh access log).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// Stops nginx and removes its directory, reporting errors.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        let Self { dir, .. } = self;
+        dir.remove()
+    }
+
+    pub fn is_running(&mut self) -> anyhow::Result<bool> {
+        match &mut self.process {
+            Some(process) => Ok(process.try_status()?.is_none()),
+            None => Ok(false),
+        }
+    }
+
+    /// The master's PID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildProcess::pid)
+    }
+
+    pub fn spawned_pids(&self) -> &[u32] {
+        &self.spawned_pids
+    }
+
+    /// The access log of the current run, one request a line, each starting with the client
+    /// address (`10.200.1.2 51234 "GET / HTTP/1.1" 200`).
+    pub fn access_log_lines(&self) -> anyhow::Result<Vec<String>> {
+        let text = fs::read_to_string(self.access_log_path())
+            .with_context(|| format!("reading {}", self.access_log_path().display()))?;
+        Ok(text.lines().map(str::to_string).collect())
+    }
+
+    /// The tail of nginx's error log and stderr, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "  error.log:\n{}  stderr:\n{}",
+            log_tail(&self.error_log_path(), 20),
+            log_tail(&self.dir.path().join("stderr.log"), 20)
+        )
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "nginx {} on {}:{} in {}",
+            self.body_name, self.address, self.port, self.netns
+        )
+    }
+
+    /// Waits until the listening socket exists. Checked with `ss` rather than a request, which
+    /// would add a line from the namespace's own address to the access log the tests read.
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
+        let filter = format!("src {}:{}", self.address, self.port);
+        let what = format!("{} to listen", self.description());
+        let netns = self.netns.clone();
+        let result = wait_until(START_TIMEOUT, &what, || {
+            if let Some(process) = self.process.as_mut() {
+                if let Some(status) = process.try_status()? {
+                    bail!("nginx exited with {status}");
+                }
+            }
+            let sockets = netns.exec(["ss", "-H", "-l", "-t", "-n", &filter])?;
+            if sockets.trim().is_empty() {
+                return Ok(Poll::NotYet("no listening socket".to_string()));
+            }
+            Ok(Poll::Ready(()))
+        });
+        result.with_context(|| format!("starting {}:\n{}", self.description(), self.logs()))
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nginx.conf")
+    }
+
+    fn access_log_path(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    fn error_log_path(&self) -> PathBuf {
+        self.dir.path().join("error.log")
+    }
+
+    fn config(&self) -> String {
+        let dir = self.dir.path().display();
+        format!(
+            r#"# Written by lb-tests for one instance; everything it writes stays in {dir}.
+daemon off;
+master_process on;
+worker_processes 1;
+# Debian has no group "nobody", nginx's compiled-in default.
+user nobody nogroup;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+
+events {{
+    worker_connections 256;
+}}
+
+http {{
+    log_format lbtests '$remote_addr $remote_port "$request" $status';
+    access_log {dir}/access.log lbtests;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+
+    server {{
+        listen {address}:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}\n";
+        }}
+    }}
+}}
+"#,
+            address = self.address,
+            port = self.port,
+            body = self.body_name,
+        )
+    }
+}
