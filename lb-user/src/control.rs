@@ -196,6 +196,7 @@ mod tests {
         Snapshot {
             interfaces: vec!["lbpub".to_string()],
             services: Vec::new(),
+            verdicts: serde_json::Map::new(),
             counters: [("flow_miss".to_string(), serde_json::Value::from(7u64))]
                 .into_iter()
                 .collect(),
@@ -219,7 +220,10 @@ mod tests {
         assert_eq!(answer.expect("stats"), snapshot());
 
         let second = bind(&path);
-        assert!(matches!(second, Err(ControlError::AlreadyRunning(_))), "{second:?}");
+        assert!(
+            matches!(second, Err(ControlError::AlreadyRunning(_))),
+            "{second:?}"
+        );
 
         server.abort();
         std::fs::remove_file(&path).expect("remove socket");
@@ -240,6 +244,9 @@ mod tests {
     #[test]
     fn no_daemon_is_a_clear_error() {
         let error = request_stats(&socket_path("absent.sock")).expect_err("nothing listens");
-        assert!(error.to_string().contains("no lb-user is running"), "{error}");
+        assert!(
+            error.to_string().contains("no lb-user is running"),
+            "{error}"
+        );
     }
 }

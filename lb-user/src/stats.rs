@@ -55,6 +55,9 @@ pub struct ServiceSnapshot {
 pub struct Snapshot {
     pub interfaces: Vec<String>,
     pub services: Vec<ServiceSnapshot>,
+    /// Packets by XDP verdict: `pass`, `drop`, `tx`, `redirect`; the sums of the counters
+    /// named after each.
+    pub verdicts: serde_json::Map<String, serde_json::Value>,
     /// Global counters by name (see `lb_common::counter`), in their fixed order.
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
@@ -86,6 +89,7 @@ impl Snapshot {
             });
         }
         let values = dataplane.counters()?;
+        let verdicts = verdict_totals(&values);
         let counters = counter::NAMES
             .iter()
             .zip(values)
@@ -94,6 +98,7 @@ impl Snapshot {
         Ok(Self {
             interfaces,
             services,
+            verdicts,
             counters,
         })
     }
@@ -134,12 +139,42 @@ impl Snapshot {
                 write_row(&mut out, &title, &backend.state, &backend.traffic);
             }
         }
+        let verdicts: Vec<String> = self
+            .verdicts
+            .iter()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        out.push_str(&format!("\nverdicts: {}\n", verdicts.join(", ")));
         out.push_str("\nCOUNTER                      PACKETS\n");
         for (name, value) in &self.counters {
             out.push_str(&format!("{name:<28} {value:>8}\n"));
         }
         out
     }
+}
+
+/// Sums the per-reason counters into one total per XDP verdict. Every packet ends in exactly one
+/// `pass_*`, `drop_*`, `*_tx` or `*_redirect` counter, so these add up to all packets seen.
+fn verdict_totals(values: &[u64]) -> serde_json::Map<String, serde_json::Value> {
+    let mut totals = [("pass", 0u64), ("drop", 0), ("tx", 0), ("redirect", 0)];
+    for (name, value) in counter::NAMES.iter().zip(values) {
+        let verdict = if name.starts_with("pass_") {
+            0
+        } else if name.starts_with("drop_") {
+            1
+        } else if name.ends_with("_tx") {
+            2
+        } else if name.ends_with("_redirect") {
+            3
+        } else {
+            continue;
+        };
+        totals[verdict].1 += value;
+    }
+    totals
+        .iter()
+        .map(|(name, total)| (name.to_string(), serde_json::Value::from(*total)))
+        .collect()
 }
 
 fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
@@ -154,4 +189,33 @@ fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
         traffic.reply_bytes,
         traffic.rescheduled
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_totals_sum_each_verdicts_reasons_and_skip_events() {
+        let mut values = vec![0u64; counter::COUNT as usize];
+        values[counter::PASS_NOT_IPV4 as usize] = 3;
+        values[counter::PASS_NOT_SERVICE as usize] = 4;
+        values[counter::DROP_NO_BACKEND as usize] = 5;
+        values[counter::FORWARD_TX as usize] = 6;
+        values[counter::REPLY_TX as usize] = 1;
+        values[counter::FORWARD_REDIRECT as usize] = 7;
+        values[counter::REPLY_REDIRECT as usize] = 2;
+        values[counter::FLOW_MISS as usize] = 100;
+        let totals = verdict_totals(&values);
+        let totals: Vec<(String, u64)> = totals
+            .iter()
+            .map(|(name, value)| (name.clone(), value.as_u64().expect("a number")))
+            .collect();
+        let expected = [("pass", 7), ("drop", 5), ("tx", 7), ("redirect", 9)];
+        let expected: Vec<(String, u64)> = expected
+            .iter()
+            .map(|(name, value)| (name.to_string(), *value))
+            .collect();
+        assert_eq!(totals, expected);
+    }
 }
