@@ -47,15 +47,15 @@ pub enum ControlError {
          give this one another --socket)"
     )]
     AlreadyRunning(PathBuf),
-    #[error("no lb-user is running with control socket {path}: {source}")]
+    #[error("no lb-user is running with control socket {path}: {cause}")]
     NotRunning {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("control socket {path}: unexpected answer: {detail}")]
     Protocol { path: PathBuf, detail: String },
@@ -68,7 +68,7 @@ pub enum ControlError {
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let io_error = |source| ControlError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     if let Some(parent) = path.parent() {
         if !parent.exists() {
@@ -152,11 +152,11 @@ where
 pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
     let io_error = |source| ControlError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let mut stream = StdUnixStream::connect(path).map_err(|source| ControlError::NotRunning {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -18,24 +18,24 @@ pub const PROGRAM_NAME: &str = "balancer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP program into the kernel failed (verifier log saved to {log_path}): {source}")]
+    #[error("loading the XDP program into the kernel failed (verifier log saved to {log_path}): {cause}")]
     Load {
         log_path: String,
-        source: ProgramError,
+        cause: ProgramError,
     },
-    #[error("opening the BPF object: {0}")]
+    #[error(transparent)]
     Object(#[from] aya::EbpfError),
     #[error("the BPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {cause}")]
     Map {
         map: &'static str,
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
-    #[error("program {PROGRAM_NAME}: {0}")]
+    #[error(transparent)]
     Program(#[from] ProgramError),
 }
 
@@ -80,7 +80,7 @@ impl XdpDataplane {
             }
             return Err(DataplaneError::Load {
                 log_path,
-                source: error,
+                cause: error,
             });
         }
         Ok(Self {
@@ -163,7 +163,7 @@ fn take_map<T>(
     let map = ebpf
         .take_map(name)
         .ok_or(DataplaneError::Missing { kind: "map", name })?;
-    convert(map).map_err(|source| DataplaneError::Map { map: name, source })
+    convert(map).map_err(|source| DataplaneError::Map { map: name, cause: source })
 }
 
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
@@ -185,7 +185,7 @@ impl Dataplane for XdpDataplane {
             .insert(key, service, 0)
             .map_err(|source| DataplaneError::Map {
                 map: "SERVICES",
-                source,
+                cause: source,
             })
     }
 
@@ -194,7 +194,7 @@ impl Dataplane for XdpDataplane {
             .set(id, backend, 0)
             .map_err(|source| DataplaneError::Map {
                 map: "BACKENDS",
-                source,
+                cause: source,
             })
     }
 
@@ -203,7 +203,7 @@ impl Dataplane for XdpDataplane {
             .insert(addr, 1, 0)
             .map_err(|source| DataplaneError::Map {
                 map: "VIP_ADDRESSES",
-                source,
+                cause: source,
             })
     }
 
@@ -215,7 +215,7 @@ impl Dataplane for XdpDataplane {
                     .map(|values| values.iter().sum())
                     .map_err(|source| DataplaneError::Map {
                         map: "COUNTERS",
-                        source,
+                        cause: source,
                     })
             })
             .collect()
@@ -227,7 +227,7 @@ impl Dataplane for XdpDataplane {
             .map(sum_stats)
             .map_err(|source| DataplaneError::Map {
                 map: "SERVICE_STATS",
-                source,
+                cause: source,
             })
     }
 
@@ -237,7 +237,7 @@ impl Dataplane for XdpDataplane {
             .map(sum_stats)
             .map_err(|source| DataplaneError::Map {
                 map: "BACKEND_STATS",
-                source,
+                cause: source,
             })
     }
 }

@@ -12,6 +12,9 @@ use lb_user::{config, control, daemon};
     name = "lb-user",
     version,
     about = "XDP layer-4 load balancer: runs the datapath on an interface, or queries it",
+    override_usage = "lb-user --iface IFACE --config FILE [--xdp-mode native|skb] [--socket PATH]\n       \
+                      lb-user stats [--json] [--socket PATH]\n       \
+                      lb-user check-config --config FILE",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -50,6 +53,7 @@ enum Command {
     },
     /// Validate a configuration file without touching the datapath.
     CheckConfig {
+        /// The TOML configuration to check.
         #[arg(long)]
         config: PathBuf,
     },

@@ -24,10 +24,10 @@ pub enum TopologyError {
          `sysctl -w {setting}=1`), or persist it in /etc/sysctl.d/"
     )]
     ForwardingDisabled { setting: String, value: String },
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Read {
         path: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -74,7 +74,7 @@ pub fn check_forwarding(interface: &str) -> Result<(), TopologyError> {
     let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
     let value = std::fs::read_to_string(&path).map_err(|source| TopologyError::Read {
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let value = value.trim();
     if value == "1" {

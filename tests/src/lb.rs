@@ -248,7 +248,7 @@ impl Drop for LoadBalancer {
             eprintln!("--- {}", self.log_excerpt());
         }
         if let Err(error) = self.stop() {
-            eprintln!("lb-tests: cleaning up: {error:#}");
+            eprintln!("testbed: cleaning up: {error:#}");
         }
     }
 }
@@ -282,7 +282,7 @@ fn launch_command(
     if let Some(mode) = std::env::var_os("LB_XDP_MODE") {
         command.arg("--xdp-mode").arg(mode);
     }
-    eprintln!("lb-tests: {}", command_line(&command));
+    eprintln!("testbed: {}", command_line(&command));
     Ok(command)
 }
 

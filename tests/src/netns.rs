@@ -143,7 +143,7 @@ impl Drop for Netns {
             return;
         }
         if let Err(error) = delete(&self.name) {
-            eprintln!("lb-tests: cleaning up: {error:#}");
+            eprintln!("testbed: cleaning up: {error:#}");
         }
     }
 }

@@ -217,7 +217,7 @@ impl ChildProcess {
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         if let Err(error) = self.terminate(Duration::from_secs(5)) {
-            eprintln!("lb-tests: cleaning up: {error:#}");
+            eprintln!("testbed: cleaning up: {error:#}");
         }
     }
 }
@@ -271,7 +271,7 @@ impl Drop for TempDir {
         }
         if let Err(error) = fs::remove_dir_all(&self.path) {
             eprintln!(
-                "lb-tests: cleaning up: removing {}: {error}",
+                "testbed: cleaning up: removing {}: {error}",
                 self.path.display()
             );
         }

@@ -102,7 +102,9 @@ impl Demo {
         check_interrupted()?;
 
         narrate(&format!(
-            "sending {REQUESTS_PER_PHASE} requests to http://{VIP}/ from the client"
+            "sending {REQUESTS_PER_PHASE} requests to http://{VIP}/ from the client \
+             (each a new TCP connection, scheduled round robin; the rotation is kept per CPU, \
+             so two in a row can land on the same backend when they run on different CPUs)"
         ));
         let answers = self.send_requests()?;
         ensure!(
