@@ -390,3 +390,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any reachable panic path, so this is never called at run time.
     loop {}
 }
+
+/// The benchmarks' floor: the cheapest program that transmits a frame. Measured beside
+/// [`balancer`] under the same method, so its cost per packet can be read as a ratio. Never
+/// attached by `lb-user`.
+#[xdp]
+pub fn floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}

@@ -15,6 +15,21 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
+/// A trivial XDP_TX program in the same object: the floor benchmarks compare against.
+pub const FLOOR_PROGRAM_NAME: &str = "floor";
+
+/// Sizes chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Entries in the flow table and in the reverse-translation table.
+    pub flow_table_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { flow_table_size: lb_common::FLOW_TABLE_SIZE }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -66,7 +81,15 @@ impl XdpDataplane {
     /// Loads the program through the verifier. Nothing is attached yet. When the verifier
     /// refuses, its log is written to `verifier_log` as well as carried in the error.
     pub fn load(verifier_log: &Path) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT)?;
+        Self::load_with(verifier_log, &LoadOptions::default())
+    }
+
+    /// [`Self::load`] with sizes other than the defaults.
+    pub fn load_with(verifier_log: &Path, options: &LoadOptions) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", options.flow_table_size)
+            .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
         if let Err(error) = program.load() {
             let log_path = verifier_log.display().to_string();
@@ -129,6 +152,20 @@ impl XdpDataplane {
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
         xdp_program(&mut self.ebpf)
+    }
+
+    /// The trivial XDP_TX program, loaded on first use, for benchmarks' floor.
+    pub fn floor_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(FLOOR_PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing { kind: "program", name: FLOOR_PROGRAM_NAME })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        if program.fd().is_err() {
+            program.load().map_err(DataplaneError::Program)?;
+        }
+        Ok(program)
     }
 
     /// Any map by name, for tests that inspect the flow tables.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod lb;
 pub mod netns;
 pub mod nginx;
+pub mod packet;
 pub mod process;
 pub mod topology;
 

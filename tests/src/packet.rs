@@ -1,0 +1,479 @@
+//! Running the real XDP object on crafted frames through the kernel's `BPF_PROG_TEST_RUN`, for
+//! the packet tests and the kernel-level benchmark.
+//!
+//! `bpf_fib_lookup` answers from the routing and neighbour tables of the network namespace the
+//! calling thread is in, so a [`Fixture`] builds a namespace with fixed MAC addresses, routes
+//! and permanent neighbours, and moves the thread into it until it is dropped. Expected frames
+//! get their checksums from etherparse, an implementation independent of the datapath's
+//! incremental updates.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{IpNumber, Ipv4Header, PacketBuilder, TcpHeader, UdpHeader};
+use lb_user::{
+    config,
+    dataplane::{Dataplane, LoadOptions, XdpDataplane},
+    services::ServiceTable,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const VIP: [u8; 4] = [10, 200, 1, 1];
+pub const CLIENT: [u8; 4] = [10, 200, 1, 2];
+pub const OTHER_HOST: [u8; 4] = [10, 200, 1, 99];
+pub const ONE_ARMED_BACKEND: [u8; 4] = [10, 200, 1, 20];
+pub const BACKEND_A: [u8; 4] = [10, 200, 2, 10];
+pub const BACKEND_B: [u8; 4] = [10, 200, 2, 11];
+/// Routed through `back`, but with no neighbour entry.
+pub const BACKEND_UNRESOLVED: [u8; 4] = [10, 200, 2, 12];
+
+pub const PUB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+pub const ONE_ARMED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x20];
+pub const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+pub const BACKEND_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x10];
+pub const BACKEND_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
+
+/// The services a default [`Fixture`] has: web (TCP 80 over two backends), dns (UDP 53),
+/// unresolved (a backend without a neighbour entry) and one-armed (a backend on `pub`).
+pub const CONFIG: &str = r#"
+[[service]]
+name = "web"
+vip = "10.200.1.1"
+port = 80
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 8080
+[[service.backend]]
+address = "10.200.2.11"
+port = 8080
+
+[[service]]
+name = "dns"
+vip = "10.200.1.1"
+port = 53
+protocol = "udp"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 5353
+
+[[service]]
+name = "unresolved"
+vip = "10.200.1.1"
+port = 81
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.12"
+
+[[service]]
+name = "one-armed"
+vip = "10.200.1.1"
+port = 82
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.1.20"
+"#;
+
+fn run(command: &[&str]) {
+    let output = Command::new(command[0])
+        .args(&command[1..])
+        .output()
+        .unwrap_or_else(|error| panic!("running {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn mac(bytes: [u8; 6]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ip(bytes: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(bytes).to_string()
+}
+
+/// A namespace with two veth pairs (`pub` towards clients, `back` towards backends), the
+/// loaded datapath, and the test thread inside the namespace.
+pub struct Fixture {
+    namespace: String,
+    original: File,
+    pub dataplane: XdpDataplane,
+    pub table: ServiceTable,
+    pub pub_ifindex: u32,
+    pub back_ifindex: u32,
+}
+
+impl Fixture {
+    /// A fixture with [`CONFIG`] and every backend up.
+    #[expect(
+        clippy::new_without_default,
+        reason = "building a fixture creates a network namespace: not a default value"
+    )]
+    pub fn new() -> Self {
+        Self::with_config(CONFIG, &LoadOptions::default())
+    }
+
+    /// A fixture with the given services (all backends up) and load options.
+    pub fn with_config(config: &str, options: &LoadOptions) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let namespace = format!(
+            "lbpt{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &namespace]);
+        let original = File::open("/proc/thread-self/ns/net").expect("own network namespace");
+        // From here on, Drop removes the namespace whatever fails next.
+        let mut fixture = Self::build(namespace, original, config, options);
+        fixture.install();
+        fixture
+    }
+
+    fn build(namespace: String, original: File, config: &str, options: &LoadOptions) -> Self {
+        let ns = namespace.as_str();
+        let pub_peer = [0x02, 0, 0, 0, 0x01, 0xfe];
+        let back_peer = [0x02, 0, 0, 0, 0x02, 0xfe];
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "pub",
+            "address",
+            &mac(PUB_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pub-peer",
+            "address",
+            &mac(pub_peer),
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "back",
+            "address",
+            &mac(BACK_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "back-peer",
+            "address",
+            &mac(back_peer),
+        ]);
+        for link in ["lo", "pub", "pub-peer", "back", "back-peer"] {
+            run(&["ip", "-n", ns, "link", "set", link, "up"]);
+        }
+        run(&["ip", "-n", ns, "addr", "add", "10.200.1.1/24", "dev", "pub"]);
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            "10.200.2.1/24",
+            "dev",
+            "back",
+        ]);
+        for (addr, lladdr, dev) in [
+            (CLIENT, CLIENT_MAC, "pub"),
+            (ONE_ARMED_BACKEND, ONE_ARMED_MAC, "pub"),
+            (BACKEND_A, BACKEND_A_MAC, "back"),
+            (BACKEND_B, BACKEND_B_MAC, "back"),
+        ] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &ip(addr),
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=1",
+        ]);
+
+        let target = File::open(format!("/run/netns/{ns}")).expect("namespace file");
+        // SAFETY: setns on this thread only; Drop switches it back.
+        let entered = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            entered,
+            0,
+            "setns into {ns}: {}",
+            std::io::Error::last_os_error()
+        );
+        // One CPU, so the per-CPU round-robin cursor makes scheduling predictable.
+        pin_to_first_allowed_cpu();
+
+        let ifindex = |name: &str| {
+            let name = std::ffi::CString::new(name).expect("no NUL");
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "interface {name:?} missing");
+            index
+        };
+        let verifier_log = std::env::temp_dir().join(format!("{ns}-verifier.log"));
+        let dataplane =
+            XdpDataplane::load_with(&verifier_log, options).expect("the datapath loads");
+        let table = ServiceTable::new(&config::parse(config).expect("test config is valid"));
+        Self {
+            pub_ifindex: ifindex("pub"),
+            back_ifindex: ifindex("back"),
+            namespace,
+            original,
+            dataplane,
+            table,
+        }
+    }
+
+    /// Writes the services and marks every backend up.
+    pub fn install(&mut self) {
+        self.table
+            .install(&mut self.dataplane)
+            .expect("install services");
+        for service in 0..self.table.services.len() {
+            for backend in 0..self.table.services[service].backends.len() {
+                self.set_up(service, backend, true);
+            }
+        }
+    }
+
+    pub fn set_up(&mut self, service: usize, backend: usize, up: bool) {
+        self.table
+            .set_backend_up(service, backend, up, &mut self.dataplane)
+            .expect("update");
+    }
+
+    /// Runs one frame through the program as if it arrived on `ifindex`.
+    pub fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data = 0 and data_end = the frame's length.
+        let context: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|field| field.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .dataplane
+            .program()
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&context),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub fn counter(&self, index: u32) -> u64 {
+        self.dataplane.counters().expect("counters")[index as usize]
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // SAFETY: back to the namespace this thread started in.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+        if !matches!(status, Ok(status) if status.success()) {
+            eprintln!("could not delete namespace {}: {status:?}", self.namespace);
+        }
+    }
+}
+
+fn pin_to_first_allowed_cpu() {
+    // SAFETY: plain affinity syscalls on this thread with a zeroed, then filled, cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        let cpu = (0..libc::CPU_SETSIZE as usize).find(|&cpu| libc::CPU_ISSET(cpu, &set));
+        let mut only = std::mem::zeroed();
+        libc::CPU_SET(cpu.expect("some CPU allowed"), &mut only);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &only),
+            0
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames and the independent checks.
+
+pub struct Tcp {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub syn: bool,
+    pub payload: &'static [u8],
+}
+
+impl Tcp {
+    pub fn from_client(dst_port: u16, src_port: u16) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: PUB_MAC,
+            src: CLIENT,
+            dst: VIP,
+            src_port,
+            dst_port,
+            syn: true,
+            payload: b"",
+        }
+    }
+
+    pub fn frame(&self) -> Vec<u8> {
+        let builder = PacketBuilder::ethernet2(self.src_mac, self.dst_mac)
+            .ipv4(self.src, self.dst, 64)
+            .tcp(self.src_port, self.dst_port, 0x1234_5678, 64240);
+        let builder = if self.syn {
+            builder.syn()
+        } else {
+            builder.ack(0x0102_0304)
+        };
+        let mut frame = Vec::new();
+        builder
+            .write(&mut frame, self.payload)
+            .expect("build frame");
+        frame
+    }
+}
+
+pub fn udp_frame(dst_port: u16, src_port: u16, zero_checksum: bool) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv4(CLIENT, VIP, 64)
+        .udp(src_port, dst_port)
+        .write(&mut frame, b"a dns query, more or less")
+        .expect("build frame");
+    if zero_checksum {
+        frame[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    }
+    frame
+}
+
+/// Offsets of the checksum fields in an Ethernet + IPv4 + TCP/UDP frame.
+fn checksum_offsets(frame: &[u8]) -> (usize, usize) {
+    let l4 = 14 + usize::from(frame[14] & 0x0f) * 4;
+    let l4_check = if frame[23] == 6 { l4 + 16 } else { l4 + 6 };
+    (24, l4_check)
+}
+
+/// `frame` with its IPv4 and transport checksums recomputed from scratch by etherparse.
+/// An IPv4 UDP checksum of zero (none) is kept.
+pub fn with_fresh_checksums(mut frame: Vec<u8>) -> Vec<u8> {
+    let (ip_header, _) = Ipv4Header::from_slice(&frame[14..]).expect("IPv4 header");
+    let (ip_check, l4_check) = checksum_offsets(&frame);
+    frame[ip_check..ip_check + 2].copy_from_slice(&ip_header.calc_header_checksum().to_be_bytes());
+    let l4 = 14 + ip_header.header_len();
+    let end = 14 + usize::from(ip_header.total_len);
+    let checksum = if ip_header.protocol == IpNumber::TCP {
+        let (tcp, _) = TcpHeader::from_slice(&frame[l4..end]).expect("TCP header");
+        tcp.calc_checksum_ipv4(&ip_header, &frame[l4 + tcp.header_len()..end])
+            .expect("sum")
+    } else {
+        let (udp, _) = UdpHeader::from_slice(&frame[l4..end]).expect("UDP header");
+        if udp.checksum == 0 {
+            0
+        } else {
+            udp.calc_checksum_ipv4(&ip_header, &frame[l4 + 8..end])
+                .expect("sum")
+        }
+    };
+    frame[l4_check..l4_check + 2].copy_from_slice(&checksum.to_be_bytes());
+    frame
+}
+
+/// Compares two frames byte for byte, except that a transport checksum may be 0x0000 where
+/// the other has 0xffff: both are the same ones'-complement value (TCP only; UDP maps 0).
+pub fn assert_frames_equal(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: frame length");
+    let (_, l4_check) = checksum_offsets(expected);
+    let equivalent = |a: &[u8], b: &[u8]| {
+        a == b || (expected[23] == 6 && [a, b].iter().all(|c| *c == [0, 0] || *c == [0xff, 0xff]))
+    };
+    for (offset, (a, e)) in actual.iter().zip(expected).enumerate() {
+        if offset == l4_check || offset == l4_check + 1 {
+            continue;
+        }
+        assert_eq!(
+            a, e,
+            "{what}: byte {offset} differs\nactual   {actual:02x?}\nexpected {expected:02x?}"
+        );
+    }
+    assert!(
+        equivalent(
+            &actual[l4_check..l4_check + 2],
+            &expected[l4_check..l4_check + 2]
+        ),
+        "{what}: transport checksum {:02x?}, expected {:02x?}",
+        &actual[l4_check..l4_check + 2],
+        &expected[l4_check..l4_check + 2]
+    );
+}
+
+/// What a client frame should look like after translation towards `backend`.
+pub fn expected_forward(
+    input: &[u8],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    backend: [u8; 4],
+    port: u16,
+) -> Vec<u8> {
+    let mut frame = input.to_vec();
+    frame[0..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&src_mac);
+    frame[30..34].copy_from_slice(&backend);
+    let l4 = 14 + usize::from(frame[14] & 0x0f) * 4;
+    frame[l4 + 2..l4 + 4].copy_from_slice(&port.to_be_bytes());
+    with_fresh_checksums(frame)
+}
