@@ -16,6 +16,8 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 256;
 /// Entries in the flow table and in the reverse-translation table (LRU hash maps).
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Default entries of the shared scheduling table (`SCHEDULE`); `lb-user` sizes it at load.
+pub const SCHEDULE_SIZE: u32 = 1 << 20;
 
 /// IP protocol numbers the datapath balances.
 pub mod protocol {
@@ -31,10 +33,24 @@ pub mod backend_state {
     pub const UP: u8 = 1;
 }
 
-/// Values of [`Service::scheduler`]. Only round robin exists today; the field is here so
-/// that table-based schedulers can be added without changing the layout.
+/// Values of [`Service::scheduler`]: how a new flow picks its backend from the service's
+/// table in `SCHEDULE`.
 pub mod scheduler {
+    /// A per-CPU cursor walks the table, which lists each eligible backend once.
     pub const ROUND_ROBIN: u8 = 0;
+    /// A per-CPU cursor walks the table, one period of smooth weighted round robin.
+    pub const WEIGHTED: u8 = 1;
+    /// The flow's hash ([`crate::flow_hash`]) indexes a Maglev table of prime size.
+    pub const MAGLEV: u8 = 2;
+}
+
+/// Values of [`Flow::state`].
+pub mod flow_state {
+    /// Packets flow; the idle timeout of its protocol applies.
+    pub const OPEN: u8 = 0;
+    /// A FIN or RST was seen in either direction: the short closing timeout applies, and a new
+    /// SYN on the same 5-tuple starts a fresh flow.
+    pub const CLOSING: u8 = 1;
 }
 
 /// Identifies a service: the packet's destination address, port and protocol.
@@ -48,11 +64,12 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
-/// One service and the backends new flows may be scheduled to.
+/// One service and where its scheduling table lives.
 ///
-/// The whole value is replaced at once when the set of healthy backends changes: the map is
-/// created without preallocation, so an update swaps in a new element and a reader keeps the
-/// old one until it is done (RCU) and never sees a half-written list.
+/// The table is a slice of the shared `SCHEDULE` array: `table_len` backend ids from
+/// `table_offset` on. A new table is written beside the one in use, then this value is
+/// replaced: the map is created without preallocation, so an update swaps in a new element and
+/// a packet in flight keeps the old one until it is done (RCU), never a half-written table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -62,12 +79,10 @@ pub struct Service {
     pub scheduler: u8,
     /// Zero; room for flags without changing the layout.
     pub _pad: [u8; 3],
-    /// How many entries of `backends` are valid; 0 means no backend is up.
-    pub backend_count: u32,
-    /// Reserved for table-based schedulers (which table slot is active); zero today.
-    pub table_slot: u32,
-    /// Backend ids (indexes into `BACKENDS`) that are up, in a stable order.
-    pub backends: [u32; MAX_BACKENDS_PER_SERVICE],
+    /// First entry of the service's table in `SCHEDULE`.
+    pub table_offset: u32,
+    /// Entries in the table; 0 means no backend can take a new flow.
+    pub table_len: u32,
 }
 
 /// One backend of one service. A backend serving two services has two ids.
@@ -100,7 +115,7 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Where a flow of a service goes.
+/// Where a flow of a service goes, and how long it lives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
@@ -108,8 +123,24 @@ pub struct Flow {
     pub service_id: u32,
     /// The backend's [`Backend::generation`] when the flow was scheduled.
     pub generation: u32,
-    /// Zero; keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// One of [`flow_state`].
+    pub state: u8,
+    /// Zero; alignment of the next field.
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a client packet last refreshed the entry.
+    pub last_seen_ns: u64,
+}
+
+/// Flow lifetimes, written once by `lb-user` into the one-entry `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Idle timeout of an open TCP flow.
+    pub tcp_timeout_ns: u64,
+    /// Lifetime of a TCP flow after a FIN or RST.
+    pub tcp_closing_timeout_ns: u64,
+    /// Idle timeout of a UDP flow.
+    pub udp_timeout_ns: u64,
 }
 
 /// How to translate a backend's reply back to the service it answers for.
@@ -182,15 +213,28 @@ pub mod counter {
     pub const REPLY_REDIRECT: u32 = 16;
     /// Client packets whose flow was in the flow table.
     pub const FLOW_HIT: u32 = 17;
-    /// Client packets that started a new flow.
-    pub const FLOW_MISS: u32 = 18;
+    /// New flows that started as they should: a TCP SYN, or any UDP packet.
+    pub const FLOW_MISS_NEW: u32 = 18;
+    /// TCP packets other than a SYN that found no flow (the table was lost, evicted, or the
+    /// flow started at another load balancer): scheduled like a new flow.
+    pub const FLOW_MISS_MID_STREAM: u32 = 19;
     /// Flows moved because their backend went down or was replaced.
-    pub const FLOW_RESCHEDULED: u32 = 19;
+    pub const FLOW_RESCHEDULED: u32 = 20;
     /// Flow or reverse-translation entries that could not be stored (packet still forwarded).
-    pub const FLOW_INSERT_FAILED: u32 = 20;
+    pub const FLOW_INSERT_FAILED: u32 = 21;
+    /// Entries found idle past their timeout, replaced by a fresh flow.
+    pub const FLOW_EXPIRED: u32 = 22;
+    /// Flows that saw a FIN or RST (either direction) and now live on the closing timeout.
+    pub const FLOW_CLOSING: u32 = 23;
+    /// SYNs that found a closing entry for their 5-tuple (source port reuse): a fresh flow.
+    pub const FLOW_PORT_REUSE: u32 = 24;
+
+    /// A new flow whose source address is not routed back through the interface it came in
+    /// on (strict reverse-path check): forged, dropped.
+    pub const DROP_SPOOFED_SOURCE: u32 = 25;
 
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 26;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -212,10 +256,50 @@ pub mod counter {
         "reply_tx",
         "reply_redirect",
         "flow_hit",
-        "flow_miss",
+        "flow_miss_new",
+        "flow_miss_mid_stream",
         "flow_rescheduled",
         "flow_insert_failed",
+        "flow_expired",
+        "flow_closing",
+        "flow_port_reuse",
+        "drop_spoofed_source",
     ];
+}
+
+/// The hash that places a flow in a Maglev table: the same function in the datapath and in
+/// userspace (tests, `lb-user flows`), so every load balancer with the same configuration
+/// sends a flow to the same backend. Murmur3-style mixing of the 5-tuple's four words; no
+/// loops, no tables, nothing machine-dependent.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let ports =
+        ((u16::from_be_bytes(key.src_port) as u32) << 16) | u16::from_be_bytes(key.dst_port) as u32;
+    let mut hash = 0x4c42_5f31; // "LB_1": a fixed seed, part of the ABI
+    hash = mix_word(hash, u32::from_be_bytes(key.src_addr));
+    hash = mix_word(hash, u32::from_be_bytes(key.dst_addr));
+    hash = mix_word(hash, ports);
+    hash = mix_word(hash, key.protocol as u32);
+    finalize(hash ^ 16)
+}
+
+#[inline(always)]
+fn mix_word(hash: u32, word: u32) -> u32 {
+    let word = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (hash ^ word)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn finalize(hash: u32) -> u32 {
+    let hash = (hash ^ (hash >> 16)).wrapping_mul(0x85eb_ca6b);
+    let hash = (hash ^ (hash >> 13)).wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
 }
 
 #[cfg(feature = "user")]
@@ -231,15 +315,17 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for Settings {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
 // Each equals the sum of its fields, so no type has implicit padding.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::size_of::<Service>() == 16 + 4 * MAX_BACKENDS_PER_SERVICE);
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
@@ -247,6 +333,8 @@ const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GOLDEN_HASH_40000: u32 = 3_652_550_883;
     use core::mem::offset_of;
 
     #[test]
@@ -254,9 +342,8 @@ mod tests {
         assert_eq!(offset_of!(ServiceKey, port), 4);
         assert_eq!(offset_of!(ServiceKey, protocol), 6);
         assert_eq!(offset_of!(Service, scheduler), 4);
-        assert_eq!(offset_of!(Service, backend_count), 8);
-        assert_eq!(offset_of!(Service, table_slot), 12);
-        assert_eq!(offset_of!(Service, backends), 16);
+        assert_eq!(offset_of!(Service, table_offset), 8);
+        assert_eq!(offset_of!(Service, table_len), 12);
         assert_eq!(offset_of!(Backend, port), 4);
         assert_eq!(offset_of!(Backend, state), 6);
         assert_eq!(offset_of!(Backend, service_id), 8);
@@ -267,11 +354,38 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, protocol), 12);
         assert_eq!(offset_of!(Flow, service_id), 4);
         assert_eq!(offset_of!(Flow, generation), 8);
+        assert_eq!(offset_of!(Flow, state), 12);
+        assert_eq!(offset_of!(Flow, last_seen_ns), 16);
+        assert_eq!(offset_of!(Settings, udp_timeout_ns), 16);
         assert_eq!(offset_of!(ReverseNat, service_port), 4);
         assert_eq!(offset_of!(ReverseNat, service_id), 8);
         assert_eq!(offset_of!(ReverseNat, backend_id), 12);
         assert_eq!(offset_of!(TrafficStats, new_flows), 16);
         assert_eq!(offset_of!(TrafficStats, rescheduled), 40);
+    }
+
+    #[test]
+    fn flow_hash_is_fixed_and_spreads() {
+        let key = |port: u16| FlowKey {
+            src_addr: [10, 200, 1, 2],
+            dst_addr: [10, 200, 1, 1],
+            src_port: port.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            protocol: protocol::TCP,
+            _pad: [0; 3],
+        };
+        // A golden value: changing the hash moves flows between load balancers mid-upgrade,
+        // so it must only change on purpose.
+        assert_eq!(flow_hash(&key(40000)), flow_hash(&key(40000)));
+        assert_eq!(flow_hash(&key(40000)), GOLDEN_HASH_40000);
+        let mut buckets = [0u32; 8];
+        for port in 0..8000u16 {
+            buckets[(flow_hash(&key(30000 + port)) % 8) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|&count| (900..=1100).contains(&count)),
+            "{buckets:?}"
+        );
     }
 
     #[test]

@@ -17,10 +17,15 @@ mod headers;
 mod maps;
 mod route;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    macros::xdp,
+    programs::XdpContext,
+};
 use lb_common::{
-    backend_state, counter, protocol, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey,
-    TrafficStats, MAX_BACKENDS_PER_SERVICE,
+    backend_state, counter, flow_hash, flow_state, protocol, scheduler, Backend, Flow, FlowKey,
+    ReverseNat, Service, ServiceKey, TrafficStats,
 };
 
 use crate::{
@@ -29,8 +34,8 @@ use crate::{
         IPV4_FRAGMENT_MASK,
     },
     maps::{
-        count, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SERVICES, SERVICE_STATS,
-        VIP_ADDRESSES,
+        count, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SCHEDULE, SERVICES,
+        SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
     route::{Route, SendCounters},
 };
@@ -52,6 +57,8 @@ struct Transport {
     dst_port: *mut [u8; 2],
     check: *mut [u8; 2],
     is_udp: bool,
+    /// TCP flags (FIN, SYN, RST, ACK, ...); zero for UDP.
+    tcp_flags: u8,
 }
 
 #[xdp]
@@ -156,6 +163,7 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
                 dst_port: &raw mut (*tcp).dst_port,
                 check: &raw mut (*tcp).check,
                 is_udp: false,
+                tcp_flags: (*tcp).offset_flags[1],
             }
         });
     }
@@ -166,6 +174,7 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
             dst_port: &raw mut (*udp).dst_port,
             check: &raw mut (*udp).check,
             is_udp: true,
+            tcp_flags: 0,
         }
     })
 }
@@ -181,7 +190,7 @@ fn forward(
     tuple: &FlowKey,
     service: &Service,
 ) -> Result<Verdict, Drop> {
-    let (backend_id, backend) = select_backend(tuple, service)?;
+    let (backend_id, backend) = select_backend(ctx, tuple, service, transport.tcp_flags)?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
 
     // SAFETY: ip and transport point into the bounds-checked packet.
@@ -220,6 +229,7 @@ fn reply(
     nat: &ReverseNat,
 ) -> Verdict {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    note_reply_flags(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
         rewrite(
@@ -250,34 +260,82 @@ fn reply(
     route::send(ctx, ethernet, &route, &counters)
 }
 
-/// The flow's backend if it still has a valid one, else a newly scheduled one (recorded in
-/// the flow table and the reverse table).
+/// TCP flag bits in the 14th byte of the TCP header.
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A flow's `last_seen_ns` is rewritten at most this often: a write per packet would bounce the
+/// entry's cache line between CPUs for nothing, and timeouts are seconds long.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Why a packet needs a new backend choice.
+#[derive(Clone, Copy)]
+enum Miss {
+    /// No entry: a SYN or UDP (`new`), or mid-stream TCP.
+    Absent,
+    /// The entry's backend is down, or its id now names another backend.
+    BackendGone,
+    /// The entry was idle past its timeout.
+    Expired,
+    /// A SYN on a closing entry: the client reuses the source port.
+    PortReuse,
+}
+
+/// The flow's backend if its entry is still good for this packet, else a newly scheduled one
+/// (recorded in the flow table and the reverse table). Also follows TCP: FIN and RST move an
+/// entry to the closing timeout.
 #[inline(always)]
-fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), Drop> {
-    let mut rescheduled = false;
-    // SAFETY: map values stay valid for the whole program run (RCU).
-    if let Some(flow) = unsafe { FLOWS.get(tuple) } {
-        if flow.service_id == service.id {
-            if let Some(backend) = BACKENDS.get(flow.backend_id) {
-                if backend.state == backend_state::UP && backend.generation == flow.generation {
-                    count(counter::FLOW_HIT);
-                    return Ok((flow.backend_id, *backend));
+fn select_backend(
+    ctx: &XdpContext,
+    tuple: &FlowKey,
+    service: &Service,
+    tcp_flags: u8,
+) -> Result<(u32, Backend), Drop> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let is_tcp = tuple.protocol == protocol::TCP;
+    let syn = is_tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = is_tcp && tcp_flags & (TCP_FIN | TCP_RST) != 0;
+
+    let mut miss = Miss::Absent;
+    if let Some(flow) = FLOWS.get_ptr_mut(tuple) {
+        // SAFETY: map values stay valid for the whole program run (RCU); concurrent writers
+        // only ever store whole fields of the same entry.
+        let flow = unsafe { &mut *flow };
+        miss = match usable_backend(flow, service, now, is_tcp) {
+            Ok(backend) if !(syn && flow.state == flow_state::CLOSING) => {
+                count(counter::FLOW_HIT);
+                if closing && flow.state != flow_state::CLOSING {
+                    flow.state = flow_state::CLOSING;
+                    count(counter::FLOW_CLOSING);
                 }
+                if now.wrapping_sub(flow.last_seen_ns) > REFRESH_NS {
+                    flow.last_seen_ns = now;
+                }
+                return Ok((flow.backend_id, backend));
             }
-        }
-        // Its backend went down or its id now names another backend: move the flow.
-        rescheduled = true;
+            Ok(_) => Miss::PortReuse,
+            Err(miss) => miss,
+        };
     }
 
-    let backend_id = schedule(service)?;
+    // Only new entries are checked: a flow that passed once keeps its entry.
+    if !route::arrives_on_its_route(ctx, tuple.src_addr, tuple.dst_addr) {
+        return Err(Drop(counter::DROP_SPOOFED_SOURCE));
+    }
+    let backend_id = schedule(service, tuple)?;
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Drop(counter::DROP_INTERNAL))?;
-    count(if rescheduled {
-        counter::FLOW_RESCHEDULED
-    } else {
-        counter::FLOW_MISS
+    count(match miss {
+        Miss::Absent if is_tcp && !syn => counter::FLOW_MISS_MID_STREAM,
+        Miss::Absent => counter::FLOW_MISS_NEW,
+        Miss::BackendGone => counter::FLOW_RESCHEDULED,
+        Miss::Expired => counter::FLOW_EXPIRED,
+        Miss::PortReuse => counter::FLOW_PORT_REUSE,
     });
+    let rescheduled = matches!(miss, Miss::BackendGone);
     add_traffic(service.id, backend_id, |stats| {
         stats.new_flows += 1;
         if rescheduled {
@@ -289,7 +347,13 @@ fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), 
         backend_id,
         service_id: service.id,
         generation: backend.generation,
-        _pad: 0,
+        state: if closing {
+            flow_state::CLOSING
+        } else {
+            flow_state::OPEN
+        },
+        _pad: [0; 3],
+        last_seen_ns: now,
     };
     let reverse_key = FlowKey {
         src_addr: backend.addr,
@@ -315,22 +379,89 @@ fn select_backend(tuple: &FlowKey, service: &Service) -> Result<(u32, Backend), 
     Ok((backend_id, backend))
 }
 
-/// Round robin over the service's backends that are up.
+/// The entry's backend, if the entry belongs to this service, has not timed out, and its
+/// backend is still up and still the same backend.
 #[inline(always)]
-fn schedule(service: &Service) -> Result<u32, Drop> {
-    let backend_count = service.backend_count;
-    if backend_count == 0 {
+fn usable_backend(flow: &Flow, service: &Service, now: u64, is_tcp: bool) -> Result<Backend, Miss> {
+    if flow.service_id != service.id {
+        return Err(Miss::BackendGone);
+    }
+    if now.wrapping_sub(flow.last_seen_ns) > flow_timeout(flow, is_tcp) {
+        return Err(Miss::Expired);
+    }
+    match BACKENDS.get(flow.backend_id) {
+        Some(backend)
+            if backend.state == backend_state::UP && backend.generation == flow.generation =>
+        {
+            Ok(*backend)
+        }
+        _ => Err(Miss::BackendGone),
+    }
+}
+
+#[inline(always)]
+fn flow_timeout(flow: &Flow, is_tcp: bool) -> u64 {
+    // Until lb-user has written the settings, nothing expires.
+    let Some(settings) = SETTINGS.get(0) else {
+        return u64::MAX;
+    };
+    if !is_tcp {
+        settings.udp_timeout_ns
+    } else if flow.state == flow_state::CLOSING {
+        settings.tcp_closing_timeout_ns
+    } else {
+        settings.tcp_timeout_ns
+    }
+}
+
+/// A backend's replies with FIN or RST close the client's flow too.
+#[inline(always)]
+fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8) {
+    if tuple.protocol != protocol::TCP || tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let forward_key = FlowKey {
+        src_addr: tuple.dst_addr,
+        dst_addr: nat.service_addr,
+        src_port: tuple.dst_port,
+        dst_port: nat.service_port,
+        protocol: tuple.protocol,
+        _pad: [0; 3],
+    };
+    if let Some(flow) = FLOWS.get_ptr_mut(&forward_key) {
+        // SAFETY: as in select_backend.
+        let flow = unsafe { &mut *flow };
+        if flow.state != flow_state::CLOSING {
+            flow.state = flow_state::CLOSING;
+            count(counter::FLOW_CLOSING);
+        }
+    }
+}
+
+/// Picks a backend for a new flow from the service's table: a per-CPU cursor for the round
+/// robin schedulers, the flow's hash for Maglev.
+#[inline(always)]
+fn schedule(service: &Service, tuple: &FlowKey) -> Result<u32, Drop> {
+    let table_len = service.table_len;
+    if table_len == 0 {
         return Err(Drop(counter::DROP_NO_BACKEND));
     }
-    let cursor = RR_CURSORS
-        .get_ptr_mut(service.id)
-        .ok_or(Drop(counter::DROP_INTERNAL))?;
-    // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
-    let position = unsafe { *cursor } % backend_count;
-    unsafe { *cursor = position + 1 };
-    // The mask changes nothing for a valid list (count <= its length) and proves the index
-    // bounded to the verifier.
-    Ok(service.backends[position as usize & (MAX_BACKENDS_PER_SERVICE - 1)])
+    let slot = if service.scheduler == scheduler::MAGLEV {
+        flow_hash(tuple) % table_len
+    } else {
+        let cursor = RR_CURSORS
+            .get_ptr_mut(service.id)
+            .ok_or(Drop(counter::DROP_INTERNAL))?;
+        // SAFETY: a per-CPU slot; nothing else writes it while this program runs on this CPU.
+        let position = unsafe { *cursor } % table_len;
+        unsafe { *cursor = position + 1 };
+        position
+    };
+    // The array lookup bounds-checks the index; userspace keeps offset + len inside the map.
+    SCHEDULE
+        .get(service.table_offset.wrapping_add(slot))
+        .copied()
+        .ok_or(Drop(counter::DROP_INTERNAL))
 }
 
 enum Side {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, Settings, TrafficStats,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -20,6 +20,15 @@ pub static SERVICES: HashMap<ServiceKey, Service> =
 /// from one for anybody else (passed untouched). The value is unused.
 #[map]
 pub static VIP_ADDRESSES: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Every service's scheduling table, side by side (see `lb_common::Service`). Sized by
+/// `lb-user` at load.
+#[map]
+pub static SCHEDULE: Array<u32> = Array::with_max_entries(SCHEDULE_SIZE, 0);
+
+/// Flow lifetimes: entry 0 only.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

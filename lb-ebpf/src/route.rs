@@ -83,3 +83,23 @@ pub fn send(
         _ => Verdict::Pass(counter::PASS_NO_ROUTE),
     }
 }
+
+/// Whether the kernel would route replies to `client` back out of the interface the packet
+/// came in on: strict reverse-path filtering, which XDP runs before. A new flow from a source
+/// that fails it is forged (an address of this host, or of a backend network, sent from the
+/// public side) and must not create a reverse-translation entry: such an entry would capture
+/// the replies to this host's own connections to the backend, health probes included.
+#[inline(always)]
+pub fn arrives_on_its_route(ctx: &XdpContext, client: [u8; 4], local: [u8; 4]) -> bool {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(client);
+    // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
+    let result =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
+    (result == FIB_SUCCESS || result == FIB_NO_NEIGHBOUR) && params.ifindex == ingress
+}

@@ -11,11 +11,25 @@
 //! # Format
 //!
 //! ```toml
+//! [flows]                  # optional, and so is every key in it; fixed while running (below)
+//! table_size = 262144      # flow-table entries (the reverse table has as many); 1024..=16777216;
+//!                          # default 262144
+//! tcp_timeout = "15m"      # idle timeout of an established TCP flow; default "15m"
+//! tcp_closing_timeout = "10s"
+//!                          # lifetime of a TCP flow after a FIN or RST was seen; default "10s"
+//!                          # (or tcp_timeout, if shorter); at most tcp_timeout
+//! udp_timeout = "30s"      # idle timeout of a UDP flow; default "30s"
+//!
 //! [[service]]
 //! name = "web"             # required, unique, 1..=32 chars of [A-Za-z0-9_.-]
 //! vip = "203.0.113.10"     # required IPv4 address (not 0.0.0.0, not multicast/broadcast)
 //! port = 80                # required, 1..=65535
 //! protocol = "tcp"         # "tcp" (default) or "udp"
+//! scheduler = "maglev"     # how new flows pick a backend: "round-robin" (default), "weighted"
+//!                          # (smooth weighted round robin) or "maglev" (consistent hashing)
+//! maglev_table_size = 65537
+//!                          # maglev only (an error with another scheduler); default 65537;
+//!                          # prime; at least 100 per backend; at most 1000003
 //!
 //! [service.health_check]   # optional for tcp services (defaults below); REQUIRED for udp services
 //! kind = "http"            # "tcp" (connect), "http" (GET), or "none" (always up);
@@ -32,16 +46,29 @@
 //! [[service.backend]]
 //! address = "10.0.0.2"     # required IPv4 (not 0.0.0.0, broadcast, multicast, or the vip)
 //! port = 80                # optional, defaults to the service's port
+//! weight = 1               # 0..=1000, default 1; 0 drains the backend: it keeps its flows but
+//!                          # gets no new ones. round-robin treats all other weights alike
 //! ```
 //!
-//! Durations are an integer followed by `ms`, `s` or `m` (`"500ms"`, `"2s"`, `"1m"`), at most
-//! one hour. Limits: 1 to 1024 services, 1 to 256 backends per service, 4096 backends in all.
+//! Durations are an integer followed by `ms`, `s` or `m` (`"500ms"`, `"2s"`, `"1m"`), greater
+//! than zero: at most one hour (`"60m"`) in a health check, at most a day (`"1440m"`) in
+//! `[flows]`. Limits: 1 to 1024 services, 1 to 256 backends per service, 4096 backends in all.
 //! Two services may not share a name, nor the same vip, port and protocol; a service may not list
 //! the same backend address and port twice.
 //!
 //! A udp service must say how its backends are checked, because the default tcp connect probe
 //! cannot reach a udp port: use kind `"tcp"` with a `port` that accepts TCP (or the service's
 //! own port, if the backends serve it over TCP too, as DNS servers do), `"http"`, or `"none"`.
+//!
+//! A Maglev table must have a prime size, as the paper's permutations visit every entry only
+//! then, and at least 100 entries per backend (drained ones included, since they may come back)
+//! so that each backend's share of the table stays within about 1% of its weight's share.
+//!
+//! # Reloading
+//!
+//! A running balancer can take a new configuration whose `[flows]` table is unchanged; the flow
+//! tables are sized when the datapath loads, so a change there needs a restart.
+//! [`check_reloadable`] tells the two cases apart.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -73,12 +100,72 @@ const DEFAULT_FALL: u32 = 3;
 const DEFAULT_HTTP_PATH: &str = "/";
 const DEFAULT_HTTP_STATUS: u16 = 200;
 
+/// Fewest flow-table entries: a smaller table would evict live flows under any real load.
+const MIN_FLOW_TABLE_SIZE: i64 = 1024;
+/// Most flow-table entries. The flow and reverse tables are preallocated at this size, so the
+/// bound keeps a typo from asking the kernel for gigabytes of locked memory.
+const MAX_FLOW_TABLE_SIZE: i64 = 16_777_216;
+/// Longest flow timeout. An idle flow older than a day is gone; the bound also keeps the
+/// datapath's nanosecond timestamps far from overflow.
+const MAX_FLOW_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Maglev table entries per backend, at least: the paper's rule for keeping every backend's
+/// share of the table within about 1% of even.
+const MAGLEV_ENTRIES_PER_BACKEND: usize = 100;
+/// Largest Maglev table, a prime. Each service's table is built in userspace and copied to the
+/// datapath on every change, so it is kept to about a million entries.
+const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
+/// The size Google's paper uses, and prime.
+const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
+// A service that never set maglev_table_size must not be rejected for it.
+const _: () = assert!(
+    DEFAULT_MAGLEV_TABLE_SIZE as usize >= MAGLEV_ENTRIES_PER_BACKEND * MAX_BACKENDS_PER_SERVICE
+);
+
+/// Largest backend weight. Ratios beyond 1000:1 are better served by removing a backend, and
+/// the bound keeps the weighted scheduler's running sums small.
+const MAX_WEIGHT: i64 = 1000;
+const DEFAULT_WEIGHT: u32 = 1;
+
 /// A validated configuration: every service has a unique name and listener, at least one
 /// backend, and a complete health check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// The services, in the order of their `[[service]]` tables.
     pub services: Vec<ServiceConfig>,
+    /// The flow tables' size and timeouts; the defaults if there is no `[flows]` table.
+    pub flows: FlowSettings,
+}
+
+/// How many flows the datapath tracks and how long it keeps them. Fixed while the datapath
+/// runs; see [`check_reloadable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// Entries in the flow table, and in the reverse-translation table; 1024..=16777216.
+    pub table_size: u32,
+    /// How long an established TCP flow may stay idle before its entry expires.
+    pub tcp_timeout: Duration,
+    /// How long a TCP flow's entry lives after a FIN or RST was seen in either direction; never
+    /// longer than `tcp_timeout`.
+    pub tcp_closing_timeout: Duration,
+    /// How long a UDP flow may stay idle before its entry expires.
+    pub udp_timeout: Duration,
+}
+
+impl Default for FlowSettings {
+    /// The settings without a `[flows]` table.
+    fn default() -> Self {
+        FlowSettings {
+            table_size: lb_common::FLOW_TABLE_SIZE,
+            tcp_timeout: DEFAULT_TCP_TIMEOUT,
+            tcp_closing_timeout: DEFAULT_TCP_CLOSING_TIMEOUT,
+            udp_timeout: DEFAULT_UDP_TIMEOUT,
+        }
+    }
 }
 
 /// One virtual service: a vip, port and protocol balanced over a list of backends.
@@ -92,6 +179,8 @@ pub struct ServiceConfig {
     pub port: u16,
     /// The transport protocol balanced.
     pub protocol: Protocol,
+    /// How new flows pick a backend.
+    pub scheduler: Scheduler,
     /// The backends, in the order of their `[[service.backend]]` tables; never empty.
     pub backends: Vec<BackendConfig>,
     /// How the backends are checked.
@@ -126,11 +215,40 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How a service picks the backend of a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Each backend with a non-zero weight in turn.
+    RoundRobin,
+    /// Smooth weighted round robin: new flows in proportion to the backends' weights.
+    Weighted,
+    /// Consistent hashing (Maglev, NSDI 2016): a flow's hash indexes a lookup table in which
+    /// each backend holds a share of entries proportional to its weight.
+    Maglev {
+        /// Entries in the lookup table: prime, at least 100 per backend, at most 1000003.
+        table_size: u32,
+    },
+}
+
+impl fmt::Display for Scheduler {
+    /// The name as written in the configuration.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::Weighted => "weighted",
+            Scheduler::Maglev { .. } => "maglev",
+        })
+    }
+}
+
 /// One backend of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     /// The backend's address and port (the service's port unless the table gave one).
     pub addr: SocketAddrV4,
+    /// Relative share of new flows, 0..=1000; 0 drains the backend: its existing flows stay,
+    /// it gets no new ones.
+    pub weight: u32,
 }
 
 /// How and how often a service's backends are probed.
@@ -277,6 +395,29 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A value in a top-level table such as `[flows]` is not acceptable.
+    #[error("{field}: {value} {problem}")]
+    InvalidSetting {
+        /// The key's full path, e.g. `flows.table_size`.
+        field: String,
+        /// The value as written (strings quoted).
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A new configuration changes a setting that a running datapath cannot change.
+    #[error(
+        "{field}: cannot change from {old} to {new} while running: the [flows] settings are \
+         fixed when the datapath loads, so restart to apply them"
+    )]
+    NotReloadable {
+        /// The setting's full path, e.g. `flows.table_size`.
+        field: String,
+        /// Its value in the running configuration.
+        old: String,
+        /// Its value in the new one.
+        new: String,
+    },
     /// Two services have the same name.
     #[error("service[{second}]: name: {name:?} is already used by service[{first}]")]
     DuplicateName {
@@ -346,6 +487,50 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     validate(raw)
 }
 
+/// Checks that `new` can replace `old` in a running datapath without a restart: the `[flows]`
+/// table must be identical (its sizes are fixed when the program loads); returns an error naming
+/// the first field that differs otherwise.
+pub fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
+    // Destructured without `..`, so that a new field cannot be left out of the comparison.
+    let FlowSettings {
+        table_size,
+        tcp_timeout,
+        tcp_closing_timeout,
+        udp_timeout,
+    } = old.flows;
+
+    let not_reloadable = |field: &str, old: String, new: String| ConfigError::NotReloadable {
+        field: field.to_string(),
+        old,
+        new,
+    };
+    if table_size != new.flows.table_size {
+        return Err(not_reloadable(
+            "flows.table_size",
+            table_size.to_string(),
+            new.flows.table_size.to_string(),
+        ));
+    }
+    for (field, running, proposed) in [
+        ("flows.tcp_timeout", tcp_timeout, new.flows.tcp_timeout),
+        (
+            "flows.tcp_closing_timeout",
+            tcp_closing_timeout,
+            new.flows.tcp_closing_timeout,
+        ),
+        ("flows.udp_timeout", udp_timeout, new.flows.udp_timeout),
+    ] {
+        if running != proposed {
+            return Err(not_reloadable(
+                field,
+                format!("{:?}", format_duration(running)),
+                format!("{:?}", format_duration(proposed)),
+            ));
+        }
+    }
+    Ok(())
+}
+
 // The raw tables mirror the file. Values that need checking are kept loose (strings, i64) so
 // that the checks, not serde, report them, with the field path and the value.
 
@@ -354,6 +539,16 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
 struct RawConfig {
     #[serde(default)]
     service: Vec<RawService>,
+    flows: Option<RawFlows>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    table_size: Option<i64>,
+    tcp_timeout: Option<String>,
+    tcp_closing_timeout: Option<String>,
+    udp_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,6 +558,8 @@ struct RawService {
     vip: Option<String>,
     port: Option<i64>,
     protocol: Option<String>,
+    scheduler: Option<String>,
+    maglev_table_size: Option<i64>,
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -386,6 +583,7 @@ struct RawHealthCheck {
 struct RawBackend {
     address: Option<String>,
     port: Option<i64>,
+    weight: Option<i64>,
 }
 
 /// Where each table sits in the text. Read only after a serde error, to say which table the
@@ -395,6 +593,7 @@ struct RawBackend {
 struct TableSpans {
     #[serde(default)]
     service: Vec<toml::Spanned<ServiceSpans>>,
+    flows: Option<toml::Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -462,6 +661,11 @@ fn table_at(text: &str, spans: &TableSpans, offset: usize) -> String {
             return format!("service[{index}]");
         }
     }
+    if let Some(flows) = &spans.flows {
+        if flows.span().contains(&offset) {
+            return "flows".to_string();
+        }
+    }
     header_table(text, spans, offset).unwrap_or_else(|| "the top level".to_string())
 }
 
@@ -485,6 +689,7 @@ fn header_table(text: &str, spans: &TableSpans, offset: usize) -> Option<String>
         (["service", "health_check", ""], Some(index)) => {
             Some(format!("service[{index}].health_check"))
         }
+        (["flows", ""], _) => Some("flows".to_string()),
         _ => None,
     }
 }
@@ -498,9 +703,9 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Splits serde's "unknown field `weight`, expected `address` or `port`" into the key and the
-/// "expected ..." part. Serde's wording is stable, and an error that does not match keeps its
-/// full message as [`ConfigError::WrongType`] instead.
+/// Splits serde's "unknown field `wieght`, expected one of `address`, `port`, `weight`" into the
+/// key and the "expected ..." part. Serde's wording is stable, and an error that does not match
+/// keeps its full message as [`ConfigError::WrongType`] instead.
 fn parse_unknown_field(message: &str) -> Option<(String, String)> {
     let rest = message.strip_prefix("unknown field `")?;
     let (key, expected) = rest.split_once('`')?;
@@ -511,6 +716,11 @@ fn parse_unknown_field(message: &str) -> Option<(String, String)> {
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     check_counts(&raw)?;
 
+    let flows = match &raw.flows {
+        Some(raw_flows) => validate_flows(raw_flows)?,
+        None => FlowSettings::default(),
+    };
+
     let services = raw
         .service
         .into_iter()
@@ -519,7 +729,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
 
     check_unique_services(&services)?;
-    Ok(Config { services })
+    Ok(Config { services, flows })
 }
 
 /// Rejects configurations larger than the datapath's maps before looking at any values.
@@ -589,7 +799,6 @@ impl Checker {
         }
     }
 
-    /// Checks an integer against an inclusive range and narrows it.
     fn bounded<T: TryFrom<i64>>(
         &self,
         field: &str,
@@ -597,32 +806,116 @@ impl Checker {
         min: i64,
         max: i64,
     ) -> Result<T, ConfigError> {
-        let out_of_range =
-            || self.invalid(field, value.to_string(), format!("is not in {min}..={max}"));
-        if !(min..=max).contains(&value) {
-            return Err(out_of_range());
-        }
-        T::try_from(value).map_err(|_| out_of_range())
+        in_range(value, min, max).map_err(|problem| self.invalid(field, value.to_string(), problem))
     }
 
+    /// A health-check duration, at most [`MAX_DURATION`].
     fn duration(&self, field: &str, text: &str) -> Result<Duration, ConfigError> {
-        let value = format!("{text:?}");
-        let Some(duration) = parse_duration(text) else {
-            return Err(self.invalid(
-                field,
-                value,
-                "is not a duration (an integer followed by ms, s or m, e.g. \"500ms\", \"2s\", \
-                 \"1m\")",
-            ));
-        };
-        if duration.is_zero() {
-            return Err(self.invalid(field, value, "must be greater than zero"));
-        }
-        if duration > MAX_DURATION {
-            return Err(self.invalid(field, value, "must be at most 60m"));
-        }
-        Ok(duration)
+        bounded_duration(text, MAX_DURATION)
+            .map_err(|problem| self.invalid(field, format!("{text:?}"), problem))
     }
+}
+
+/// Builds the errors of a top-level settings table such as `[flows]`: each names the key's full
+/// path.
+struct SettingsChecker {
+    table: &'static str,
+}
+
+impl SettingsChecker {
+    fn invalid(&self, key: &str, value: String, problem: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidSetting {
+            field: format!("{}.{key}", self.table),
+            value,
+            problem: problem.into(),
+        }
+    }
+
+    fn bounded<T: TryFrom<i64>>(
+        &self,
+        key: &str,
+        value: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<T, ConfigError> {
+        in_range(value, min, max).map_err(|problem| self.invalid(key, value.to_string(), problem))
+    }
+
+    fn duration(&self, key: &str, text: &str, max: Duration) -> Result<Duration, ConfigError> {
+        bounded_duration(text, max)
+            .map_err(|problem| self.invalid(key, format!("{text:?}"), problem))
+    }
+}
+
+/// Checks an integer against an inclusive range and narrows it; the error is the problem as
+/// the messages put it.
+fn in_range<T: TryFrom<i64>>(value: i64, min: i64, max: i64) -> Result<T, String> {
+    let out_of_range = || format!("must be between {min} and {max}");
+    if !(min..=max).contains(&value) {
+        return Err(out_of_range());
+    }
+    T::try_from(value).map_err(|_| out_of_range())
+}
+
+const NOT_A_DURATION: &str =
+    "is not a duration (an integer followed by ms, s or m, e.g. \"500ms\", \"2s\", \"1m\")";
+
+/// Parses a duration that must be greater than zero and at most `max`; the error is the problem
+/// as the messages put it.
+fn bounded_duration(text: &str, max: Duration) -> Result<Duration, String> {
+    let Some(duration) = parse_duration(text) else {
+        return Err(NOT_A_DURATION.to_string());
+    };
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_string());
+    }
+    if duration > max {
+        return Err(format!("must be at most {}", format_duration(max)));
+    }
+    Ok(duration)
+}
+
+fn validate_flows(raw: &RawFlows) -> Result<FlowSettings, ConfigError> {
+    let check = SettingsChecker { table: "flows" };
+
+    let table_size = match raw.table_size {
+        Some(size) => {
+            check.bounded("table_size", size, MIN_FLOW_TABLE_SIZE, MAX_FLOW_TABLE_SIZE)?
+        }
+        None => lb_common::FLOW_TABLE_SIZE,
+    };
+
+    let timeout = |key: &str, text: &Option<String>, default: Duration| match text {
+        Some(text) => check.duration(key, text, MAX_FLOW_TIMEOUT),
+        None => Ok(default),
+    };
+    let tcp_timeout = timeout("tcp_timeout", &raw.tcp_timeout, DEFAULT_TCP_TIMEOUT)?;
+    let udp_timeout = timeout("udp_timeout", &raw.udp_timeout, DEFAULT_UDP_TIMEOUT)?;
+    let tcp_closing_timeout = match &raw.tcp_closing_timeout {
+        Some(text) => {
+            let closing = check.duration("tcp_closing_timeout", text, MAX_FLOW_TIMEOUT)?;
+            if closing > tcp_timeout {
+                return Err(check.invalid(
+                    "tcp_closing_timeout",
+                    format!("{text:?}"),
+                    format!(
+                        "must not be longer than flows.tcp_timeout ({})",
+                        format_duration(tcp_timeout)
+                    ),
+                ));
+            }
+            closing
+        }
+        // A short tcp_timeout alone should not be an error about a value the operator never wrote.
+        None => DEFAULT_TCP_CLOSING_TIMEOUT.min(tcp_timeout),
+    };
+
+    Ok(FlowSettings {
+        table_size,
+        tcp_timeout,
+        tcp_closing_timeout,
+        udp_timeout,
+    })
 }
 
 fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, ConfigError> {
@@ -671,14 +964,114 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
 
     let backends = validate_backends(&check, &raw.backend, vip, port)?;
 
+    let scheduler = validate_scheduler(
+        &check,
+        raw.scheduler.as_deref(),
+        raw.maglev_table_size,
+        backends.len(),
+    )?;
+
     Ok(ServiceConfig {
         name: name.clone(),
         vip,
         port,
         protocol,
+        scheduler,
         backends,
         health_check,
     })
+}
+
+fn validate_scheduler(
+    check: &Checker,
+    name: Option<&str>,
+    maglev_table_size: Option<i64>,
+    backend_count: usize,
+) -> Result<Scheduler, ConfigError> {
+    let scheduler = match name {
+        None | Some("round-robin") => Scheduler::RoundRobin,
+        Some("weighted") => Scheduler::Weighted,
+        Some("maglev") => {
+            let table_size = match maglev_table_size {
+                Some(size) => validate_maglev_table_size(check, size, backend_count)?,
+                None => DEFAULT_MAGLEV_TABLE_SIZE,
+            };
+            return Ok(Scheduler::Maglev { table_size });
+        }
+        Some(other) => {
+            return Err(check.invalid(
+                "scheduler",
+                format!("{other:?}"),
+                "is not a scheduler (\"round-robin\", \"weighted\" or \"maglev\")",
+            ))
+        }
+    };
+    // A setting that has no effect is more likely a mistake than a choice.
+    if let Some(size) = maglev_table_size {
+        return Err(check.invalid(
+            "maglev_table_size",
+            size.to_string(),
+            format!("is only valid with scheduler \"maglev\", not \"{scheduler}\""),
+        ));
+    }
+    Ok(scheduler)
+}
+
+/// Bounds first, so that the primality test only sees sizes it can answer quickly.
+fn validate_maglev_table_size(
+    check: &Checker,
+    size: i64,
+    backend_count: usize,
+) -> Result<u32, ConfigError> {
+    let field = "maglev_table_size";
+    if size > i64::from(MAX_MAGLEV_TABLE_SIZE) {
+        return Err(check.invalid(
+            field,
+            size.to_string(),
+            format!("must be at most {MAX_MAGLEV_TABLE_SIZE}"),
+        ));
+    }
+    // Drained backends count too: undraining one must not need a larger table.
+    let least = MAGLEV_ENTRIES_PER_BACKEND * backend_count;
+    let backends = if backend_count == 1 {
+        "backend"
+    } else {
+        "backends"
+    };
+    let too_small = || {
+        check.invalid(
+            field,
+            size.to_string(),
+            format!("is too small for {backend_count} {backends} (at least {least})"),
+        )
+    };
+    let size = match u32::try_from(size) {
+        Ok(size) if size as usize >= least => size,
+        _ => return Err(too_small()),
+    };
+    if !is_prime(size) {
+        return Err(check.invalid(field, size.to_string(), "is not prime"));
+    }
+    Ok(size)
+}
+
+/// Trial division: at most about 500 divisions for the largest Maglev table.
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut divisor = 3;
+    while divisor * divisor <= n {
+        if n.is_multiple_of(divisor) {
+            return false;
+        }
+        divisor += 2;
+    }
+    true
 }
 
 fn valid_name(name: &str) -> bool {
@@ -865,18 +1258,18 @@ fn validate_backends(
 
     let mut seen: HashMap<SocketAddrV4, usize> = HashMap::with_capacity(raw.len());
     let mut backends = Vec::with_capacity(raw.len());
-    for (index, backend) in raw.iter().enumerate() {
-        let addr = validate_backend(check, index, backend, vip, service_port)?;
-        if let Some(&first) = seen.get(&addr) {
+    for (index, raw_backend) in raw.iter().enumerate() {
+        let backend = validate_backend(check, index, raw_backend, vip, service_port)?;
+        if let Some(&first) = seen.get(&backend.addr) {
             return Err(ConfigError::DuplicateBackend {
                 service: check.service.clone(),
-                addr,
+                addr: backend.addr,
                 first,
                 second: index,
             });
         }
-        seen.insert(addr, index);
-        backends.push(BackendConfig { addr });
+        seen.insert(backend.addr, index);
+        backends.push(backend);
     }
     Ok(backends)
 }
@@ -887,7 +1280,7 @@ fn validate_backend(
     raw: &RawBackend,
     vip: Ipv4Addr,
     service_port: u16,
-) -> Result<SocketAddrV4, ConfigError> {
+) -> Result<BackendConfig, ConfigError> {
     let address_field = format!("backend[{index}].address");
     let text = check.required(&address_field, &raw.address)?;
     let address = parse_ipv4(check, &address_field, text)?;
@@ -906,7 +1299,18 @@ fn validate_backend(
         Some(port) => check.port(&format!("backend[{index}].port"), port)?,
         None => service_port,
     };
-    Ok(SocketAddrV4::new(address, port))
+
+    let weight = match raw.weight {
+        Some(weight) => {
+            check.bounded(&format!("backend[{index}].weight"), weight, 0, MAX_WEIGHT)?
+        }
+        None => DEFAULT_WEIGHT,
+    };
+
+    Ok(BackendConfig {
+        addr: SocketAddrV4::new(address, port),
+        weight,
+    })
 }
 
 /// Parses "500ms", "2s" or "1m". Only ASCII digits are accepted before the unit, so signs,
@@ -923,6 +1327,20 @@ fn parse_duration(text: &str) -> Option<Duration> {
         "s" => Some(Duration::from_secs(number)),
         "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
         _ => None,
+    }
+}
+
+/// Writes a duration as the configuration would: `"15m"`, `"10s"`, `"500ms"`.
+fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if !duration.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{duration:?}")
+    } else if millis.is_multiple_of(60_000) && millis != 0 {
+        format!("{}m", millis / 60_000)
+    } else if millis.is_multiple_of(1000) {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
     }
 }
 
@@ -962,11 +1380,19 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = r#"
+[flows]
+table_size = 1048576
+tcp_timeout = "1440m"
+tcp_closing_timeout = "5s"
+udp_timeout = "2m"
+
 [[service]]
 name = "web"
 vip = "203.0.113.10"
 port = 80
 protocol = "tcp"
+scheduler = "maglev"
+maglev_table_size = 1009
 
 [service.health_check]
 kind = "http"
@@ -981,15 +1407,18 @@ fall = 5
 [[service.backend]]
 address = "10.0.0.2"
 port = 8000
+weight = 3
 
 [[service.backend]]
 address = "10.0.0.3"
+weight = 0
 
 [[service]]
 name = "dns"
 vip = "203.0.113.10"
 port = 53
 protocol = "udp"
+scheduler = "weighted"
 
 [service.health_check]
 kind = "tcp"
@@ -1033,9 +1462,10 @@ address = "10.0.2.2"
         }
     }
 
-    fn backend(addr: &str) -> BackendConfig {
+    fn backend(addr: &str, weight: u32) -> BackendConfig {
         BackendConfig {
             addr: addr.parse().expect("test address"),
+            weight,
         }
     }
 
@@ -1049,7 +1479,8 @@ address = "10.0.2.2"
                     vip: Ipv4Addr::new(203, 0, 113, 10),
                     port: 80,
                     protocol: Protocol::Tcp,
-                    backends: vec![backend("10.0.0.2:8000"), backend("10.0.0.3:80")],
+                    scheduler: Scheduler::Maglev { table_size: 1009 },
+                    backends: vec![backend("10.0.0.2:8000", 3), backend("10.0.0.3:80", 0)],
                     health_check: HealthCheck {
                         probe: Probe::Http {
                             path: "/healthz".to_string(),
@@ -1067,7 +1498,8 @@ address = "10.0.2.2"
                     vip: Ipv4Addr::new(203, 0, 113, 10),
                     port: 53,
                     protocol: Protocol::Udp,
-                    backends: vec![backend("10.0.1.2:53")],
+                    scheduler: Scheduler::Weighted,
+                    backends: vec![backend("10.0.1.2:53", 1)],
                     health_check: HealthCheck {
                         probe: Probe::Tcp,
                         port: None,
@@ -1082,10 +1514,17 @@ address = "10.0.2.2"
                     vip: Ipv4Addr::new(203, 0, 113, 11),
                     port: 22,
                     protocol: Protocol::Tcp,
-                    backends: vec![backend("10.0.2.2:22")],
+                    scheduler: Scheduler::RoundRobin,
+                    backends: vec![backend("10.0.2.2:22", 1)],
                     health_check: HealthCheck::default(),
                 },
             ],
+            flows: FlowSettings {
+                table_size: 1_048_576,
+                tcp_timeout: Duration::from_secs(24 * 3600),
+                tcp_closing_timeout: Duration::from_secs(5),
+                udp_timeout: Duration::from_secs(120),
+            },
         };
         assert_eq!(config, expected);
     }
@@ -1516,38 +1955,38 @@ address = "10.0.2.2"
     #[test]
     fn rejects_unknown_keys_at_every_level() {
         assert_rejected(
-            &format!("weight = 1\n{}", service_with("")),
+            &format!("wieght = 1\n{}", service_with("")),
             &[
-                "unknown key \"weight\" in the top level",
+                "unknown key \"wieght\" in the top level",
                 "line 1, column 1",
             ],
         );
         assert_rejected(
-            &service_with("weight = 1"),
-            &["unknown key \"weight\" in service[0]", "line 5"],
+            &service_with("wieght = 1"),
+            &["unknown key \"wieght\" in service[0]", "line 5"],
         );
         assert_rejected(
-            &with_health_check("kind = \"tcp\"\nweight = 1"),
+            &with_health_check("kind = \"tcp\"\nwieght = 1"),
             &[
-                "unknown key \"weight\" in service[0].health_check",
+                "unknown key \"wieght\" in service[0].health_check",
                 "line 7",
             ],
         );
-        let text = service_with("") + "[[service.backend]]\naddress = \"10.0.0.3\"\nweight = 1\n";
+        let text = service_with("") + "[[service.backend]]\naddress = \"10.0.0.3\"\nwieght = 1\n";
         assert_rejected(
             &text,
             &[
-                "unknown key \"weight\" in service[0].backend[1]",
+                "unknown key \"wieght\" in service[0].backend[1]",
                 "line 10, column 1",
             ],
         );
         let inline = service_with("").replace(
             "[[service.backend]]\naddress = \"10.0.0.2\"\n",
-            "backend = [{ address = \"10.0.0.2\", weight = 1 }]\n",
+            "backend = [{ address = \"10.0.0.2\", wieght = 1 }]\n",
         );
         assert_rejected(
             &inline,
-            &["unknown key \"weight\" in service[0].backend[0]"],
+            &["unknown key \"wieght\" in service[0].backend[0]"],
         );
     }
 
@@ -1586,5 +2025,441 @@ address = "10.0.2.2"
     #[test]
     fn syntax_errors_keep_tomls_position() {
         assert_rejected("[[service]\nname = \"web\"\n", &["line 1"]);
+    }
+
+    /// A minimal valid service after a `[flows]` table with `body`.
+    fn with_flows(body: &str) -> String {
+        format!("[flows]\n{body}\n{}", service_with(""))
+    }
+
+    /// A minimal maglev service with `backends` backends and `size` as its table size, if any.
+    fn maglev_service(size: Option<i64>, backends: usize) -> String {
+        let mut text = service_with(&match size {
+            Some(size) => format!("scheduler = \"maglev\"\nmaglev_table_size = {size}"),
+            None => "scheduler = \"maglev\"".to_string(),
+        });
+        for port in 1..backends {
+            text.push_str(&format!(
+                "[[service.backend]]\naddress = \"10.0.0.3\"\nport = {port}\n"
+            ));
+        }
+        text
+    }
+
+    fn flows_of(text: &str) -> FlowSettings {
+        parse(text).expect("valid").flows
+    }
+
+    #[test]
+    fn flows_default_without_a_flows_table() {
+        let defaults = FlowSettings {
+            table_size: 262_144,
+            tcp_timeout: Duration::from_secs(15 * 60),
+            tcp_closing_timeout: Duration::from_secs(10),
+            udp_timeout: Duration::from_secs(30),
+        };
+        assert_eq!(FlowSettings::default(), defaults);
+        assert_eq!(flows_of(&service_with("")), defaults);
+        assert_eq!(flows_of(&with_flows("")), defaults);
+    }
+
+    #[test]
+    fn flows_accept_values_at_their_bounds() {
+        let low = with_flows(
+            "table_size = 1024\ntcp_timeout = \"1ms\"\ntcp_closing_timeout = \"1ms\"\n\
+             udp_timeout = \"1ms\"",
+        );
+        let millisecond = Duration::from_millis(1);
+        assert_eq!(
+            flows_of(&low),
+            FlowSettings {
+                table_size: 1024,
+                tcp_timeout: millisecond,
+                tcp_closing_timeout: millisecond,
+                udp_timeout: millisecond,
+            }
+        );
+
+        let high = with_flows(
+            "table_size = 16777216\ntcp_timeout = \"1440m\"\ntcp_closing_timeout = \"1440m\"\n\
+             udp_timeout = \"86400s\"",
+        );
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(
+            flows_of(&high),
+            FlowSettings {
+                table_size: 16_777_216,
+                tcp_timeout: day,
+                tcp_closing_timeout: day,
+                udp_timeout: day,
+            }
+        );
+    }
+
+    #[test]
+    fn closing_timeout_defaults_to_tcp_timeout_when_shorter() {
+        let flows = flows_of(&with_flows("tcp_timeout = \"5s\""));
+        assert_eq!(flows.tcp_timeout, Duration::from_secs(5));
+        assert_eq!(flows.tcp_closing_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flows_table_may_follow_the_services() {
+        let text = service_with("") + "[flows]\nudp_timeout = \"1m\"\n";
+        assert_eq!(flows_of(&text).udp_timeout, Duration::from_secs(60));
+        assert_eq!(parse(&text).expect("valid").services[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_flow_table_sizes() {
+        assert_rejected(
+            &with_flows("table_size = 100"),
+            &["flows.table_size: 100 must be between 1024 and 16777216"],
+        );
+        for size in ["0", "-1", "1023", "16777217", "4294967296"] {
+            assert_rejected(
+                &with_flows(&format!("table_size = {size}")),
+                &[&format!(
+                    "flows.table_size: {size} must be between 1024 and 16777216"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_flow_timeouts() {
+        for field in ["tcp_timeout", "tcp_closing_timeout", "udp_timeout"] {
+            for (value, problem) in [
+                ("0s", "must be greater than zero"),
+                ("0ms", "must be greater than zero"),
+                ("1441m", "must be at most 1440m"),
+                ("86401s", "must be at most 1440m"),
+                ("24h", "is not a duration"),
+                ("1.5s", "is not a duration"),
+                ("30", "is not a duration"),
+            ] {
+                assert_rejected(
+                    &with_flows(&format!("{field} = \"{value}\"")),
+                    &[&format!("flows.{field}: \"{value}\" {problem}")],
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_closing_timeout_longer_than_tcp_timeout() {
+        assert_rejected(
+            &with_flows("tcp_timeout = \"1m\"\ntcp_closing_timeout = \"61s\""),
+            &["flows.tcp_closing_timeout: \"61s\" must not be longer than flows.tcp_timeout (1m)"],
+        );
+        assert_rejected(
+            &with_flows("tcp_closing_timeout = \"16m\""),
+            &[
+                "flows.tcp_closing_timeout: \"16m\"",
+                "flows.tcp_timeout (15m)",
+            ],
+        );
+        let equal = with_flows("tcp_timeout = \"1m\"\ntcp_closing_timeout = \"60s\"");
+        assert_eq!(
+            flows_of(&equal).tcp_closing_timeout,
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_keys_in_flows() {
+        assert_rejected(
+            &with_flows("table_size = 4096\ntable_sise = 4096"),
+            &[
+                "unknown key \"table_sise\" in flows",
+                "line 3, column 1",
+                "table_size",
+            ],
+        );
+        let after_services = service_with("") + "[flows]\ntimeout = \"1m\"\n";
+        assert_rejected(
+            &after_services,
+            &["unknown key \"timeout\" in flows", "line 9, column 1"],
+        );
+        assert_rejected(
+            &format!("flows = {{ typo = 1 }}\n{}", service_with("")),
+            &["unknown key \"typo\" in flows"],
+        );
+        assert_rejected(
+            &format!("[flows.limits]\nmax = 1\n{}", service_with("")),
+            &["unknown key \"limits\" in flows", "line 1"],
+        );
+    }
+
+    #[test]
+    fn wrong_types_in_flows_name_the_table() {
+        assert_rejected(
+            &with_flows("table_size = \"big\""),
+            &["flows (line 2", "invalid type"],
+        );
+        assert_rejected(
+            &with_flows("tcp_timeout = 900"),
+            &["flows (line 2", "invalid type"],
+        );
+    }
+
+    #[test]
+    fn scheduler_and_weight_defaults() {
+        let config = parse(&service_with("")).expect("valid");
+        assert_eq!(config.services[0].scheduler, Scheduler::RoundRobin);
+        assert_eq!(config.services[0].backends[0].weight, 1);
+    }
+
+    #[test]
+    fn schedulers_parse() {
+        for (text, expected) in [
+            ("scheduler = \"round-robin\"", Scheduler::RoundRobin),
+            ("scheduler = \"weighted\"", Scheduler::Weighted),
+            (
+                "scheduler = \"maglev\"",
+                Scheduler::Maglev { table_size: 65_537 },
+            ),
+            (
+                "scheduler = \"maglev\"\nmaglev_table_size = 251",
+                Scheduler::Maglev { table_size: 251 },
+            ),
+        ] {
+            let config = parse(&service_with(text)).expect("valid");
+            assert_eq!(config.services[0].scheduler, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn scheduler_names_match_the_configuration() {
+        assert_eq!(Scheduler::RoundRobin.to_string(), "round-robin");
+        assert_eq!(Scheduler::Weighted.to_string(), "weighted");
+        assert_eq!(
+            Scheduler::Maglev { table_size: 65_537 }.to_string(),
+            "maglev"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_scheduler() {
+        for name in ["wrr", "Maglev", "roundrobin", ""] {
+            assert_rejected(
+                &service_with(&format!("scheduler = \"{name}\"")),
+                &[&format!(
+                    "service[0] \"web\": scheduler: \"{name}\" is not a scheduler"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_maglev_table_size_with_another_scheduler() {
+        for (scheduler, name) in [
+            ("", "round-robin"),
+            ("scheduler = \"round-robin\"\n", "round-robin"),
+            ("scheduler = \"weighted\"\n", "weighted"),
+        ] {
+            assert_rejected(
+                &service_with(&format!("{scheduler}maglev_table_size = 65537")),
+                &[&format!(
+                    "service[0] \"web\": maglev_table_size: 65537 is only valid with scheduler \
+                     \"maglev\", not \"{name}\""
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn maglev_table_size_bounds() {
+        let size_of = |text: &str| parse(text).expect("valid").services[0].scheduler;
+        // 307 is the first prime from 300 entries for 3 backends.
+        assert_eq!(
+            size_of(&maglev_service(Some(307), 3)),
+            Scheduler::Maglev { table_size: 307 }
+        );
+        assert_eq!(
+            size_of(&maglev_service(Some(1_000_003), 3)),
+            Scheduler::Maglev {
+                table_size: 1_000_003
+            }
+        );
+        // The default fits the most backends a service may have.
+        assert_eq!(
+            size_of(&maglev_service(None, MAX_BACKENDS_PER_SERVICE)),
+            Scheduler::Maglev { table_size: 65_537 }
+        );
+    }
+
+    #[test]
+    fn rejects_maglev_table_size_that_is_not_prime() {
+        assert_rejected(
+            &maglev_service(Some(65_536), 1),
+            &["service[0] \"web\": maglev_table_size: 65536 is not prime"],
+        );
+        for size in ["1000001", "994009", "301"] {
+            assert_rejected(
+                &maglev_service(Some(size.parse().expect("number")), 3),
+                &[&format!("maglev_table_size: {size} is not prime")],
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_maglev_table_too_small_for_its_backends() {
+        assert_rejected(
+            &maglev_service(Some(101), 3),
+            &[
+                "service[0] \"web\": maglev_table_size: 101 is too small for 3 backends \
+               (at least 300)",
+            ],
+        );
+        for size in ["97", "0", "-7"] {
+            assert_rejected(
+                &maglev_service(Some(size.parse().expect("number")), 1),
+                &[&format!(
+                    "maglev_table_size: {size} is too small for 1 backend (at least 100)"
+                )],
+            );
+        }
+        // Drained backends count: they may be undrained without a larger table.
+        let drained = maglev_service(Some(101), 1)
+            + "[[service.backend]]\naddress = \"10.0.0.9\"\nweight = 0\n";
+        assert_rejected(
+            &drained,
+            &["101 is too small for 2 backends (at least 200)"],
+        );
+    }
+
+    #[test]
+    fn rejects_maglev_table_too_large() {
+        for size in ["1000033", "5000000000"] {
+            assert_rejected(
+                &maglev_service(Some(size.parse().expect("number")), 1),
+                &[&format!(
+                    "service[0] \"web\": maglev_table_size: {size} must be at most 1000003"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn is_prime_agrees_with_a_sieve() {
+        const LIMIT: usize = 100_000;
+        let mut composite = vec![false; LIMIT];
+        for n in 2..LIMIT {
+            if !composite[n] {
+                for multiple in (n * n..LIMIT).step_by(n) {
+                    composite[multiple] = true;
+                }
+            }
+        }
+        for (n, &is_composite) in composite.iter().enumerate() {
+            let expected = n >= 2 && !is_composite;
+            assert_eq!(is_prime(n as u32), expected, "{n}");
+        }
+        // Near the largest table, and at the top of u32 where a square could overflow.
+        for (n, expected) in [
+            (65_537, true),
+            (999_983, true),
+            (1_000_003, true),
+            (1_000_001, false),
+            (994_009, false),
+            (4_294_967_291, true),
+            (u32::MAX, false),
+        ] {
+            assert_eq!(is_prime(n), expected, "{n}");
+        }
+    }
+
+    #[test]
+    fn backend_weights_parse_at_their_bounds() {
+        let text = service_with("")
+            + "[[service.backend]]\naddress = \"10.0.0.3\"\nweight = 0\n\
+               [[service.backend]]\naddress = \"10.0.0.4\"\nweight = 1000\n";
+        let config = parse(&text).expect("valid");
+        let weights: Vec<u32> = config.services[0]
+            .backends
+            .iter()
+            .map(|backend| backend.weight)
+            .collect();
+        assert_eq!(weights, [1, 0, 1000]);
+    }
+
+    #[test]
+    fn rejects_bad_backend_weights() {
+        for weight in ["1001", "-1", "4294967296"] {
+            let text = service_with("")
+                + &format!("[[service.backend]]\naddress = \"10.0.0.3\"\nweight = {weight}\n");
+            assert_rejected(
+                &text,
+                &[&format!(
+                    "service[0] \"web\": backend[1].weight: {weight} must be between 0 and 1000"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn check_reloadable_accepts_a_change_of_services() {
+        let flows = "table_size = 4096\nudp_timeout = \"1m\"";
+        let old = parse(&with_flows(flows)).expect("valid");
+        let new_text = with_flows(flows).replace("port = 80", "port = 8080")
+            + "[[service.backend]]\naddress = \"10.0.0.3\"\nweight = 0\n"
+            + &service_with("scheduler = \"maglev\"").replace("\"web\"", "\"api\"");
+        let new = parse(&new_text).expect("valid");
+        assert_ne!(old.services, new.services);
+        check_reloadable(&old, &new).expect("only services changed");
+        check_reloadable(&old, &old).expect("nothing changed");
+    }
+
+    #[test]
+    fn check_reloadable_refuses_a_change_of_flows() {
+        let old = parse(&service_with("")).expect("valid");
+        for (flows, needles) in [
+            (
+                "table_size = 524288",
+                ["flows.table_size", "from 262144 to 524288", "restart"],
+            ),
+            (
+                "tcp_timeout = \"20m\"",
+                ["flows.tcp_timeout", "from \"15m\" to \"20m\"", "restart"],
+            ),
+            (
+                "tcp_closing_timeout = \"500ms\"",
+                [
+                    "flows.tcp_closing_timeout",
+                    "from \"10s\" to \"500ms\"",
+                    "restart",
+                ],
+            ),
+            (
+                "udp_timeout = \"31s\"",
+                ["flows.udp_timeout", "from \"30s\" to \"31s\"", "restart"],
+            ),
+            // The first field that differs is named.
+            (
+                "udp_timeout = \"1m\"\ntable_size = 2048",
+                ["flows.table_size", "to 2048", "restart"],
+            ),
+        ] {
+            let new = parse(&with_flows(flows)).expect("valid");
+            let message = check_reloadable(&old, &new)
+                .expect_err("flows changed")
+                .to_string();
+            for needle in needles {
+                assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn format_duration_writes_config_syntax() {
+        assert_eq!(format_duration(Duration::from_secs(900)), "15m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        for text in ["1ms", "999ms", "1s", "59s", "1m", "1440m"] {
+            let duration = parse_duration(text).expect("valid duration");
+            assert_eq!(parse_duration(&format_duration(duration)), Some(duration));
+        }
     }
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
     net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
 };
 
 use crate::stats::Snapshot;
@@ -25,20 +26,76 @@ pub const DEFAULT_SOCKET: &str = "/run/xdp-lb/control.sock";
 /// Longest request line accepted; anything longer is not a request of ours.
 const MAX_REQUEST: usize = 4096;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Stats,
+    /// Stop sending new flows to a backend; its flows continue.
+    Drain {
+        service: String,
+        backend: String,
+    },
+    Undrain {
+        service: String,
+        backend: String,
+    },
+    /// Re-read the configuration file the daemon was started with.
+    Reload,
+    Flows {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Snapshot>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<Vec<FlowEntry>>,
+    /// What a command did, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+impl Response {
+    pub fn error(error: impl ToString) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.to_string()),
+            ..Self::default()
+        }
+    }
+
+    pub fn message(message: impl ToString) -> Self {
+        Self {
+            ok: true,
+            message: Some(message.to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+/// One entry of the flow table, as `lb-user flows` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEntry {
+    pub client: String,
+    pub service: String,
+    pub protocol: String,
+    pub backend: String,
+    /// Seconds since a client packet last refreshed the entry.
+    pub idle_seconds: u64,
+    /// "open" or "closing" for TCP, "open" for UDP.
+    pub state: String,
+}
+
+/// A request from a control connection, with where to send the answer.
+pub type Call = (Request, oneshot::Sender<Response>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -89,12 +146,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers requests until the listener is dropped. `snapshot` is called for every stats
-/// request.
-pub async fn serve<F>(listener: UnixListener, snapshot: F)
-where
-    F: Fn() -> Result<Snapshot, String> + Send + Sync + Clone + 'static,
-{
+/// Answers connections until the task is aborted, handing each request to the daemon's main
+/// loop through `calls`.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -104,19 +158,16 @@ where
                 continue;
             }
         };
-        let snapshot = snapshot.clone();
+        let calls = calls.clone();
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, snapshot).await {
+            if let Err(error) = answer(stream, calls).await {
                 tracing::debug!("control socket: {error}");
             }
         });
     }
 }
 
-async fn answer<F>(stream: UnixStream, snapshot: F) -> std::io::Result<()>
-where
-    F: Fn() -> Result<Snapshot, String>,
-{
+async fn answer(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = AsyncBufReader::new(read.take(MAX_REQUEST as u64));
@@ -124,23 +175,17 @@ where
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
     let response = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(Request::Stats) => match snapshot() {
-            Ok(stats) => Response {
-                ok: true,
-                stats: Some(stats),
-                error: None,
-            },
-            Err(error) => Response {
-                ok: false,
-                stats: None,
-                error: Some(error),
-            },
-        },
-        Err(error) => Response {
-            ok: false,
-            stats: None,
-            error: Some(format!("bad request: {error}")),
-        },
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if calls.send((request, reply)).await.is_err() {
+                Response::error("the daemon is shutting down")
+            } else {
+                answer
+                    .await
+                    .unwrap_or_else(|_| Response::error("the daemon dropped the request"))
+            }
+        }
+        Err(error) => Response::error(format!("bad request: {error}")),
     };
     let mut body = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     body.push(b'\n');
@@ -148,8 +193,9 @@ where
     write.shutdown().await
 }
 
-/// Asks the daemon behind `path` for its counters (blocking; used by the CLI).
-pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
+/// Sends one request to the daemon behind `path` and returns its answer (blocking; used by the
+/// CLI). A refusal by the daemon is an error.
+pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let io_error = |source| ControlError::Io {
         path: path.to_path_buf(),
         cause: source,
@@ -158,16 +204,16 @@ pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
         path: path.to_path_buf(),
         cause: source,
     })?;
+    // Reloads rebuild Maglev tables and write them through the bpf syscall: allow for it.
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io_error)?;
-    let mut request =
-        serde_json::to_vec(&Request::Stats).map_err(|error| ControlError::Protocol {
-            path: path.to_path_buf(),
-            detail: error.to_string(),
-        })?;
-    request.push(b'\n');
-    stream.write_all(&request).map_err(io_error)?;
+    let mut body = serde_json::to_vec(request).map_err(|error| ControlError::Protocol {
+        path: path.to_path_buf(),
+        detail: error.to_string(),
+    })?;
+    body.push(b'\n');
+    stream.write_all(&body).map_err(io_error)?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
@@ -177,14 +223,24 @@ pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
             path: path.to_path_buf(),
             detail: format!("{error}: {line:?}"),
         })?;
-    match (response.ok, response.stats, response.error) {
-        (true, Some(stats), _) => Ok(stats),
-        (_, _, Some(error)) => Err(ControlError::Refused(error)),
-        _ => Err(ControlError::Protocol {
+    match (response.ok, &response.error) {
+        (true, _) => Ok(response),
+        (false, Some(error)) => Err(ControlError::Refused(error.clone())),
+        (false, None) => Err(ControlError::Protocol {
             path: path.to_path_buf(),
-            detail: "answer without stats or error".to_string(),
+            detail: "refusal without a reason".to_string(),
         }),
     }
+}
+
+/// Asks the daemon behind `path` for its counters (blocking; used by the CLI).
+pub fn request_stats(path: &Path) -> Result<Snapshot, ControlError> {
+    request(path, &Request::Stats)?
+        .stats
+        .ok_or_else(|| ControlError::Protocol {
+            path: path.to_path_buf(),
+            detail: "answer without stats".to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -211,7 +267,23 @@ mod tests {
     async fn stats_round_trip_and_a_second_daemon_is_refused() {
         let path = socket_path("round-trip.sock");
         let listener = bind(&path).expect("bind");
-        let server = tokio::spawn(serve(listener, || Ok(snapshot())));
+        let (calls, mut requests) = mpsc::channel::<Call>(4);
+        let server = tokio::spawn(serve(listener, calls));
+        let daemon = tokio::spawn(async move {
+            while let Some((request, reply)) = requests.recv().await {
+                let response = match request {
+                    Request::Stats => Response {
+                        ok: true,
+                        stats: Some(snapshot()),
+                        ..Response::default()
+                    },
+                    other => Response::error(format!("not in this test: {other:?}")),
+                };
+                reply
+                    .send(response)
+                    .expect("the client waits for its answer");
+            }
+        });
 
         let client_path = path.clone();
         let answer = tokio::task::spawn_blocking(move || request_stats(&client_path))
@@ -225,7 +297,17 @@ mod tests {
             "{second:?}"
         );
 
+        let refused_path = path.clone();
+        let refused = tokio::task::spawn_blocking(move || request(&refused_path, &Request::Reload))
+            .await
+            .expect("join");
+        assert!(
+            matches!(&refused, Err(ControlError::Refused(reason)) if reason.contains("not in this test")),
+            "{refused:?}"
+        );
+
         server.abort();
+        daemon.abort();
         std::fs::remove_file(&path).expect("remove socket");
     }
 

@@ -1,23 +1,25 @@
 //! `lb-user --iface IFACE --config FILE`: validate, load, attach, keep backends current from
-//! health probes, serve the control socket, and detach cleanly on SIGINT or SIGTERM.
+//! health probes, answer the control socket (stats, drain, reload, flows), and detach cleanly on
+//! SIGINT or SIGTERM. SIGHUP reloads the configuration, as `lb-user reload` does.
+//!
+//! One task owns all state: health events, control requests and signals arrive on channels and
+//! are handled one at a time, so no lock is held and no change interleaves with another.
 
-use std::{
-    net::SocketAddrV4,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, net::SocketAddrV4, path::PathBuf};
 
 use anyhow::{Context, Result};
 use aya::programs::XdpMode;
+use lb_common::{flow_state, protocol};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
+    task::JoinHandle,
 };
 
 use crate::{
     config::{self, Config},
-    control,
-    dataplane::XdpDataplane,
+    control::{self, Call, FlowEntry, Request, Response},
+    dataplane::{LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     services::ServiceTable,
     stats::Snapshot,
@@ -32,11 +34,15 @@ pub struct Options {
     pub socket: PathBuf,
 }
 
-/// The datapath and the state it was built from, shared by the health loop and the control
-/// socket.
-struct Shared {
+/// Everything the running daemon owns.
+struct Daemon {
+    config_path: PathBuf,
+    config: Config,
     table: ServiceTable,
     dataplane: XdpDataplane,
+    /// Health checker per backend id.
+    checkers: HashMap<u32, JoinHandle<()>>,
+    events: mpsc::Sender<HealthEvent>,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -47,31 +53,27 @@ pub async fn run(options: Options) -> Result<()> {
     for interface in &interfaces {
         topology::check_forwarding(interface)?;
     }
+    let schedule_size = ServiceTable::schedule_size_for(&config);
+    let mut table = ServiceTable::new(&config, schedule_size)?;
     let listener = control::bind(&options.socket)?;
     let _socket_guard = RemoveOnDrop(options.socket.clone());
 
     let verifier_log = options.socket.with_file_name("verifier.log");
-    let mut dataplane = XdpDataplane::load(&verifier_log).context("loading the XDP program")?;
-    tracing::info!("XDP program loaded");
-    let table = ServiceTable::new(&config);
+    let load_options = LoadOptions {
+        flow_table_size: config.flows.table_size,
+        schedule_size,
+    };
+    let mut dataplane =
+        XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
+    tracing::info!(
+        "XDP program loaded (flow table {} entries, scheduling table {schedule_size} entries)",
+        config.flows.table_size
+    );
     table
         .install(&mut dataplane)
         .context("writing services and backends to the datapath")?;
     for service in &table.services {
-        let config = &service.config;
-        let backends: Vec<String> = service
-            .backends
-            .iter()
-            .map(|b| b.addr.to_string())
-            .collect();
-        tracing::info!(
-            "service {} {}:{}/{} with backends {} (all down until their first probe passes)",
-            config.name,
-            config.vip,
-            config.port,
-            config.protocol,
-            backends.join(", ")
-        );
+        log_service(service);
     }
 
     // Backend-facing interfaces first, the public one last: by the time clients' packets are
@@ -95,55 +97,290 @@ pub async fn run(options: Options) -> Result<()> {
         );
     }
 
-    let shared = Arc::new(Mutex::new(Shared { table, dataplane }));
     let (events, mut health_events) = mpsc::channel::<HealthEvent>(256);
-    let checkers = spawn_checkers(&config, &events);
-    drop(events);
-
-    let control_task = tokio::spawn(control::serve(listener, {
-        let shared = Arc::clone(&shared);
-        move || {
-            let shared = shared
-                .lock()
-                .map_err(|_| "daemon state poisoned".to_string())?;
-            let interfaces = shared.dataplane.attached_interfaces();
-            Snapshot::take(&shared.table, &shared.dataplane, interfaces)
-                .map_err(|error| error.to_string())
-        }
-    }));
+    let (calls, mut control_calls) = mpsc::channel::<Call>(16);
+    let control_task = tokio::spawn(control::serve(listener, calls));
+    let mut daemon = Daemon {
+        config_path: options.config.clone(),
+        config,
+        table,
+        dataplane,
+        checkers: HashMap::new(),
+        events,
+    };
+    daemon.restart_checkers(&HashMap::new());
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let outcome = loop {
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
         tokio::select! {
-            event = health_events.recv() => match event {
-                Some(event) => apply_health_event(&shared, event),
-                None => break Err(anyhow::anyhow!("every health checker stopped")),
-            },
+            Some(event) = health_events.recv() => daemon.apply_health_event(event),
+            Some((request, reply)) = control_calls.recv() => {
+                let response = daemon.handle(request);
+                if reply.send(response).is_err() {
+                    tracing::debug!("control client left before its answer");
+                }
+            }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received, reloading {}", daemon.config_path.display());
+                if let Err(error) = daemon.reload() {
+                    tracing::error!("reload refused, running configuration kept: {error:#}");
+                }
+            }
             _ = terminate.recv() => {
                 tracing::info!("SIGTERM received, shutting down");
-                break Ok(());
+                break;
             }
             _ = interrupt.recv() => {
                 tracing::info!("SIGINT received, shutting down");
-                break Ok(());
+                break;
             }
         }
-    };
+    }
 
     control_task.abort();
-    for checker in checkers {
+    for checker in daemon.checkers.values() {
         checker.abort();
     }
-    let mut shared = shared
-        .lock()
-        .map_err(|_| anyhow::anyhow!("daemon state poisoned"))?;
-    let failures = shared.dataplane.detach_all();
+    let failures = daemon.dataplane.detach_all();
     if let Some((interface, error)) = failures.first() {
         // The links die with this process anyway; say so rather than fail silently.
         anyhow::bail!("detaching XDP from {interface}: {error} (it goes when this process exits)");
     }
-    outcome
+    Ok(())
+}
+
+impl Daemon {
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Stats => match self.snapshot() {
+                Ok(stats) => Response {
+                    ok: true,
+                    stats: Some(stats),
+                    ..Response::default()
+                },
+                Err(error) => Response::error(format!("{error:#}")),
+            },
+            Request::Drain { service, backend } => self.drain(&service, &backend, true),
+            Request::Undrain { service, backend } => self.drain(&service, &backend, false),
+            Request::Reload => match self.reload() {
+                Ok(message) => Response::message(message),
+                Err(error) => {
+                    tracing::error!("reload refused, running configuration kept: {error:#}");
+                    Response::error(format!(
+                        "reload refused, running configuration kept: {error:#}"
+                    ))
+                }
+            },
+            Request::Flows { service, backend } => match self.flows(service, backend) {
+                Ok(flows) => Response {
+                    ok: true,
+                    flows: Some(flows),
+                    ..Response::default()
+                },
+                Err(error) => Response::error(format!("{error:#}")),
+            },
+        }
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        let interfaces = self.dataplane.attached_interfaces();
+        Ok(Snapshot::take(&self.table, &self.dataplane, interfaces)?)
+    }
+
+    fn drain(&mut self, service: &str, backend: &str, drained: bool) -> Response {
+        let Ok(addr) = backend.parse::<SocketAddrV4>() else {
+            return Response::error(format!("backend {backend:?} is not ADDRESS:PORT"));
+        };
+        let verb = if drained { "drained" } else { "undrained" };
+        match self
+            .table
+            .set_drained(service, addr, drained, &mut self.dataplane)
+        {
+            Ok(true) => {
+                tracing::info!("backend {addr} of service {service} {verb}");
+                Response::message(format!("backend {addr} of service {service} {verb}"))
+            }
+            Ok(false) => Response::message(format!(
+                "backend {addr} of service {service} was already {verb}"
+            )),
+            Err(error) => Response::error(error),
+        }
+    }
+
+    /// Re-reads the configuration; on any error the running state is untouched.
+    fn reload(&mut self) -> Result<String> {
+        let config = config::load(&self.config_path)
+            .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
+        config::check_reloadable(&self.config, &config)?;
+        let attached = self.dataplane.attached_interfaces();
+        for service in &config.services {
+            for backend in &service.backends {
+                let device = topology::route_device(*backend.addr.ip())?;
+                anyhow::ensure!(
+                    attached.contains(&device),
+                    "backend {} of service {} is routed through {device}, which lb-user is not \
+                     attached to (attached: {}): restart lb-user to add an interface",
+                    backend.addr,
+                    service.name,
+                    attached.join(", ")
+                );
+            }
+        }
+        let previous: HashMap<u32, bool> = self
+            .table
+            .services
+            .iter()
+            .flat_map(|service| {
+                service
+                    .backends
+                    .iter()
+                    .map(|backend| (backend.id, backend.up))
+            })
+            .collect();
+        let summary = self.table.reload(&config, &mut self.dataplane)?;
+        self.config = config;
+        self.restart_checkers(&previous);
+        for service in &self.table.services {
+            log_service(service);
+        }
+        let message = format!(
+            "reloaded {}: services added {:?}, removed {:?}, changed {:?}; backends added {:?}, removed {:?}",
+            self.config_path.display(),
+            summary.services_added,
+            summary.services_removed,
+            summary.services_changed,
+            summary.backends_added,
+            summary.backends_removed
+        );
+        tracing::info!("{message}");
+        Ok(message)
+    }
+
+    /// One checker per backend; a backend known before (by id) resumes from its state.
+    fn restart_checkers(&mut self, previous: &HashMap<u32, bool>) {
+        for (_, checker) in self.checkers.drain() {
+            checker.abort();
+        }
+        for service in &self.table.services {
+            let check = &service.config.health_check;
+            for backend in &service.backends {
+                let target = check.probe_target(backend.addr);
+                let checker = health::spawn_checker(
+                    service.id as usize,
+                    backend.id as usize,
+                    target,
+                    check.clone(),
+                    self.events.clone(),
+                    previous.get(&backend.id).copied(),
+                );
+                self.checkers.insert(backend.id, checker);
+            }
+        }
+    }
+
+    fn apply_health_event(&mut self, event: HealthEvent) {
+        let backend_id = event.backend as u32;
+        let Some((index, position)) = self.table.find_backend_id(backend_id) else {
+            return; // a checker of a backend removed by a reload
+        };
+        let service = &self.table.services[index];
+        let (name, addr) = (service.config.name.clone(), service.backends[position].addr);
+        let state = if event.up { "up" } else { "down" };
+        match self.table.set_backend_up(backend_id, event.up, &mut self.dataplane) {
+            Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
+            Ok(false) => {}
+            Err(error) => tracing::error!(
+                "backend {addr} of service {name} is {state}, but updating the datapath failed: {error}"
+            ),
+        }
+    }
+
+    fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<Vec<FlowEntry>> {
+        let backend_filter = backend
+            .map(|text| {
+                text.parse::<SocketAddrV4>()
+                    .with_context(|| format!("backend {text:?} is not ADDRESS:PORT"))
+            })
+            .transpose()?;
+        let now = monotonic_ns();
+        let mut entries = Vec::new();
+        for (key, flow) in self.dataplane.flows()? {
+            let Some((index, position)) = self.table.find_backend_id(flow.backend_id) else {
+                continue;
+            };
+            let state = &self.table.services[index];
+            let backend = &state.backends[position];
+            if state.id != flow.service_id || backend.generation != flow.generation {
+                continue; // left behind by a reload; the datapath reschedules it
+            }
+            if service
+                .as_ref()
+                .is_some_and(|name| *name != state.config.name)
+                || backend_filter.is_some_and(|addr| addr != backend.addr)
+            {
+                continue;
+            }
+            let idle_ns = now.saturating_sub(flow.last_seen_ns);
+            let flows = &self.config.flows;
+            let is_tcp = key.protocol == protocol::TCP;
+            let closing = flow.state == flow_state::CLOSING;
+            let timeout = if !is_tcp {
+                flows.udp_timeout
+            } else if closing {
+                flows.tcp_closing_timeout
+            } else {
+                flows.tcp_timeout
+            };
+            if u128::from(idle_ns) > timeout.as_nanos() {
+                continue; // expired: the next packet starts a fresh flow
+            }
+            entries.push(FlowEntry {
+                client: SocketAddrV4::new(key.src_addr.into(), u16::from_be_bytes(key.src_port))
+                    .to_string(),
+                service: state.config.name.clone(),
+                protocol: state.config.protocol.to_string(),
+                backend: backend.addr.to_string(),
+                idle_seconds: idle_ns / 1_000_000_000,
+                state: if closing { "closing" } else { "open" }.to_string(),
+            });
+        }
+        entries.sort_by(|a, b| {
+            (&a.service, &a.backend, &a.client).cmp(&(&b.service, &b.backend, &b.client))
+        });
+        Ok(entries)
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
+    // CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+fn log_service(service: &crate::services::ServiceState) {
+    let config = &service.config;
+    let backends: Vec<String> = service
+        .backends
+        .iter()
+        .map(|backend| format!("{} (weight {})", backend.addr, backend.weight))
+        .collect();
+    tracing::info!(
+        "service {} {}:{}/{} ({}) with backends {}",
+        config.name,
+        config.vip,
+        config.port,
+        config.protocol,
+        config.scheduler,
+        backends.join(", ")
+    );
 }
 
 /// The public interface plus every interface a backend is routed through, deduplicated.
@@ -159,53 +396,6 @@ fn interfaces_for(public: &str, config: &Config) -> Result<Vec<String>> {
         }
     }
     Ok(interfaces)
-}
-
-fn spawn_checkers(
-    config: &Config,
-    events: &mpsc::Sender<HealthEvent>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut checkers = Vec::new();
-    for (service_index, service) in config.services.iter().enumerate() {
-        for (backend_index, backend) in service.backends.iter().enumerate() {
-            let port = service.health_check.port.unwrap_or(backend.addr.port());
-            let target = SocketAddrV4::new(*backend.addr.ip(), port);
-            checkers.push(health::spawn_checker(
-                service_index,
-                backend_index,
-                target,
-                service.health_check.clone(),
-                events.clone(),
-            ));
-        }
-    }
-    checkers
-}
-
-fn apply_health_event(shared: &Mutex<Shared>, event: HealthEvent) {
-    let Ok(mut guard) = shared.lock() else {
-        tracing::error!("daemon state poisoned; ignoring health event {event:?}");
-        return;
-    };
-    let Shared { table, dataplane } = &mut *guard;
-    let Some(service) = table.services.get(event.service) else {
-        return;
-    };
-    let Some(backend) = service.backends.get(event.backend) else {
-        return;
-    };
-    let (name, addr) = (service.config.name.clone(), backend.addr);
-    let state = if event.up { "up" } else { "down" };
-    match table.set_backend_up(event.service, event.backend, event.up, dataplane) {
-        Ok(true) => tracing::info!(
-            "backend {addr} of service {name} is {state} {}",
-            event.reason
-        ),
-        Ok(false) => {}
-        Err(error) => {
-            tracing::error!("backend {addr} of service {name} is {state}, but updating the datapath failed: {error}")
-        }
-    }
 }
 
 fn mode_name(mode: XdpMode) -> &'static str {

@@ -8,7 +8,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use lb_common::{counter, Backend, Service, ServiceKey, TrafficStats};
+use lb_common::{counter, Backend, Flow, FlowKey, Service, ServiceKey, Settings, TrafficStats};
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -23,11 +23,16 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 pub struct LoadOptions {
     /// Entries in the flow table and in the reverse-translation table.
     pub flow_table_size: u32,
+    /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
+    pub schedule_size: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_table_size: lb_common::FLOW_TABLE_SIZE }
+        Self {
+            flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            schedule_size: lb_common::SCHEDULE_SIZE,
+        }
     }
 }
 
@@ -57,6 +62,11 @@ pub enum DataplaneError {
 /// What the control plane writes to and reads from the datapath.
 pub trait Dataplane {
     fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError>;
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError>;
+    /// Writes `entries` into `SCHEDULE` from `offset` on.
+    fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError>;
+    fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError>;
+    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
@@ -71,6 +81,9 @@ pub struct XdpDataplane {
     services: HashMap<MapData, ServiceKey, Service>,
     vip_addresses: HashMap<MapData, [u8; 4], u32>,
     backends: Array<MapData, Backend>,
+    schedule: Array<MapData, u32>,
+    settings: Array<MapData, Settings>,
+    flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -89,6 +102,7 @@ impl XdpDataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
         if let Err(error) = program.load() {
@@ -110,6 +124,9 @@ impl XdpDataplane {
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
+            schedule: take_map(&mut ebpf, "SCHEDULE", Array::try_from)?,
+            settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
+            flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
@@ -159,7 +176,10 @@ impl XdpDataplane {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(FLOOR_PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing { kind: "program", name: FLOOR_PROGRAM_NAME })?
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name: FLOOR_PROGRAM_NAME,
+            })?
             .try_into()
             .map_err(DataplaneError::Program)?;
         if program.fd().is_err() {
@@ -168,7 +188,13 @@ impl XdpDataplane {
         Ok(program)
     }
 
-    /// Any map by name, for tests that inspect the flow tables.
+    /// Every entry of the flow table, expired ones included. Entries that vanish while the
+    /// table is walked (LRU eviction) are skipped.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, DataplaneError> {
+        Ok(self.flows.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
     pub fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
         self.ebpf.map_mut(name)
     }
@@ -200,7 +226,10 @@ fn take_map<T>(
     let map = ebpf
         .take_map(name)
         .ok_or(DataplaneError::Missing { kind: "map", name })?;
-    convert(map).map_err(|source| DataplaneError::Map { map: name, cause: source })
+    convert(map).map_err(|source| DataplaneError::Map {
+        map: name,
+        cause: source,
+    })
 }
 
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
@@ -217,6 +246,47 @@ fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
 }
 
 impl Dataplane for XdpDataplane {
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        match self.services.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "SERVICES",
+                cause,
+            }),
+        }
+    }
+
+    fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError> {
+        for (position, id) in entries.iter().enumerate() {
+            self.schedule
+                .set(offset + position as u32, id, 0)
+                .map_err(|cause| DataplaneError::Map {
+                    map: "SCHEDULE",
+                    cause,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "SETTINGS",
+                cause,
+            })
+    }
+
+    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+        match self.vip_addresses.remove(&addr) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "VIP_ADDRESSES",
+                cause,
+            }),
+        }
+    }
+
     fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
         self.services
             .insert(key, service, 0)
@@ -283,13 +353,51 @@ impl Dataplane for XdpDataplane {
 #[derive(Debug, Default)]
 pub struct MemoryDataplane {
     pub services: StdHashMap<ServiceKey, Service>,
+    pub schedule: StdHashMap<u32, u32>,
+    pub settings: Option<Settings>,
     pub backends: StdHashMap<u32, Backend>,
     pub vip_addresses: Vec<[u8; 4]>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
 
+impl MemoryDataplane {
+    /// The table the datapath would read for the service under `key`.
+    pub fn table(&self, key: &ServiceKey) -> Vec<u32> {
+        let service = &self.services[key];
+        (0..service.table_len)
+            .map(|slot| self.schedule[&(service.table_offset + slot)])
+            .collect()
+    }
+}
+
 impl Dataplane for MemoryDataplane {
+    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.services.remove(&key);
+        Ok(())
+    }
+
+    fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        for (position, id) in entries.iter().enumerate() {
+            self.schedule.insert(offset + position as u32, *id);
+        }
+        Ok(())
+    }
+
+    fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.settings = Some(*settings);
+        Ok(())
+    }
+
+    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.vip_addresses.retain(|known| *known != addr);
+        Ok(())
+    }
+
     fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.insert(key, *service);

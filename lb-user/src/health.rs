@@ -75,6 +75,16 @@ impl Hysteresis {
         Some(self.up)
     }
 
+    /// Continues from a known state (after a configuration reload): no first-probe shortcut,
+    /// `rise` or `fall` apply from the first probe on.
+    pub fn resume(rise: u32, fall: u32, up: bool) -> Self {
+        Hysteresis {
+            up,
+            fresh: false,
+            ..Hysteresis::new(rise, fall)
+        }
+    }
+
     /// Whether the backend is currently up.
     pub fn is_up(&self) -> bool {
         self.up
@@ -214,9 +224,9 @@ fn parse_status_code(line: &[u8]) -> Result<u16, ProbeError> {
 /// A backend's state change, as the checker task reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthEvent {
-    /// Index of the service in [`crate::config::Config::services`].
+    /// The service's id (see `services::ServiceTable`).
     pub service: usize,
-    /// Index of the backend in that service's `backends`.
+    /// The backend's id: stable across reloads, unlike its position in the configuration.
     pub backend: usize,
     /// The new state.
     pub up: bool,
@@ -226,15 +236,25 @@ pub struct HealthEvent {
 
 /// Spawns one tokio task that probes forever every `check.interval` (first probe immediately;
 /// tokio interval with MissedTickBehavior::Delay), feeds results to a Hysteresis, and sends a
-/// HealthEvent on every state change only. Ends when the receiver is dropped.
+/// HealthEvent on every state change only. Ends when the receiver is dropped. `resume_from`
+/// is the backend's known state when a reload restarts its checker (see
+/// [`Hysteresis::resume`]); `None` for a new backend.
 pub fn spawn_checker(
     service: usize,
     backend: usize,
     target: SocketAddrV4,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
+    resume_from: Option<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(run_checker(service, backend, target, check, events))
+    tokio::spawn(run_checker(
+        service,
+        backend,
+        target,
+        check,
+        events,
+        resume_from,
+    ))
 }
 
 async fn run_checker(
@@ -243,12 +263,16 @@ async fn run_checker(
     target: SocketAddrV4,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
+    resume_from: Option<bool>,
 ) {
     // tokio's interval panics on a zero period; config rejects one, but a hand-built check
     // should not take the task down.
     let mut ticker = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut hysteresis = Hysteresis::new(check.rise, check.fall);
+    let mut hysteresis = match resume_from {
+        Some(up) => Hysteresis::resume(check.rise, check.fall, up),
+        None => Hysteresis::new(check.rise, check.fall),
+    };
     let mut streak = Streak::default();
 
     loop {
@@ -383,6 +407,17 @@ mod tests {
             rise,
             fall,
         }
+    }
+
+    #[test]
+    fn resumed_state_needs_rise_or_fall_from_the_first_probe() {
+        let mut up = Hysteresis::resume(2, 3, true);
+        assert_eq!(up.record(false), None);
+        assert_eq!(up.record(false), None);
+        assert_eq!(up.record(false), Some(false));
+        let mut down = Hysteresis::resume(2, 3, false);
+        assert_eq!(down.record(true), None);
+        assert_eq!(down.record(true), Some(true));
     }
 
     #[test]
@@ -596,7 +631,7 @@ mod tests {
             }
         });
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(1, 2, target, check(Probe::Tcp, 50, 2, 2), sender);
+        let checker = spawn_checker(1, 2, target, check(Probe::Tcp, 50, 2, 2), sender, None);
 
         let up = tokio::time::timeout(PATIENCE, events.recv())
             .await
@@ -647,7 +682,7 @@ mod tests {
     async fn checker_reports_nothing_for_a_backend_that_never_answers() {
         let target = closed_port().await;
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(0, 0, target, check(Probe::Tcp, 50, 1, 1), sender);
+        let checker = spawn_checker(0, 0, target, check(Probe::Tcp, 50, 1, 1), sender, None);
         // Starts down and stays down: no transition to report.
         let quiet = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
         assert!(quiet.is_err(), "unexpected event {quiet:?}");

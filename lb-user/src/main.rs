@@ -5,7 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_user::{config, control, daemon};
+use lb_user::{
+    config,
+    control::{self, Request, Response},
+    daemon,
+};
 
 #[derive(Parser)]
 #[command(
@@ -14,6 +18,8 @@ use lb_user::{config, control, daemon};
     about = "XDP layer-4 load balancer: runs the datapath on an interface, or queries it",
     override_usage = "lb-user --iface IFACE --config FILE [--xdp-mode native|skb] [--socket PATH]\n       \
                       lb-user stats [--json] [--socket PATH]\n       \
+                      lb-user drain|undrain --service NAME --backend ADDRESS:PORT\n       \
+                      lb-user reload | lb-user flows [--service NAME] [--backend ADDRESS:PORT] [--json]\n       \
                       lb-user check-config --config FILE",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -44,6 +50,51 @@ struct Cli {
 enum Command {
     /// Print the counters of the running daemon.
     Stats {
+        /// Machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The running daemon's control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Stop sending new flows to a backend; its existing flows continue.
+    Drain {
+        /// The service's name.
+        #[arg(long)]
+        service: String,
+        /// The backend, ADDRESS:PORT as configured.
+        #[arg(long)]
+        backend: String,
+        /// The running daemon's control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        /// The service's name.
+        #[arg(long)]
+        service: String,
+        /// The backend, ADDRESS:PORT as configured.
+        #[arg(long)]
+        backend: String,
+        /// The running daemon's control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Re-read the daemon's configuration file (as SIGHUP does); a rejected file changes nothing.
+    Reload {
+        /// The running daemon's control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// List the active flows: client, service, backend, idle time, TCP state.
+    Flows {
+        /// Only this service's flows.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows on this backend (ADDRESS:PORT).
+        #[arg(long)]
+        backend: Option<String>,
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -85,6 +136,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_message(response: Response) {
+    if let Some(message) = response.message {
+        println!("{message}");
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Stats { json, socket }) => {
@@ -93,6 +150,62 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
                 print!("{}", snapshot.to_table());
+            }
+            Ok(())
+        }
+        Some(Command::Drain {
+            service,
+            backend,
+            socket,
+        }) => {
+            print_message(control::request(
+                &socket,
+                &Request::Drain { service, backend },
+            )?);
+            Ok(())
+        }
+        Some(Command::Undrain {
+            service,
+            backend,
+            socket,
+        }) => {
+            print_message(control::request(
+                &socket,
+                &Request::Undrain { service, backend },
+            )?);
+            Ok(())
+        }
+        Some(Command::Reload { socket }) => {
+            print_message(control::request(&socket, &Request::Reload)?);
+            Ok(())
+        }
+        Some(Command::Flows {
+            service,
+            backend,
+            json,
+            socket,
+        }) => {
+            let response = control::request(&socket, &Request::Flows { service, backend })?;
+            let flows = response.flows.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                println!(
+                    "{:<22} {:<16} {:<5} {:<22} {:>6} STATE",
+                    "CLIENT", "SERVICE", "PROTO", "BACKEND", "IDLE"
+                );
+                for flow in &flows {
+                    println!(
+                        "{:<22} {:<16} {:<5} {:<22} {:>5}s {}",
+                        flow.client,
+                        flow.service,
+                        flow.protocol,
+                        flow.backend,
+                        flow.idle_seconds,
+                        flow.state
+                    );
+                }
+                println!("{} flows", flows.len());
             }
             Ok(())
         }

@@ -1,24 +1,79 @@
 //! The services and backends as the control plane tracks them, and how that state becomes the
-//! datapath's `SERVICES` and `BACKENDS` entries.
+//! datapath's `SERVICES`, `BACKENDS` and `SCHEDULE` entries.
 //!
-//! Ids are assigned in configuration order: service `i` has id `i`, and backends are numbered
-//! across all services in order, so the same configuration always gives the same ids.
+//! Ids are assigned in configuration order at start: service `i` has id `i`, and backends are
+//! numbered across all services in order, so the same configuration always gives the same ids.
+//! A reload keeps the ids of services (by name) and backends (by address) that stay, and gives
+//! new ones the lowest free ids; a backend id given to another backend gets a new generation, so
+//! flows pinned to the old holder are rescheduled instead of following the id.
+//!
+//! Each service owns two regions of the shared `SCHEDULE` array. Its table is rebuilt into the
+//! region not in use, then the service entry is switched to it in one map update: the datapath
+//! never sees a half-written table.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
-use lb_common::{backend_state, scheduler, Backend, Service, ServiceKey, MAX_BACKENDS_PER_SERVICE};
-
-use crate::{
-    config::{Config, ServiceConfig},
-    dataplane::{Dataplane, DataplaneError},
+use lb_common::{
+    backend_state, scheduler, Backend, Service, ServiceKey, Settings, MAX_BACKENDS, MAX_SERVICES,
 };
 
-/// One backend's identity and health as the control plane sees it.
+use crate::{
+    config::{Config, FlowSettings, Scheduler, ServiceConfig},
+    dataplane::{Dataplane, DataplaneError},
+    scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("no service named {0:?}")]
+    NoSuchService(String),
+    #[error("service {service:?} has no backend {backend}")]
+    NoSuchBackend {
+        service: String,
+        backend: SocketAddrV4,
+    },
+    #[error(
+        "the scheduling table has room for {free} more entries, and this change needs {needed}: \
+         restart lb-user to resize it"
+    )]
+    ScheduleFull { needed: u32, free: u32 },
+    #[error("more than {MAX_SERVICES} services or {MAX_BACKENDS} backends over the daemon's life: restart lb-user")]
+    OutOfIds,
+}
+
+/// One backend's identity, weight and health as the control plane sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendState {
     pub id: u32,
     pub addr: SocketAddrV4,
     pub up: bool,
+    /// The configured weight.
+    pub weight: u32,
+    /// Drained at run time (`lb-user drain`): takes no new flows, keeps its flows.
+    pub drained: bool,
+    pub generation: u32,
+}
+
+impl BackendState {
+    /// The weight new flows see: 0 when drained.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drained {
+            0
+        } else {
+            self.weight
+        }
+    }
+}
+
+/// Where a service's two tables live in `SCHEDULE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Regions {
+    offsets: [u32; 2],
+    capacity: u32,
+    /// Which region the datapath reads now.
+    active: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -26,83 +81,455 @@ pub struct ServiceState {
     pub id: u32,
     pub config: ServiceConfig,
     pub backends: Vec<BackendState>,
+    regions: Regions,
+    /// The table the datapath reads now.
+    pub table: Vec<u32>,
 }
 
-/// Every configured service with its backends' health.
+/// Every configured service with its backends' health, and the ids and table space in use.
 #[derive(Clone, Debug)]
 pub struct ServiceTable {
     pub services: Vec<ServiceState>,
+    pub flows: FlowSettings,
+    /// Generation of every backend id ever given out (index = id).
+    generations: Vec<u32>,
+    schedule_size: u32,
+    /// The next free entry of `SCHEDULE` (regions are never reused: a reload allocates anew).
+    schedule_next: u32,
+    /// Backend ids given out by the reload in progress.
+    handed_out: Vec<u32>,
 }
 
-/// Generation written for every backend id at start; see `lb_common::Backend::generation`.
+/// Generation written for a backend id the first time it is given out.
 const FIRST_GENERATION: u32 = 1;
 
+/// What a reload changed, for the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub services_added: Vec<String>,
+    pub services_removed: Vec<String>,
+    pub services_changed: Vec<String>,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
+}
+
 impl ServiceTable {
-    /// All backends start down: none gets traffic before it passed a probe.
-    pub fn new(config: &Config) -> Self {
-        let mut next_backend_id = 0u32;
-        let services = config
+    /// The `SCHEDULE` size to load the datapath with for `config`: twice what it needs (two
+    /// regions per service), twice over again so reloads can add services and backends.
+    pub fn schedule_size_for(config: &Config) -> u32 {
+        let needed: u64 = config
             .services
             .iter()
-            .enumerate()
-            .map(|(index, service)| ServiceState {
-                id: index as u32,
-                config: service.clone(),
-                backends: service
-                    .backends
-                    .iter()
-                    .map(|backend| {
-                        let id = next_backend_id;
-                        next_backend_id += 1;
-                        BackendState {
-                            id,
-                            addr: backend.addr,
-                            up: false,
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        Self { services }
+            .map(|s| 2 * u64::from(capacity(s)))
+            .sum();
+        (needed * 2).clamp(1 << 16, u64::from(u32::MAX / 2)) as u32
     }
 
-    /// Writes every backend, service and VIP address to a freshly loaded datapath.
-    pub fn install(&self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
-        for service in &self.services {
+    /// All backends start down: none gets traffic before it passed a probe.
+    pub fn new(config: &Config, schedule_size: u32) -> Result<Self, TableError> {
+        let mut table = Self {
+            services: Vec::new(),
+            flows: config.flows,
+            generations: Vec::new(),
+            schedule_size,
+            schedule_next: 0,
+            handed_out: Vec::new(),
+        };
+        for (index, service) in config.services.iter().enumerate() {
+            let backends = service
+                .backends
+                .iter()
+                .map(|backend| table.new_backend(backend.addr, backend.weight))
+                .collect::<Result<Vec<_>, _>>()?;
+            let regions = table.allocate(capacity(service))?;
+            table.services.push(ServiceState {
+                id: index as u32,
+                config: service.clone(),
+                backends,
+                regions,
+                table: Vec::new(),
+            });
+        }
+        Ok(table)
+    }
+
+    /// Writes the settings, every backend, service and VIP address to a freshly loaded
+    /// datapath.
+    pub fn install(&mut self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
+        dataplane.set_settings(&settings(&self.flows))?;
+        for index in 0..self.services.len() {
+            let service = &self.services[index];
             for backend in &service.backends {
                 dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
             }
             dataplane.add_vip_address(service.config.vip.octets())?;
-            dataplane.set_service(service_key(&service.config), &service_value(service))?;
+            self.publish(index, dataplane)?;
         }
         Ok(())
     }
 
-    /// Records a health transition and updates the datapath: the backend entry first (so
-    /// flows pinned to a backend that went down move at once), then the service's list of
-    /// backends that are up, replaced in one map update. Returns false, writing nothing, when
-    /// the backend already had that state.
+    /// Records a health transition of backend `backend_id` and updates the datapath: the
+    /// backend entry first (so flows pinned to a backend that went down move at once), then the
+    /// service's table. Returns false, writing nothing, when nothing changed.
     pub fn set_backend_up(
         &mut self,
-        service_index: usize,
-        backend_index: usize,
+        backend_id: u32,
         up: bool,
         dataplane: &mut impl Dataplane,
     ) -> Result<bool, DataplaneError> {
-        let Some(service) = self.services.get_mut(service_index) else {
+        let Some((index, position)) = self.find_backend_id(backend_id) else {
             return Ok(false);
         };
-        let Some(backend) = service.backends.get_mut(backend_index) else {
-            return Ok(false);
-        };
+        let service = &mut self.services[index];
+        let backend = &mut service.backends[position];
         if backend.up == up {
             return Ok(false);
         }
         backend.up = up;
-        let backend = backend.clone();
-        dataplane.set_backend(backend.id, &backend_value(service.id, &backend))?;
-        dataplane.set_service(service_key(&service.config), &service_value(service))?;
+        dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
+        self.publish(index, dataplane)?;
         Ok(true)
+    }
+
+    /// Drains (no new flows, existing flows continue) or undrains a backend. Returns false
+    /// when it already was in that state.
+    pub fn set_drained(
+        &mut self,
+        service_name: &str,
+        addr: SocketAddrV4,
+        drained: bool,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<bool, TableError> {
+        let index = self
+            .services
+            .iter()
+            .position(|service| service.config.name == service_name)
+            .ok_or_else(|| TableError::NoSuchService(service_name.to_string()))?;
+        let service = &mut self.services[index];
+        let backend = service
+            .backends
+            .iter_mut()
+            .find(|backend| backend.addr == addr)
+            .ok_or_else(|| TableError::NoSuchBackend {
+                service: service_name.to_string(),
+                backend: addr,
+            })?;
+        if backend.drained == drained {
+            return Ok(false);
+        }
+        backend.drained = drained;
+        self.publish(index, dataplane)?;
+        Ok(true)
+    }
+
+    /// Applies a new configuration. Everything that can fail without touching the datapath is
+    /// checked first (ids, table space); on error nothing has changed. Services are matched by
+    /// name, backends by address; what stays keeps its id, health and drain state.
+    pub fn reload(
+        &mut self,
+        config: &Config,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<ReloadSummary, TableError> {
+        let mut next = self.clone();
+        next.handed_out.clear();
+        next.flows = config.flows;
+        let mut summary = ReloadSummary::default();
+        let mut services = Vec::with_capacity(config.services.len());
+        let old_services = std::mem::take(&mut next.services);
+        // Ids of backends that stay; every other id may be given to a new backend.
+        let kept_ids: BTreeSet<u32> = config
+            .services
+            .iter()
+            .filter_map(|service| {
+                let old = old_services
+                    .iter()
+                    .find(|old| old.config.name == service.name)?;
+                (service_key(&old.config) == service_key(service)).then_some((old, service))
+            })
+            .flat_map(|(old, service)| {
+                old.backends
+                    .iter()
+                    .filter(|backend| service.backends.iter().any(|b| b.addr == backend.addr))
+                    .map(|backend| backend.id)
+            })
+            .collect();
+
+        for service in &config.services {
+            let old = old_services
+                .iter()
+                .find(|old| old.config.name == service.name);
+            let same_listener =
+                old.is_some_and(|old| service_key(&old.config) == service_key(service));
+            let mut backends = Vec::with_capacity(service.backends.len());
+            for backend in &service.backends {
+                let kept = old.filter(|_| same_listener).and_then(|old| {
+                    old.backends
+                        .iter()
+                        .find(|candidate| candidate.addr == backend.addr)
+                });
+                match kept {
+                    Some(kept) => backends.push(BackendState {
+                        weight: backend.weight,
+                        ..kept.clone()
+                    }),
+                    None => {
+                        summary
+                            .backends_added
+                            .push(format!("{} of {}", backend.addr, service.name));
+                        backends.push(next.new_backend_after(
+                            backend.addr,
+                            backend.weight,
+                            &kept_ids,
+                        )?);
+                    }
+                }
+            }
+            let needed = capacity(service);
+            let (id, regions) = match old {
+                Some(old) if same_listener => {
+                    if old.config != *service {
+                        summary.services_changed.push(service.name.clone());
+                    }
+                    let regions = if old.regions.capacity >= needed {
+                        old.regions
+                    } else {
+                        next.allocate(needed)?
+                    };
+                    (old.id, regions)
+                }
+                _ => {
+                    summary.services_added.push(service.name.clone());
+                    let id = free_service_id(&old_services, &services)?;
+                    (id, next.allocate(needed)?)
+                }
+            };
+            services.push(ServiceState {
+                id,
+                config: service.clone(),
+                backends,
+                regions,
+                table: old
+                    .filter(|_| same_listener)
+                    .map(|old| old.table.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        for old in &old_services {
+            let kept = services.iter().find(|service| service.id == old.id);
+            for backend in old
+                .backends
+                .iter()
+                .filter(|backend| !kept_ids.contains(&backend.id))
+            {
+                summary
+                    .backends_removed
+                    .push(format!("{} of {}", backend.addr, old.config.name));
+            }
+            if kept.is_none() {
+                summary.services_removed.push(old.config.name.clone());
+            }
+        }
+        next.services = services;
+
+        // Nothing below can fail for a reason of ours; a map update error leaves the
+        // datapath partly updated, which the error reports.
+        for old in &old_services {
+            let kept = next.services.iter().find(|service| service.id == old.id);
+            for backend in &old.backends {
+                if !kept_ids.contains(&backend.id) {
+                    // Down first: flows pinned to it move on their next packet.
+                    let gone = BackendState {
+                        up: false,
+                        ..backend.clone()
+                    };
+                    dataplane.set_backend(backend.id, &backend_value(old.id, &gone))?;
+                }
+            }
+            if kept.is_none_or(|service| service_key(&service.config) != service_key(&old.config)) {
+                dataplane.remove_service(service_key(&old.config))?;
+            }
+        }
+        for index in 0..next.services.len() {
+            let service = &next.services[index];
+            for backend in &service.backends {
+                dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
+            }
+            dataplane.add_vip_address(service.config.vip.octets())?;
+            next.publish(index, dataplane)?;
+        }
+        for old in &old_services {
+            let vip = old.config.vip;
+            if !next
+                .services
+                .iter()
+                .any(|service| service.config.vip == vip)
+            {
+                dataplane.remove_vip_address(vip.octets())?;
+            }
+        }
+        *self = next;
+        Ok(summary)
+    }
+
+    /// The service index and backend position holding backend id `id`.
+    pub fn find_backend_id(&self, id: u32) -> Option<(usize, usize)> {
+        self.services
+            .iter()
+            .enumerate()
+            .find_map(|(index, service)| {
+                service
+                    .backends
+                    .iter()
+                    .position(|backend| backend.id == id)
+                    .map(|p| (index, p))
+            })
+    }
+
+    /// Rebuilds service `index`'s table into its spare region and switches the service to it.
+    fn publish(
+        &mut self,
+        index: usize,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<(), DataplaneError> {
+        let service = &mut self.services[index];
+        let table = build_table(service);
+        let spare = 1 - service.regions.active;
+        let offset = service.regions.offsets[spare];
+        // Tables never outgrow their region: capacity() bounds every scheduler's table.
+        let table_len = table.len().min(service.regions.capacity as usize);
+        dataplane.set_schedule(offset, &table[..table_len])?;
+        let value = Service {
+            id: service.id,
+            scheduler: scheduler_value(service.config.scheduler),
+            _pad: [0; 3],
+            table_offset: offset,
+            table_len: table_len as u32,
+        };
+        dataplane.set_service(service_key(&service.config), &value)?;
+        service.regions.active = spare;
+        service.table = table;
+        Ok(())
+    }
+
+    fn allocate(&mut self, capacity: u32) -> Result<Regions, TableError> {
+        let capacity = capacity.max(1);
+        let needed = capacity * 2;
+        let free = self.schedule_size - self.schedule_next;
+        if needed > free {
+            return Err(TableError::ScheduleFull { needed, free });
+        }
+        let first = self.schedule_next;
+        self.schedule_next += needed;
+        Ok(Regions {
+            offsets: [first, first + capacity],
+            capacity,
+            active: 1,
+        })
+    }
+
+    fn new_backend(&mut self, addr: SocketAddrV4, weight: u32) -> Result<BackendState, TableError> {
+        let id = self.generations.len() as u32;
+        if id >= MAX_BACKENDS {
+            return Err(TableError::OutOfIds);
+        }
+        self.generations.push(FIRST_GENERATION);
+        Ok(BackendState {
+            id,
+            addr,
+            up: false,
+            weight,
+            drained: false,
+            generation: FIRST_GENERATION,
+        })
+    }
+
+    /// A backend for a reload: the lowest id neither kept by a backend that stays nor handed
+    /// out already by this reload.
+    fn new_backend_after(
+        &mut self,
+        addr: SocketAddrV4,
+        weight: u32,
+        kept_ids: &BTreeSet<u32>,
+    ) -> Result<BackendState, TableError> {
+        let in_use: BTreeSet<u32> = kept_ids
+            .iter()
+            .chain(self.handed_out.iter())
+            .copied()
+            .collect();
+        let Some(id) = (0..MAX_BACKENDS).find(|id| !in_use.contains(id)) else {
+            return Err(TableError::OutOfIds);
+        };
+        self.handed_out.push(id);
+        let index = id as usize;
+        if index >= self.generations.len() {
+            self.generations.resize(index + 1, 0);
+        }
+        self.generations[index] += 1;
+        let generation = self.generations[index];
+        Ok(BackendState {
+            id,
+            addr,
+            up: false,
+            weight,
+            drained: false,
+            generation,
+        })
+    }
+}
+
+fn free_service_id(old: &[ServiceState], new: &[ServiceState]) -> Result<u32, TableError> {
+    (0..MAX_SERVICES)
+        .find(|id| !old.iter().chain(new).any(|service| service.id == *id))
+        .ok_or(TableError::OutOfIds)
+}
+
+/// Entries a service's table can need: every backend once, one period of its weights, or the
+/// Maglev table size.
+fn capacity(service: &ServiceConfig) -> u32 {
+    match service.scheduler {
+        Scheduler::RoundRobin => service.backends.len() as u32,
+        Scheduler::Weighted => service.backends.iter().map(|backend| backend.weight).sum(),
+        Scheduler::Maglev { table_size } => table_size,
+    }
+}
+
+/// The table new flows of `service` are scheduled from: its backends that are up and not
+/// drained.
+fn build_table(service: &ServiceState) -> Vec<u32> {
+    let eligible: Vec<TableBackend> = service
+        .backends
+        .iter()
+        .filter(|backend| backend.up)
+        .map(|backend| TableBackend {
+            id: backend.id,
+            key: backend.addr.to_string(),
+            weight: backend.effective_weight(),
+        })
+        .collect();
+    match service.config.scheduler {
+        Scheduler::RoundRobin => round_robin_table(&eligible),
+        Scheduler::Weighted => smooth_weighted_table(&eligible),
+        Scheduler::Maglev { table_size } => maglev_table(&eligible, table_size),
+    }
+}
+
+fn scheduler_value(scheduler: Scheduler) -> u8 {
+    match scheduler {
+        Scheduler::RoundRobin => scheduler::ROUND_ROBIN,
+        Scheduler::Weighted => scheduler::WEIGHTED,
+        Scheduler::Maglev { .. } => scheduler::MAGLEV,
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub fn settings(flows: &FlowSettings) -> Settings {
+    Settings {
+        tcp_timeout_ns: nanos(flows.tcp_timeout),
+        tcp_closing_timeout_ns: nanos(flows.tcp_closing_timeout),
+        udp_timeout_ns: nanos(flows.udp_timeout),
     }
 }
 
@@ -113,24 +540,6 @@ pub fn service_key(config: &ServiceConfig) -> ServiceKey {
         protocol: config.protocol.number(),
         _pad: 0,
     }
-}
-
-/// The datapath's view of a service: the ids of its backends that are up, in id order.
-pub fn service_value(service: &ServiceState) -> Service {
-    let mut value = Service {
-        id: service.id,
-        scheduler: scheduler::ROUND_ROBIN,
-        _pad: [0; 3],
-        backend_count: 0,
-        table_slot: 0,
-        backends: [0; MAX_BACKENDS_PER_SERVICE],
-    };
-    // Configuration validation caps a service at MAX_BACKENDS_PER_SERVICE backends.
-    for backend in service.backends.iter().filter(|backend| backend.up) {
-        value.backends[value.backend_count as usize] = backend.id;
-        value.backend_count += 1;
-    }
-    value
 }
 
 pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
@@ -144,13 +553,8 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
         },
         _pad: 0,
         service_id,
-        generation: FIRST_GENERATION,
+        generation: backend.generation,
     }
-}
-
-/// The address a backend is written as in logs and stats.
-pub fn vip_display(addr: Ipv4Addr, port: u16) -> String {
-    SocketAddrV4::new(addr, port).to_string()
 }
 
 #[cfg(test)]
@@ -174,36 +578,63 @@ mod tests {
         vip = "10.200.1.1"
         port = 53
         protocol = "udp"
+        scheduler = "maglev"
+        maglev_table_size = 1009
         [service.health_check]
         kind = "none"
         [[service.backend]]
         address = "10.200.11.2"
+        [[service.backend]]
+        address = "10.200.12.2"
+        weight = 3
     "#;
 
-    fn table() -> ServiceTable {
-        ServiceTable::new(&config::parse(CONFIG).expect("test config is valid"))
+    fn installed(text: &str) -> (ServiceTable, MemoryDataplane) {
+        let config = config::parse(text).expect("test config is valid");
+        let mut table =
+            ServiceTable::new(&config, ServiceTable::schedule_size_for(&config)).expect("fits");
+        let mut dataplane = MemoryDataplane::default();
+        table
+            .install(&mut dataplane)
+            .expect("memory dataplane never fails");
+        (table, dataplane)
+    }
+
+    fn all_up(table: &mut ServiceTable, dataplane: &mut MemoryDataplane) {
+        let ids: Vec<u32> = table
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        for id in ids {
+            table.set_backend_up(id, true, dataplane).expect("ok");
+        }
+    }
+
+    fn key(table: &ServiceTable, name: &str) -> ServiceKey {
+        let service = table
+            .services
+            .iter()
+            .find(|s| s.config.name == name)
+            .expect("service");
+        service_key(&service.config)
     }
 
     #[test]
     fn ids_follow_configuration_order_across_services() {
-        let table = table();
+        let (table, _) = installed(CONFIG);
         let ids: Vec<(u32, Vec<u32>)> = table
             .services
             .iter()
             .map(|service| (service.id, service.backends.iter().map(|b| b.id).collect()))
             .collect();
-        assert_eq!(ids, vec![(0, vec![0, 1]), (1, vec![2])]);
+        assert_eq!(ids, vec![(0, vec![0, 1]), (1, vec![2, 3])]);
     }
 
     #[test]
-    fn install_writes_every_backend_down_and_empty_services() {
-        let table = table();
-        let mut dataplane = MemoryDataplane::default();
-        table
-            .install(&mut dataplane)
-            .expect("memory dataplane never fails");
-
-        assert_eq!(dataplane.backends.len(), 3);
+    fn install_writes_settings_backends_down_and_empty_tables() {
+        let (table, dataplane) = installed(CONFIG);
+        assert_eq!(dataplane.backends.len(), 4);
         assert!(dataplane
             .backends
             .values()
@@ -211,61 +642,183 @@ mod tests {
         let backend = dataplane.backends[&1];
         assert_eq!(backend.addr, [10, 200, 12, 2]);
         assert_eq!(backend.port, 8080u16.to_be_bytes());
-        assert_eq!(backend.service_id, 0);
-
-        let web = dataplane.services[&service_key(&table.services[0].config)];
-        assert_eq!((web.id, web.backend_count), (0, 0));
-        let dns_key = service_key(&table.services[1].config);
-        assert_eq!(dns_key.protocol, 17);
-        assert_eq!(dns_key.port, 53u16.to_be_bytes());
+        assert_eq!(
+            (backend.service_id, backend.generation),
+            (0, FIRST_GENERATION)
+        );
+        assert_eq!(dataplane.services[&key(&table, "web")].table_len, 0);
+        let dns = dataplane.services[&key(&table, "dns")];
+        assert_eq!(dns.scheduler, scheduler::MAGLEV);
         assert_eq!(dataplane.vip_addresses, vec![[10, 200, 1, 1]]);
+        let settings = dataplane.settings.expect("settings written");
+        assert_eq!(settings.tcp_timeout_ns, 15 * 60 * 1_000_000_000);
     }
 
     #[test]
-    fn health_changes_rewrite_backend_then_service_with_up_backends_only() {
-        let mut table = table();
-        let mut dataplane = MemoryDataplane::default();
-        table
-            .install(&mut dataplane)
-            .expect("memory dataplane never fails");
-        let key = service_key(&table.services[0].config);
-
-        assert!(table
-            .set_backend_up(0, 1, true, &mut dataplane)
-            .expect("ok"));
-        let web = dataplane.services[&key];
-        assert_eq!(web.backend_count, 1);
-        assert_eq!(web.backends[0], 1);
+    fn health_changes_rewrite_the_table_with_up_backends_only() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let web = key(&table, "web");
+        assert!(table.set_backend_up(1, true, &mut dataplane).expect("ok"));
+        assert_eq!(dataplane.table(&web), vec![1]);
         assert_eq!(dataplane.backends[&1].state, backend_state::UP);
-
-        assert!(table
-            .set_backend_up(0, 0, true, &mut dataplane)
-            .expect("ok"));
-        let web = dataplane.services[&key];
-        assert_eq!(&web.backends[..web.backend_count as usize], &[0, 1]);
-
-        assert!(table
-            .set_backend_up(0, 0, false, &mut dataplane)
-            .expect("ok"));
-        let web = dataplane.services[&key];
-        assert_eq!(&web.backends[..web.backend_count as usize], &[1]);
+        assert!(table.set_backend_up(0, true, &mut dataplane).expect("ok"));
+        assert_eq!(dataplane.table(&web), vec![0, 1]);
+        assert!(table.set_backend_up(0, false, &mut dataplane).expect("ok"));
+        assert_eq!(dataplane.table(&web), vec![1]);
         assert_eq!(dataplane.backends[&0].state, backend_state::DOWN);
     }
 
     #[test]
+    fn a_new_table_goes_to_the_spare_region_then_the_service_switches() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let web = key(&table, "web");
+        let first = dataplane.services[&web].table_offset;
+        table.set_backend_up(0, true, &mut dataplane).expect("ok");
+        let second = dataplane.services[&web].table_offset;
+        table.set_backend_up(1, true, &mut dataplane).expect("ok");
+        let third = dataplane.services[&web].table_offset;
+        assert_ne!(first, second, "never rewrite the table in use");
+        assert_eq!(first, third, "two regions, used in turn");
+    }
+
+    #[test]
+    fn maglev_tables_follow_weights_and_drain() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        all_up(&mut table, &mut dataplane);
+        let dns = key(&table, "dns");
+        let entries = dataplane.table(&dns);
+        assert_eq!(entries.len(), 1009);
+        let heavy = entries.iter().filter(|&&id| id == 3).count();
+        assert!(
+            (740..=775).contains(&heavy),
+            "weight 3 of 4 should get ~757 entries: {heavy}"
+        );
+
+        let addr: SocketAddrV4 = "10.200.12.2:53".parse().expect("address");
+        assert!(table
+            .set_drained("dns", addr, true, &mut dataplane)
+            .expect("ok"));
+        assert!(
+            dataplane.table(&dns).iter().all(|&id| id == 2),
+            "drained: no new flows"
+        );
+        assert_eq!(
+            dataplane.backends[&3].state,
+            backend_state::UP,
+            "its flows continue"
+        );
+        assert!(!table
+            .set_drained("dns", addr, true, &mut dataplane)
+            .expect("ok"));
+        assert!(table
+            .set_drained("dns", addr, false, &mut dataplane)
+            .expect("ok"));
+        assert_eq!(
+            dataplane.table(&dns),
+            entries,
+            "undrain restores the same table"
+        );
+
+        let error = table.set_drained(
+            "dns",
+            "10.9.9.9:53".parse().expect("a"),
+            true,
+            &mut dataplane,
+        );
+        assert!(
+            matches!(error, Err(TableError::NoSuchBackend { .. })),
+            "{error:?}"
+        );
+        let error = table.set_drained("nope", addr, true, &mut dataplane);
+        assert!(
+            matches!(error, Err(TableError::NoSuchService(_))),
+            "{error:?}"
+        );
+    }
+
+    #[test]
     fn repeating_a_state_writes_nothing() {
-        let mut table = table();
-        let mut dataplane = MemoryDataplane::default();
-        table
-            .install(&mut dataplane)
-            .expect("memory dataplane never fails");
+        let (mut table, mut dataplane) = installed(CONFIG);
         let writes = dataplane.writes;
-        assert!(!table
-            .set_backend_up(0, 0, false, &mut dataplane)
-            .expect("ok"));
-        assert!(!table
-            .set_backend_up(9, 0, true, &mut dataplane)
-            .expect("ok"));
+        assert!(!table.set_backend_up(0, false, &mut dataplane).expect("ok"));
+        assert!(!table.set_backend_up(99, true, &mut dataplane).expect("ok"));
         assert_eq!(dataplane.writes, writes);
+    }
+
+    #[test]
+    fn reload_keeps_what_stays_and_adds_and_removes_the_rest() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        all_up(&mut table, &mut dataplane);
+        let reloaded = r#"
+            [[service]]
+            name = "web"
+            vip = "10.200.1.1"
+            port = 80
+            [[service.backend]]
+            address = "10.200.12.2"
+            port = 8080
+            [[service.backend]]
+            address = "10.200.13.2"
+
+            [[service]]
+            name = "api"
+            vip = "10.200.1.5"
+            port = 443
+            [[service.backend]]
+            address = "10.200.14.2"
+        "#;
+        let config = config::parse(reloaded).expect("valid");
+        let summary = table.reload(&config, &mut dataplane).expect("fits");
+        assert_eq!(summary.services_added, vec!["api"]);
+        assert_eq!(summary.services_removed, vec!["dns"]);
+        assert_eq!(summary.backends_added.len(), 2);
+        assert_eq!(summary.backends_removed.len(), 3);
+
+        let web = &table.services[0];
+        assert_eq!(web.id, 0);
+        let kept = &web.backends[0];
+        assert_eq!(
+            (kept.id, kept.up),
+            (1, true),
+            "10.200.12.2:8080 keeps its id and health"
+        );
+        let added = &web.backends[1];
+        assert!(!added.up, "new backends start down");
+        assert_eq!(
+            added.generation,
+            FIRST_GENERATION + 1,
+            "a reused id gets a new generation"
+        );
+        assert_eq!(dataplane.backends[&added.id].generation, added.generation);
+        assert_eq!(dataplane.table(&key(&table, "web")), vec![1]);
+        assert!(!dataplane.services.contains_key(&service_key(
+            &config::parse(CONFIG).expect("valid").services[1]
+        )));
+        assert!(dataplane.vip_addresses.contains(&[10, 200, 1, 5]));
+        // The removed backend 10.200.11.2:80 of web gave its id 0 to 10.200.13.2:80: down, and
+        // of a new generation, so flows pinned to the old backend move.
+        assert_eq!(added.id, 0);
+        assert_eq!(dataplane.backends[&0].state, backend_state::DOWN);
+        assert_eq!(dataplane.backends[&0].addr, [10, 200, 13, 2]);
+    }
+
+    #[test]
+    fn a_reload_that_does_not_fit_changes_nothing() {
+        let config = config::parse(CONFIG).expect("valid");
+        let mut table = ServiceTable::new(&config, 2 * (2 + 1009)).expect("just fits");
+        let mut dataplane = MemoryDataplane::default();
+        table.install(&mut dataplane).expect("ok");
+        let bigger = CONFIG.replace("maglev_table_size = 1009", "maglev_table_size = 1013");
+        let before = (dataplane.writes, table.services[1].table.clone());
+        let error = table.reload(&config::parse(&bigger).expect("valid"), &mut dataplane);
+        assert!(
+            matches!(error, Err(TableError::ScheduleFull { .. })),
+            "{error:?}"
+        );
+        assert_eq!((dataplane.writes, table.services[1].table.clone()), before);
+        assert_eq!(
+            table.services[1].config.scheduler,
+            Scheduler::Maglev { table_size: 1009 }
+        );
     }
 }

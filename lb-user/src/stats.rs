@@ -35,6 +35,10 @@ pub struct BackendSnapshot {
     pub port: u16,
     /// "up" or "down", as the health checker last decided.
     pub state: String,
+    /// The configured weight.
+    pub weight: u32,
+    /// Drained at run time: no new flows, existing flows continue.
+    pub drained: bool,
     #[serde(flatten)]
     pub traffic: Traffic,
 }
@@ -45,6 +49,8 @@ pub struct ServiceSnapshot {
     pub vip: String,
     pub port: u16,
     pub protocol: String,
+    /// "round-robin", "weighted" or "maglev".
+    pub scheduler: String,
     #[serde(flatten)]
     pub traffic: Traffic,
     pub backends: Vec<BackendSnapshot>,
@@ -76,6 +82,8 @@ impl Snapshot {
                     address: backend.addr.ip().to_string(),
                     port: backend.addr.port(),
                     state: if backend.up { "up" } else { "down" }.to_string(),
+                    weight: backend.weight,
+                    drained: backend.drained,
                     traffic: dataplane.backend_stats(backend.id)?.into(),
                 });
             }
@@ -84,6 +92,7 @@ impl Snapshot {
                 vip: service.config.vip.to_string(),
                 port: service.config.port,
                 protocol: service.config.protocol.to_string(),
+                scheduler: service.config.scheduler.to_string(),
                 traffic: dataplane.service_stats(service.id)?.into(),
                 backends,
             });
@@ -108,7 +117,7 @@ impl Snapshot {
         let mut out = String::new();
         out.push_str(&format!("interfaces: {}\n\n", self.interfaces.join(", ")));
         out.push_str(&format!(
-            "{:<26} {:<6} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+            "{:<40} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
             "SERVICE / BACKEND",
             "STATE",
             "PACKETS",
@@ -125,8 +134,8 @@ impl Snapshot {
                 .filter(|backend| backend.state == "up")
                 .count();
             let title = format!(
-                "{} {}:{}/{}",
-                service.name, service.vip, service.port, service.protocol
+                "{} {}:{}/{} {}",
+                service.name, service.vip, service.port, service.protocol, service.scheduler
             );
             write_row(
                 &mut out,
@@ -135,8 +144,13 @@ impl Snapshot {
                 &service.traffic,
             );
             for backend in &service.backends {
-                let title = format!("  {}:{}", backend.address, backend.port);
-                write_row(&mut out, &title, &backend.state, &backend.traffic);
+                let title = format!("  {}:{} w{}", backend.address, backend.port, backend.weight);
+                let state = if backend.drained {
+                    format!("{} drained", backend.state)
+                } else {
+                    backend.state.clone()
+                };
+                write_row(&mut out, &title, &state, &backend.traffic);
             }
         }
         let verdicts: Vec<String> = self
@@ -179,7 +193,7 @@ fn verdict_totals(values: &[u64]) -> serde_json::Map<String, serde_json::Value> 
 
 fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
     out.push_str(&format!(
-        "{:<26} {:<6} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+        "{:<40} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
         title,
         state,
         traffic.packets,
@@ -205,7 +219,7 @@ mod tests {
         values[counter::REPLY_TX as usize] = 1;
         values[counter::FORWARD_REDIRECT as usize] = 7;
         values[counter::REPLY_REDIRECT as usize] = 2;
-        values[counter::FLOW_MISS as usize] = 100;
+        values[counter::FLOW_MISS_NEW as usize] = 100;
         let totals = verdict_totals(&values);
         let totals: Vec<(String, u64)> = totals
             .iter()

@@ -25,10 +25,7 @@ pub enum TopologyError {
     )]
     ForwardingDisabled { setting: String, value: String },
     #[error("reading {path}: {cause}")]
-    Read {
-        path: String,
-        cause: std::io::Error,
-    },
+    Read { path: String, cause: std::io::Error },
 }
 
 /// Fails unless `interface` exists in this network namespace.

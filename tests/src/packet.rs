@@ -254,7 +254,8 @@ impl Fixture {
         let verifier_log = std::env::temp_dir().join(format!("{ns}-verifier.log"));
         let dataplane =
             XdpDataplane::load_with(&verifier_log, options).expect("the datapath loads");
-        let table = ServiceTable::new(&config::parse(config).expect("test config is valid"));
+        let config = config::parse(config).expect("test config is valid");
+        let table = ServiceTable::new(&config, options.schedule_size).expect("ids and table space");
         Self {
             pub_ifindex: ifindex("pub"),
             back_ifindex: ifindex("back"),
@@ -277,9 +278,12 @@ impl Fixture {
         }
     }
 
+    /// Marks backend `backend` (its position in the configuration) of service `service` up or
+    /// down.
     pub fn set_up(&mut self, service: usize, backend: usize, up: bool) {
+        let id = self.table.services[service].backends[backend].id;
         self.table
-            .set_backend_up(service, backend, up, &mut self.dataplane)
+            .set_backend_up(id, up, &mut self.dataplane)
             .expect("update");
     }
 

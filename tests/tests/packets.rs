@@ -21,7 +21,7 @@ fn syn_to_a_service_is_translated_to_a_backend_and_redirected() {
     let expected = expected_forward(&syn, BACK_MAC, BACKEND_A_MAC, BACKEND_A, 8080);
     assert_frames_equal(&out, &expected, "SYN towards backend A");
     assert_eq!(fixture.counter(counter::FORWARD_REDIRECT), 1);
-    assert_eq!(fixture.counter(counter::FLOW_MISS), 1);
+    assert_eq!(fixture.counter(counter::FLOW_MISS_NEW), 1);
     let web = fixture.dataplane.service_stats(0).expect("stats");
     assert_eq!(
         (web.packets, web.new_flows, web.bytes),
@@ -63,7 +63,7 @@ fn a_flow_sticks_to_its_backend_and_new_flows_go_round_robin() {
         let expected = expected_forward(&frame, BACK_MAC, BACKEND_A_MAC, BACKEND_A, 8080);
         assert_frames_equal(&out, &expected, "data packet of flow 1");
     }
-    assert_eq!(fixture.counter(counter::FLOW_MISS), 2);
+    assert_eq!(fixture.counter(counter::FLOW_MISS_NEW), 2);
     assert_eq!(fixture.counter(counter::FLOW_HIT), 3);
     assert_eq!(
         fixture.dataplane.backend_stats(0).expect("stats").packets,
@@ -202,7 +202,7 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
             "{what}: counted under {reason}"
         );
     }
-    assert_eq!(fixture.counter(counter::FLOW_MISS), 0);
+    assert_eq!(fixture.counter(counter::FLOW_MISS_NEW), 0);
 }
 
 #[test]
@@ -281,7 +281,7 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
         );
     }
     assert_eq!(
-        fixture.counter(counter::FLOW_MISS),
+        fixture.counter(counter::FLOW_MISS_NEW),
         0,
         "no truncated packet was scheduled"
     );
