@@ -7,7 +7,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream as StdUnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -104,6 +107,8 @@ pub enum ControlError {
          give this one another --socket)"
     )]
     AlreadyRunning(PathBuf),
+    #[error("{0} exists and is not a socket: refusing to replace it (choose another --socket)")]
+    NotASocket(PathBuf),
     #[error("no lb-user is running with control socket {path}: {cause}")]
     NotRunning {
         path: PathBuf,
@@ -134,7 +139,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
                 .map_err(io_error)?;
         }
     }
-    if path.exists() {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        // Never delete anything but a socket: a mistyped --socket must not eat a file.
+        if !metadata.file_type().is_socket() {
+            return Err(ControlError::NotASocket(path.to_path_buf()));
+        }
         if StdUnixStream::connect(path).is_ok() {
             return Err(ControlError::AlreadyRunning(path.to_path_buf()));
         }
@@ -321,6 +330,19 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "root only");
         drop(listener);
         std::fs::remove_file(&path).expect("remove socket");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_never_removed() {
+        let path = socket_path("precious.conf");
+        std::fs::write(&path, "precious").expect("write");
+        let error = bind(&path).expect_err("not a socket");
+        assert!(matches!(error, ControlError::NotASocket(_)), "{error}");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("still there"),
+            "precious"
+        );
+        std::fs::remove_file(&path).expect("remove");
     }
 
     #[test]

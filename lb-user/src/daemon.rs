@@ -26,6 +26,12 @@ use crate::{
     topology,
 };
 
+/// How often attachments are checked against the interfaces that exist now.
+const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Most backends whose routes are looked up again at every reconcile.
+const MAX_ROUTE_CHECKS: usize = 64;
+
 pub struct Options {
     /// The public interface, where clients' packets for the services arrive.
     pub interface: String,
@@ -36,6 +42,8 @@ pub struct Options {
 
 /// Everything the running daemon owns.
 struct Daemon {
+    public_interface: String,
+    mode: XdpMode,
     config_path: PathBuf,
     config: Config,
     table: ServiceTable,
@@ -80,17 +88,13 @@ pub async fn run(options: Options) -> Result<()> {
     // translated, their replies are translated too. A failure drops `dataplane`, which
     // detaches whatever was attached already.
     for interface in interfaces.iter().rev() {
-        dataplane.attach(interface, options.mode).with_context(|| {
-            format!(
-                "attaching XDP to {interface} in {} mode{}",
-                mode_name(options.mode),
-                if options.mode == XdpMode::Driver {
-                    " (if the driver has no native XDP support, try --xdp-mode skb)"
-                } else {
-                    ""
-                }
-            )
-        })?;
+        if let Err(error) = dataplane.attach(interface, options.mode) {
+            let hint = attach_hint(&error, interface, options.mode);
+            return Err(anyhow::Error::new(error).context(format!(
+                "attaching XDP to {interface} in {} mode{hint}",
+                mode_name(options.mode)
+            )));
+        }
         tracing::info!(
             "attached XDP program to {interface} in {} mode",
             mode_name(options.mode)
@@ -101,6 +105,8 @@ pub async fn run(options: Options) -> Result<()> {
     let (calls, mut control_calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls));
     let mut daemon = Daemon {
+        public_interface: options.interface.clone(),
+        mode: options.mode,
         config_path: options.config.clone(),
         config,
         table,
@@ -113,8 +119,11 @@ pub async fn run(options: Options) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut reconcile = tokio::time::interval(RECONCILE_INTERVAL);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = reconcile.tick() => daemon.reconcile_interfaces(),
             Some(event) = health_events.recv() => daemon.apply_health_event(event),
             Some((request, reply)) = control_calls.recv() => {
                 let response = daemon.handle(request);
@@ -152,6 +161,29 @@ pub async fn run(options: Options) -> Result<()> {
 }
 
 impl Daemon {
+    /// Re-attaches to interfaces that were recreated, and attaches to new ones backends are
+    /// routed through.
+    fn reconcile_interfaces(&mut self) {
+        let backends: usize = self.config.services.iter().map(|s| s.backends.len()).sum();
+        // Each route lookup runs `ip`; past a few dozen backends, only watch what is attached.
+        let routes = if backends <= MAX_ROUTE_CHECKS {
+            interfaces_for(&self.public_interface, &self.config)
+        } else {
+            Ok(self.dataplane.attached_interfaces())
+        };
+        let wanted = match routes {
+            Ok(wanted) => wanted,
+            // e.g. a backend's interface is down for a moment: keep what is there.
+            Err(error) => {
+                tracing::debug!("not reconciling interfaces now: {error:#}");
+                self.dataplane.attached_interfaces()
+            }
+        };
+        for change in self.dataplane.reconcile(&wanted, self.mode) {
+            tracing::warn!("{change}");
+        }
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Stats => match self.snapshot() {
@@ -214,18 +246,9 @@ impl Daemon {
         let config = config::load(&self.config_path)
             .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
         config::check_reloadable(&self.config, &config)?;
-        let attached = self.dataplane.attached_interfaces();
         for service in &config.services {
             for backend in &service.backends {
-                let device = topology::route_device(*backend.addr.ip())?;
-                anyhow::ensure!(
-                    attached.contains(&device),
-                    "backend {} of service {} is routed through {device}, which lb-user is not \
-                     attached to (attached: {}): restart lb-user to add an interface",
-                    backend.addr,
-                    service.name,
-                    attached.join(", ")
-                );
+                topology::route_device(*backend.addr.ip())?;
             }
         }
         let previous: HashMap<u32, bool> = self
@@ -241,6 +264,8 @@ impl Daemon {
             .collect();
         let summary = self.table.reload(&config, &mut self.dataplane)?;
         self.config = config;
+        // New backends may be routed through interfaces not attached yet.
+        self.reconcile_interfaces();
         self.restart_checkers(&previous);
         for service in &self.table.services {
             log_service(service);
@@ -396,6 +421,27 @@ fn interfaces_for(public: &str, config: &Config) -> Result<Vec<String>> {
         }
     }
     Ok(interfaces)
+}
+
+/// What to do about a failed attach, from the kernel's error number.
+fn attach_hint(error: &aya::programs::ProgramError, interface: &str, mode: XdpMode) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return match io.raw_os_error() {
+                Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
+                    " (another XDP program is already attached: stop the other lb-user, or \
+                     remove it with `ip link set dev {interface} xdp off` if nothing needs it)"
+                ),
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if mode == XdpMode::Driver => {
+                    " (the driver may lack native XDP support: try --xdp-mode skb)".to_string()
+                }
+                _ => String::new(),
+            };
+        }
+        source = current.source();
+    }
+    String::new()
 }
 
 fn mode_name(mode: XdpMode) -> &'static str {

@@ -87,7 +87,7 @@ pub struct XdpDataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
-    attached: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+    attached: Vec<Attachment>,
 }
 
 impl XdpDataplane {
@@ -138,23 +138,72 @@ impl XdpDataplane {
     /// Attaches the program to `interface`. The link is a BPF link owned by this process: if
     /// the process dies, the kernel detaches the program and the interface works as before.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), ProgramError> {
+        let ifindex = interface_index(interface);
         let link = xdp_program(&mut self.ebpf)
             .map_err(|_| ProgramError::NotLoaded)?
             .attach(interface, mode)?;
-        self.attached.push((interface.to_string(), link));
+        self.attached.push(Attachment {
+            interface: interface.to_string(),
+            ifindex,
+            link,
+        });
         Ok(())
     }
 
     /// Interfaces the program is attached to, in attach order.
     pub fn attached_interfaces(&self) -> Vec<String> {
-        self.attached.iter().map(|(name, _)| name.clone()).collect()
+        self.attached
+            .iter()
+            .map(|attachment| attachment.interface.clone())
+            .collect()
+    }
+
+    /// Makes sure the program is attached to every interface in `wanted` as it exists now. An
+    /// interface deleted and created again (a container's veth after a restart) has a new
+    /// index and no program: its stale link is dropped and the program attached anew. An
+    /// interface that does not exist at the moment is left for a later call. Returns what was
+    /// done, for the log.
+    pub fn reconcile(&mut self, wanted: &[String], mode: XdpMode) -> Vec<String> {
+        let mut changes = Vec::new();
+        for interface in wanted {
+            let current = interface_index(interface);
+            let position = self.attached.iter().position(|a| a.interface == *interface);
+            if let Some(position) = position {
+                if self.attached[position].ifindex == current {
+                    continue;
+                }
+                let stale = self.attached.remove(position);
+                // The device it was attached to is gone; dropping the link just frees it.
+                if let Ok(program) = xdp_program(&mut self.ebpf) {
+                    if let Err(error) = program.detach(stale.link) {
+                        tracing::debug!("dropping the stale link of {interface}: {error}");
+                    }
+                }
+                if current == 0 {
+                    changes.push(format!("interface {interface} is gone; its traffic is not balanced until it returns"));
+                    continue;
+                }
+            } else if current == 0 {
+                continue;
+            }
+            match self.attach(interface, mode) {
+                Ok(()) => changes.push(format!(
+                    "attached XDP program to {interface} (ifindex {current})"
+                )),
+                Err(error) => changes.push(format!("attaching XDP to {interface} failed: {error}")),
+            }
+        }
+        changes
     }
 
     /// Detaches from every interface, last attached first. Returns the interfaces that could
     /// not be detached (the kernel still drops the link when the process exits).
     pub fn detach_all(&mut self) -> Vec<(String, ProgramError)> {
         let mut failures = Vec::new();
-        while let Some((interface, link)) = self.attached.pop() {
+        while let Some(Attachment {
+            interface, link, ..
+        }) = self.attached.pop()
+        {
             let result = xdp_program(&mut self.ebpf)
                 .map_err(|_| ProgramError::NotLoaded)
                 .and_then(|program| program.detach(link));
@@ -206,6 +255,23 @@ impl Drop for XdpDataplane {
             tracing::warn!("detaching XDP program from {interface}: {error}");
         }
     }
+}
+
+/// The program on one interface, as it was when attached.
+struct Attachment {
+    interface: String,
+    /// The interface's index at attach time; a different index now means it was recreated.
+    ifindex: u32,
+    link: aya::programs::xdp::XdpLinkId,
+}
+
+/// The interface's index now, or 0 if there is no such interface.
+fn interface_index(interface: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(interface) else {
+        return 0;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when there is none.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

@@ -30,7 +30,13 @@ pub enum TopologyError {
 
 /// Fails unless `interface` exists in this network namespace.
 pub fn check_interface(interface: &str) -> Result<(), TopologyError> {
-    if Path::new("/sys/class/net").join(interface).exists() {
+    // A name, not a path: the kernel allows at most 15 bytes and no '/'.
+    let plausible = !interface.is_empty()
+        && interface.len() <= 15
+        && !interface.contains(['/', ' ', '\0'])
+        && interface != "."
+        && interface != "..";
+    if plausible && Path::new("/sys/class/net").join(interface).exists() {
         Ok(())
     } else {
         Err(TopologyError::NoSuchInterface(interface.to_string()))
