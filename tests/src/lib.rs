@@ -6,6 +6,9 @@
 
 use std::io::Write as _;
 
+pub mod bench_e2e;
+pub mod bench_kernel;
+pub mod bench_wrapper;
 pub mod client;
 pub mod config;
 pub mod lb;

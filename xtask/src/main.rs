@@ -2,10 +2,13 @@
 //!
 //! - `demo`: builds lb-user and shows it balancing, failing over and recovering between two
 //!   nginx backends, all inside network namespaces, then removes everything it made.
-//! - `test`: runs every test suite the way CI does (the namespace tests must not skip).
+//! - `test`: runs every test suite the way CI does (the namespace tests must not skip), then a
+//!   smoke run of the benchmarks.
+//! - `bench`: the kernel-level and end-to-end benchmarks, and `docs/benchmarks.md`.
 //!
-//! Both need root: they install packages, load XDP programs and create namespaces.
+//! All need root: they install packages, load XDP programs and create namespaces.
 
+mod bench;
 mod demo;
 mod suite;
 
@@ -18,7 +21,14 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   demo   build lb-user and run the load balancer demo in network namespaces (root)
-  test   install dependencies, build, and run all tests with privileged tests required (root)";
+  test   install dependencies, build, and run all tests with privileged tests required (root)
+  bench [--quick] [--output DIR]
+         both benchmarks below, then DIR/benchmarks.md and its chart (DIR: docs/) (root)
+  bench kernel [--quick]
+         cost per packet of the datapath under BPF_PROG_TEST_RUN, against a floor (root)
+  bench e2e [--quick]
+         HTTP and UDP through namespaces, beside HAProxy and nftables (root)
+         --quick: seconds instead of minutes, for CI's smoke run; its numbers mean little";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +40,7 @@ fn main() -> ExitCode {
     {
         ["demo"] => demo::run(),
         ["test"] => suite::run(),
+        ["bench", rest @ ..] => bench::run(rest),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
