@@ -1,0 +1,419 @@
+//! The restoring wrapper for the kernel-level benchmark: a tiny XDP program, assembled here
+//! from raw BPF instructions, that copies the original frame back into the packet buffer on
+//! every iteration of `BPF_PROG_TEST_RUN` and then tail-calls the program under test.
+//!
+//! With `repeat` > 1 the kernel runs the program again and again on one buffer, so from the
+//! second iteration on a rewriting program would see its own output (a translated SYN is no
+//! longer addressed to the VIP and takes the pass path). The wrapper puts the input back first,
+//! so every iteration measures the intended case, and the kernel's own timer averages over
+//! `repeat` runs without a system call or a cold cache in between: the method behind the
+//! Katran reference figures. The wrapper's copy and the tail call are part of every figure,
+//! the floor's included, so ratios to the floor cancel most of them.
+//!
+//! Nothing in `lb-ebpf` changes for this: the wrapper, its frame template (an array map) and
+//! its one-slot program array are created here with plain `bpf(2)` calls, and the program
+//! under test is put into the array by its file descriptor. For a new-flow case the wrapper
+//! also bumps a counter kept in the template and writes it into the source address's low half
+//! and the source port, so that each iteration is a different 5-tuple (the checksums are then
+//! not those of the new frame; the datapath updates checksums incrementally and never checks
+//! them, so the work per packet is the same).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use anyhow::{bail, Context};
+
+/// The largest frame the template holds.
+pub const MAX_FRAME: usize = 256;
+/// Where in the template's map value the new-flow counter lives, after the frame.
+const COUNTER_OFFSET: i16 = MAX_FRAME as i16;
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+/// `enum bpf_attach_type`'s BPF_XDP, which aya also loads XDP programs with: a tail call
+/// requires caller and callee to agree on it.
+const BPF_XDP: u32 = 37;
+const BPF_FUNC_TAIL_CALL: i32 = 12;
+const XDP_ABORTED: i32 = 0;
+
+/// Where the wrapper writes the new-flow counter: the low half of the IPv4 source address
+/// and the TCP or UDP source port of an Ethernet + IPv4 (no options) frame.
+const SOURCE_ADDRESS_LOW: i16 = 14 + 14;
+const SOURCE_PORT: i16 = 14 + 20;
+
+/// One BPF instruction, as `struct bpf_insn`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Instruction {
+    code: u8,
+    /// Destination register in the low nibble, source register in the high one.
+    registers: u8,
+    offset: i16,
+    immediate: i32,
+}
+
+const fn instruction(code: u8, dst: u8, src: u8, offset: i16, immediate: i32) -> Instruction {
+    Instruction {
+        code,
+        registers: dst | (src << 4),
+        offset,
+        immediate,
+    }
+}
+
+// Opcodes used below (include/uapi/linux/bpf.h and bpf_common.h).
+const MOV64_REG: u8 = 0xbf;
+const MOV64_IMM: u8 = 0xb7;
+const ADD64_IMM: u8 = 0x07;
+const RSH64_IMM: u8 = 0x77;
+const JGT_REG: u8 = 0x2d;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+const LOAD_IMM64: u8 = 0x18;
+/// `ld_imm64` source markers: the immediate is a map fd, or a map fd plus a value offset.
+const PSEUDO_MAP_FD: u8 = 1;
+const PSEUDO_MAP_VALUE: u8 = 2;
+
+/// Load (`LDX | MEM | size`) and store (`STX | MEM | size`) opcodes by access width in bytes.
+fn load_op(width: usize) -> u8 {
+    match width {
+        8 => 0x79,
+        4 => 0x61,
+        2 => 0x69,
+        _ => 0x71,
+    }
+}
+
+fn store_op(width: usize) -> u8 {
+    match width {
+        8 => 0x7b,
+        4 => 0x63,
+        2 => 0x6b,
+        _ => 0x73,
+    }
+}
+
+/// The wrapper around one program under test, for frames of one length.
+pub struct Wrapper {
+    program: OwnedFd,
+    template: OwnedFd,
+    /// Kept open: the wrapper's tail call goes through it.
+    _targets: OwnedFd,
+    frame: Vec<u8>,
+}
+
+impl Wrapper {
+    /// Loads a wrapper that restores `frame` (at most [`MAX_FRAME`] bytes) and tail-calls
+    /// `target`; with `new_flow_each_time`, it also makes each iteration a new 5-tuple.
+    pub fn new(
+        target: BorrowedFd<'_>,
+        frame: &[u8],
+        new_flow_each_time: bool,
+    ) -> anyhow::Result<Self> {
+        if frame.len() > MAX_FRAME || frame.len() < usize::from(SOURCE_PORT.unsigned_abs()) + 2 {
+            bail!(
+                "frame of {} bytes: the wrapper takes {} to {MAX_FRAME}",
+                frame.len(),
+                SOURCE_PORT + 2
+            );
+        }
+        let template = create_map(BPF_MAP_TYPE_ARRAY, MAX_FRAME as u32 + 8)
+            .context("creating the wrapper's frame template (array map)")?;
+        let targets = create_map(BPF_MAP_TYPE_PROG_ARRAY, 4)
+            .context("creating the wrapper's program array")?;
+        write_template(template.as_fd(), frame)?;
+        let instructions = assemble(
+            frame.len(),
+            template.as_raw_fd(),
+            targets.as_raw_fd(),
+            new_flow_each_time,
+        );
+        let program = load_program(&instructions).context("loading the restoring wrapper")?;
+        update_map(targets.as_fd(), &target.as_raw_fd().to_ne_bytes())
+        .context("putting the program under test into the wrapper's program array")?;
+        Ok(Self {
+            program,
+            template,
+            _targets: targets,
+            frame: frame.to_vec(),
+        })
+    }
+
+    /// Runs the wrapper `repeat` times on the frame as if it arrived on `ifindex`; returns the
+    /// verdict of the last run, the frame it left, and the kernel's mean time per run.
+    pub fn run(&self, ifindex: u32, repeat: u32) -> anyhow::Result<(u32, Vec<u8>, f64)> {
+        // The input only has to be the right length: the wrapper overwrites it.
+        let input = vec![0u8; self.frame.len()];
+        let mut output = vec![0u8; self.frame.len() + 256];
+        let context = xdp_md(self.frame.len(), ifindex);
+        let mut attr = TestRunAttr {
+            prog_fd: self.program.as_raw_fd() as u32,
+            data_size_in: self.frame.len() as u32,
+            data_size_out: output.len() as u32,
+            data_in: input.as_ptr() as u64,
+            data_out: output.as_mut_ptr() as u64,
+            repeat,
+            ctx_size_in: context.len() as u32,
+            ctx_in: context.as_ptr() as u64,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: attr is a valid `union bpf_attr` prefix for BPF_PROG_TEST_RUN; every pointer
+        // in it refers to a live buffer of the stated size for the duration of the call.
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
+            .context("BPF_PROG_TEST_RUN on the restoring wrapper")?;
+        output.truncate(attr.data_size_out as usize);
+        Ok((attr.retval, output, f64::from(attr.duration)))
+    }
+
+    /// Resets the new-flow counter, so that a run starts again from the template's tuple.
+    pub fn reset_counter(&self) -> anyhow::Result<()> {
+        write_template(self.template.as_fd(), &self.frame)
+    }
+}
+
+/// Writes `frame` into the template, with the new-flow counter at zero.
+fn write_template(template: BorrowedFd<'_>, frame: &[u8]) -> anyhow::Result<()> {
+    let mut value = vec![0u8; MAX_FRAME + 8];
+    value[..frame.len()].copy_from_slice(frame);
+    update_map(template, &value).context("writing the frame template")
+}
+
+/// The wrapper's instructions: bounds check, copy the template over the packet (8 bytes at a
+/// time, then 4, 2, 1), optionally stamp the new-flow counter, tail-call slot 0.
+fn assemble(
+    frame_len: usize,
+    template_fd: i32,
+    targets_fd: i32,
+    new_flow_each_time: bool,
+) -> Vec<Instruction> {
+    let mut code = vec![
+        instruction(MOV64_REG, 6, 1, 0, 0),                 // r6 = ctx
+        instruction(load_op(4), 2, 6, 0, 0),                // r2 = ctx->data
+        instruction(load_op(4), 3, 6, 4, 0),                // r3 = ctx->data_end
+        instruction(MOV64_REG, 4, 2, 0, 0),                 // r4 = data
+        instruction(ADD64_IMM, 4, 0, 0, frame_len as i32),  // r4 += frame_len
+        instruction(JGT_REG, 4, 3, i16::MAX, 0),            // if r4 > data_end: abort (patched)
+        instruction(LOAD_IMM64, 5, PSEUDO_MAP_VALUE, 0, template_fd), // r5 = &template[0]
+        instruction(0, 0, 0, 0, 0),                         // ld_imm64's second half: offset 0
+    ];
+    let bounds_check = 5;
+    let mut offset = 0;
+    while offset < frame_len {
+        let width = [8, 4, 2, 1]
+            .into_iter()
+            .find(|width| offset + width <= frame_len)
+            .unwrap_or(1);
+        code.push(instruction(load_op(width), 0, 5, offset as i16, 0));
+        code.push(instruction(store_op(width), 2, 0, offset as i16, 0));
+        offset += width;
+    }
+    if new_flow_each_time {
+        code.extend([
+            instruction(load_op(4), 0, 5, COUNTER_OFFSET, 0), // r0 = counter
+            instruction(ADD64_IMM, 0, 0, 0, 1),               // r0 += 1
+            instruction(store_op(4), 5, 0, COUNTER_OFFSET, 0), // counter = r0
+            instruction(store_op(2), 2, 0, SOURCE_PORT, 0),    // source port = low 16 bits
+            instruction(RSH64_IMM, 0, 0, 0, 16),
+            instruction(store_op(2), 2, 0, SOURCE_ADDRESS_LOW, 0), // address low half = high bits
+        ]);
+    }
+    code.extend([
+        instruction(MOV64_REG, 1, 6, 0, 0),                       // r1 = ctx
+        instruction(LOAD_IMM64, 2, PSEUDO_MAP_FD, 0, targets_fd), // r2 = program array
+        instruction(0, 0, 0, 0, 0),
+        instruction(MOV64_IMM, 3, 0, 0, 0),                 // r3 = slot 0
+        instruction(CALL, 0, 0, 0, BPF_FUNC_TAIL_CALL),     // does not return on success
+    ]);
+    let abort = code.len();
+    code.extend([
+        instruction(MOV64_IMM, 0, 0, 0, XDP_ABORTED),
+        instruction(EXIT, 0, 0, 0, 0),
+    ]);
+    code[bounds_check].offset = (abort - bounds_check - 1) as i16;
+    code
+}
+
+/// `struct xdp_md` for `BPF_PROG_TEST_RUN`: data = 0, data_end = the frame's length, and the
+/// ingress interface.
+pub fn xdp_md(frame_len: usize, ifindex: u32) -> Vec<u8> {
+    [0, frame_len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|field| field.to_ne_bytes())
+        .collect()
+}
+
+/// The prefix of `union bpf_attr` that BPF_MAP_CREATE reads.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// The prefix of `union bpf_attr` for element commands.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The prefix of `union bpf_attr` that BPF_PROG_LOAD reads, up to `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The prefix of `union bpf_attr` for BPF_PROG_TEST_RUN, up to `batch_size`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `bpf(2)` with `attr` as the attribute union; returns the (non-negative) result.
+///
+/// # Safety
+/// `attr` must be a valid prefix of `union bpf_attr` for `command`, and every pointer in it
+/// must be valid for what the kernel reads or writes there during the call.
+unsafe fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    let result = libc::syscall(
+        libc::SYS_bpf,
+        command,
+        attr as *mut T,
+        std::mem::size_of::<T>() as libc::c_uint,
+    );
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(result)
+}
+
+/// A one-entry map with 4-byte keys.
+fn create_map(map_type: u32, value_size: u32) -> anyhow::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size: 4,
+        value_size,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: a BPF_MAP_CREATE attr without pointers.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Writes `value` at key 0.
+fn update_map(map: BorrowedFd<'_>, value: &[u8]) -> anyhow::Result<()> {
+    let key = 0u32;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (&key as *const u32) as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point to live buffers of the map's key and value sizes.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }?;
+    Ok(())
+}
+
+fn load_program(instructions: &[Instruction]) -> anyhow::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut name = [0u8; 16];
+    name[..13].copy_from_slice(b"bench_restore");
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: instructions.len() as u32,
+        insns: instructions.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: BPF_XDP,
+        ..ProgLoadAttr::default()
+    };
+    // SAFETY: the instructions, license and log buffer outlive the call, with the sizes given.
+    match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
+        // SAFETY: a descriptor the kernel just returned to us.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(error) => {
+            let end = log.iter().position(|&byte| byte == 0).unwrap_or(log.len());
+            bail!(
+                "the verifier refused it ({error}): {}",
+                String::from_utf8_lossy(&log[..end]).trim()
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bounds_check_jumps_to_the_abort_tail() {
+        let code = assemble(54, 3, 4, false);
+        let abort = code.len() - 2;
+        assert_eq!(5 + 1 + code[5].offset as usize, abort);
+        assert_eq!(code[abort].code, MOV64_IMM);
+        assert_eq!(code[abort + 1].code, EXIT);
+    }
+
+    #[test]
+    fn the_copy_covers_the_frame_exactly() {
+        let code = assemble(67, 3, 4, false);
+        let stored: usize = code
+            .iter()
+            .filter(|insn| [0x7b, 0x63, 0x6b, 0x73].contains(&insn.code))
+            .map(|insn| match insn.code {
+                0x7b => 8,
+                0x63 => 4,
+                0x6b => 2,
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(stored, 67);
+    }
+}
