@@ -129,6 +129,8 @@ pub struct Flow {
     pub _pad: [u8; 3],
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when a client packet last refreshed the entry.
     pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` when the flow was scheduled.
+    pub created_ns: u64,
 }
 
 /// Flow lifetimes, written once by `lb-user` into the one-entry `SETTINGS` array.
@@ -324,7 +326,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
@@ -356,6 +358,7 @@ mod tests {
         assert_eq!(offset_of!(Flow, generation), 8);
         assert_eq!(offset_of!(Flow, state), 12);
         assert_eq!(offset_of!(Flow, last_seen_ns), 16);
+        assert_eq!(offset_of!(Flow, created_ns), 24);
         assert_eq!(offset_of!(Settings, udp_timeout_ns), 16);
         assert_eq!(offset_of!(ReverseNat, service_port), 4);
         assert_eq!(offset_of!(ReverseNat, service_id), 8);

@@ -354,6 +354,7 @@ fn select_backend(
         },
         _pad: [0; 3],
         last_seen_ns: now,
+        created_ns: now,
     };
     let reverse_key = FlowKey {
         src_addr: backend.addr,

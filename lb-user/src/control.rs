@@ -91,7 +91,9 @@ pub struct FlowEntry {
     pub service: String,
     pub protocol: String,
     pub backend: String,
-    /// Seconds since a client packet last refreshed the entry.
+    /// Seconds since the flow was scheduled.
+    pub age_seconds: u64,
+    /// Seconds since a client packet last refreshed the entry (to within a second).
     pub idle_seconds: u64,
     /// "open" or "closing" for TCP, "open" for UDP.
     pub state: String,

@@ -83,6 +83,7 @@ pub async fn run(options: Options) -> Result<()> {
     for service in &table.services {
         log_service(service);
     }
+    warn_shared_backends(&config);
 
     // Backend-facing interfaces first, the public one last: by the time clients' packets are
     // translated, their replies are translated too. A failure drops `dataplane`, which
@@ -367,6 +368,7 @@ impl Daemon {
                 service: state.config.name.clone(),
                 protocol: state.config.protocol.to_string(),
                 backend: backend.addr.to_string(),
+                age_seconds: now.saturating_sub(flow.created_ns) / 1_000_000_000,
                 idle_seconds: idle_ns / 1_000_000_000,
                 state: if closing { "closing" } else { "open" }.to_string(),
             });
@@ -388,6 +390,25 @@ fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Warns about backends (address and port) that serve more than one service: NAT keeps the
+/// client's address, so if one client uses the same source port towards both services, the
+/// backend sees one connection and the replies cannot be told apart.
+fn warn_shared_backends(config: &Config) {
+    let mut users: HashMap<SocketAddrV4, Vec<&str>> = HashMap::new();
+    for service in &config.services {
+        for backend in &service.backends {
+            users.entry(backend.addr).or_default().push(&service.name);
+        }
+    }
+    for (addr, services) in users.iter().filter(|(_, services)| services.len() > 1) {
+        tracing::warn!(
+            "backend {addr} serves services {}: a client using one source port for both would \
+             look like one connection to it; give each service its own backend port",
+            services.join(", ")
+        );
+    }
 }
 
 fn log_service(service: &crate::services::ServiceState) {

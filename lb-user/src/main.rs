@@ -191,16 +191,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
             } else {
                 println!(
-                    "{:<22} {:<16} {:<5} {:<22} {:>6} STATE",
-                    "CLIENT", "SERVICE", "PROTO", "BACKEND", "IDLE"
+                    "{:<22} {:<16} {:<5} {:<22} {:>7} {:>6} STATE",
+                    "CLIENT", "SERVICE", "PROTO", "BACKEND", "AGE", "IDLE"
                 );
                 for flow in &flows {
                     println!(
-                        "{:<22} {:<16} {:<5} {:<22} {:>5}s {}",
+                        "{:<22} {:<16} {:<5} {:<22} {:>6}s {:>5}s {}",
                         flow.client,
                         flow.service,
                         flow.protocol,
                         flow.backend,
+                        flow.age_seconds,
                         flow.idle_seconds,
                         flow.state
                     );
