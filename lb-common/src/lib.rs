@@ -33,6 +33,14 @@ pub mod backend_state {
     pub const UP: u8 = 1;
 }
 
+/// Bits of [`Backend::flags`].
+pub mod backend_flags {
+    /// Reached through a device XDP cannot redirect into (a Linux bridge): client packets are
+    /// translated in XDP and handed to the kernel to forward; the replies come back through the
+    /// kernel too and are translated by the tc egress program on the public interface.
+    pub const VIA_KERNEL: u8 = 1;
+}
+
 /// Values of [`Service::scheduler`]: how a new flow picks its backend from the service's
 /// table in `SCHEDULE`.
 pub mod scheduler {
@@ -93,8 +101,8 @@ pub struct Backend {
     pub port: [u8; 2],
     /// One of [`backend_state`].
     pub state: u8,
-    /// Zero; alignment of the next field.
-    pub _pad: u8,
+    /// Bits of [`backend_flags`].
+    pub flags: u8,
     pub service_id: u32,
     /// Bumped whenever this id is given to another backend, so flows pinned to the previous
     /// holder are rescheduled instead of following the id.
@@ -235,8 +243,13 @@ pub mod counter {
     /// on (strict reverse-path check): forged, dropped.
     pub const DROP_SPOOFED_SOURCE: u32 = 25;
 
+    /// Client packets translated and handed to the kernel to forward (backends behind a bridge).
+    pub const PASS_KERNEL_FORWARD: u32 = 26;
+    /// Replies translated by the tc egress program (backends whose traffic the kernel forwards).
+    pub const REPLY_EGRESS: u32 = 27;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -266,6 +279,8 @@ pub mod counter {
         "flow_closing",
         "flow_port_reuse",
         "drop_spoofed_source",
+        "pass_kernel_forward",
+        "reply_egress",
     ];
 }
 
@@ -348,6 +363,7 @@ mod tests {
         assert_eq!(offset_of!(Service, table_len), 12);
         assert_eq!(offset_of!(Backend, port), 4);
         assert_eq!(offset_of!(Backend, state), 6);
+        assert_eq!(offset_of!(Backend, flags), 7);
         assert_eq!(offset_of!(Backend, service_id), 8);
         assert_eq!(offset_of!(Backend, generation), 12);
         assert_eq!(offset_of!(FlowKey, dst_addr), 4);

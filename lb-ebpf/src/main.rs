@@ -13,6 +13,7 @@
 #![no_main]
 
 mod checksum;
+mod egress;
 mod headers;
 mod maps;
 mod route;
@@ -24,8 +25,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    backend_state, counter, flow_hash, flow_state, protocol, scheduler, Backend, Flow, FlowKey,
-    ReverseNat, Service, ServiceKey, TrafficStats,
+    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler, Backend,
+    Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
 };
 
 use crate::{
@@ -201,6 +202,10 @@ fn forward(
         stats.packets += 1;
         stats.bytes += frame_len;
     });
+    if backend.flags & backend_flags::VIA_KERNEL != 0 {
+        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
+        return Ok(Verdict::Pass(counter::PASS_KERNEL_FORWARD));
+    }
 
     let route = Route {
         src: tuple.src_addr,
@@ -417,7 +422,7 @@ fn flow_timeout(flow: &Flow, is_tcp: bool) -> u64 {
 
 /// A backend's replies with FIN or RST close the client's flow too.
 #[inline(always)]
-fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8) {
+pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8) {
     if tuple.protocol != protocol::TCP || tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
@@ -506,7 +511,7 @@ unsafe fn rewrite(
 
 /// Applies `update` to this CPU's counters of the service and of the backend.
 #[inline(always)]
-fn add_traffic(service_id: u32, backend_id: u32, update: impl Fn(&mut TrafficStats)) {
+pub(crate) fn add_traffic(service_id: u32, backend_id: u32, update: impl Fn(&mut TrafficStats)) {
     if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: a per-CPU slot, only this program run touches it.
         update(unsafe { &mut *stats });

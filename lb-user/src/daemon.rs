@@ -5,7 +5,11 @@
 //! One task owns all state: health events, control requests and signals arrive on channels and
 //! are handled one at a time, so no lock is held and no change interleaves with another.
 
-use std::{collections::HashMap, net::SocketAddrV4, path::PathBuf};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use anyhow::{Context, Result};
 use aya::programs::XdpMode;
@@ -57,12 +61,14 @@ pub async fn run(options: Options) -> Result<()> {
     // Everything that can be checked is checked before the datapath is touched.
     let config = config::load(&options.config)
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
-    let interfaces = interfaces_for(&options.interface, &config)?;
-    for interface in &interfaces {
+    let paths = paths_for(&options.interface, &config)?;
+    for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
         topology::check_forwarding(interface)?;
     }
+    let interfaces = paths.xdp_interfaces.clone();
     let schedule_size = ServiceTable::schedule_size_for(&config);
     let mut table = ServiceTable::new(&config, schedule_size)?;
+    table.set_kernel_paths(paths.kernel_paths.clone());
     let listener = control::bind(&options.socket)?;
     let _socket_guard = RemoveOnDrop(options.socket.clone());
 
@@ -100,6 +106,9 @@ pub async fn run(options: Options) -> Result<()> {
             "attached XDP program to {interface} in {} mode",
             mode_name(options.mode)
         );
+    }
+    if !paths.kernel_paths.is_empty() {
+        attach_egress(&mut dataplane, &options.interface, &paths)?;
     }
 
     let (events, mut health_events) = mpsc::channel::<HealthEvent>(256);
@@ -168,7 +177,7 @@ impl Daemon {
         let backends: usize = self.config.services.iter().map(|s| s.backends.len()).sum();
         // Each route lookup runs `ip`; past a few dozen backends, only watch what is attached.
         let routes = if backends <= MAX_ROUTE_CHECKS {
-            interfaces_for(&self.public_interface, &self.config)
+            paths_for(&self.public_interface, &self.config).map(|paths| paths.xdp_interfaces)
         } else {
             Ok(self.dataplane.attached_interfaces())
         };
@@ -218,7 +227,13 @@ impl Daemon {
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
-        let interfaces = self.dataplane.attached_interfaces();
+        let mut interfaces = self.dataplane.attached_interfaces();
+        interfaces.extend(
+            self.dataplane
+                .egress_interfaces()
+                .into_iter()
+                .map(|name| format!("{name} (tc egress)")),
+        );
         Ok(Snapshot::take(&self.table, &self.dataplane, interfaces)?)
     }
 
@@ -247,11 +262,14 @@ impl Daemon {
         let config = config::load(&self.config_path)
             .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
         config::check_reloadable(&self.config, &config)?;
-        for service in &config.services {
-            for backend in &service.backends {
-                topology::route_device(*backend.addr.ip())?;
-            }
+        let paths = paths_for(&self.public_interface, &config)?;
+        for bridge in &paths.bridges {
+            topology::check_forwarding(bridge)?;
         }
+        if !paths.kernel_paths.is_empty() {
+            attach_egress(&mut self.dataplane, &self.public_interface, &paths)?;
+        }
+        self.table.set_kernel_paths(paths.kernel_paths);
         let previous: HashMap<u32, bool> = self
             .table
             .services
@@ -429,19 +447,61 @@ fn log_service(service: &crate::services::ServiceState) {
     );
 }
 
-/// The public interface plus every interface a backend is routed through, deduplicated.
-fn interfaces_for(public: &str, config: &Config) -> Result<Vec<String>> {
+/// How each backend is reached, from the routing table.
+struct Paths {
+    /// The public interface, then every other interface backends are routed through: XDP
+    /// goes on each, and redirects into them.
+    xdp_interfaces: Vec<String>,
+    /// Bridges backends sit behind: XDP cannot redirect into them.
+    bridges: Vec<String>,
+    /// Backends behind a bridge: the kernel forwards to them, tc egress translates replies.
+    kernel_paths: BTreeSet<Ipv4Addr>,
+}
+
+fn paths_for(public: &str, config: &Config) -> Result<Paths> {
     topology::check_interface(public)?;
-    let mut interfaces = vec![public.to_string()];
+    let mut paths = Paths {
+        xdp_interfaces: vec![public.to_string()],
+        bridges: Vec::new(),
+        kernel_paths: BTreeSet::new(),
+    };
     for service in &config.services {
         for backend in &service.backends {
             let device = topology::route_device(*backend.addr.ip())?;
-            if !interfaces.contains(&device) {
-                interfaces.push(device);
+            if topology::is_bridge(&device) {
+                paths.kernel_paths.insert(*backend.addr.ip());
+                if !paths.bridges.contains(&device) {
+                    paths.bridges.push(device);
+                }
+            } else if !paths.xdp_interfaces.contains(&device) {
+                paths.xdp_interfaces.push(device);
             }
         }
     }
-    Ok(interfaces)
+    Ok(paths)
+}
+
+/// Puts the reply-translating tc program on the public interface, for backends behind a
+/// bridge, and says so.
+fn attach_egress(dataplane: &mut XdpDataplane, public: &str, paths: &Paths) -> Result<()> {
+    if dataplane
+        .egress_interfaces()
+        .iter()
+        .any(|name| name == public)
+    {
+        return Ok(());
+    }
+    dataplane
+        .attach_egress(public)
+        .with_context(|| format!("attaching the tc egress program to {public}"))?;
+    let backends: Vec<String> = paths.kernel_paths.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        "backends {} sit behind bridge {}: the kernel forwards their packets after XDP \
+         translates them, and a tc egress program on {public} translates their replies",
+        backends.join(", "),
+        paths.bridges.join(", ")
+    );
+    Ok(())
 }
 
 /// What to do about a failed attach, from the kernel's error number.

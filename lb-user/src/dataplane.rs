@@ -5,7 +5,7 @@ use std::{collections::HashMap as StdHashMap, path::Path};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{counter, Backend, Flow, FlowKey, Service, ServiceKey, Settings, TrafficStats};
@@ -15,6 +15,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
+/// The tc egress program translating replies the kernel forwards (backends behind a bridge).
+pub const EGRESS_PROGRAM_NAME: &str = "reply_egress";
 /// A trivial XDP_TX program in the same object: the floor benchmarks compare against.
 pub const FLOOR_PROGRAM_NAME: &str = "floor";
 
@@ -88,6 +90,8 @@ pub struct XdpDataplane {
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     attached: Vec<Attachment>,
+    /// Interfaces with the tc egress program, and its links.
+    egress: Vec<(String, aya::programs::tc::SchedClassifierLinkId)>,
 }
 
 impl XdpDataplane {
@@ -132,6 +136,7 @@ impl XdpDataplane {
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
             ebpf,
             attached: Vec::new(),
+            egress: Vec::new(),
         })
     }
 
@@ -148,6 +153,31 @@ impl XdpDataplane {
             link,
         });
         Ok(())
+    }
+
+    /// Attaches the reply-translating tc program to `interface`'s egress. On this kernel
+    /// (6.6 and later) aya attaches through TCX, a BPF link owned by this process, which the
+    /// kernel removes when the process exits, like the XDP links. Does nothing if it is there.
+    pub fn attach_egress(&mut self, interface: &str) -> Result<(), ProgramError> {
+        if self.egress.iter().any(|(name, _)| name == interface) {
+            return Ok(());
+        }
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        let link = program.attach(interface, TcAttachType::Egress)?;
+        self.egress.push((interface.to_string(), link));
+        Ok(())
+    }
+
+    /// Interfaces the tc egress program is attached to.
+    pub fn egress_interfaces(&self) -> Vec<String> {
+        self.egress.iter().map(|(name, _)| name.clone()).collect()
     }
 
     /// Interfaces the program is attached to, in attach order.
@@ -200,6 +230,18 @@ impl XdpDataplane {
     /// not be detached (the kernel still drops the link when the process exits).
     pub fn detach_all(&mut self) -> Vec<(String, ProgramError)> {
         let mut failures = Vec::new();
+        while let Some((interface, link)) = self.egress.pop() {
+            let result = self
+                .ebpf
+                .program_mut(EGRESS_PROGRAM_NAME)
+                .ok_or(ProgramError::NotLoaded)
+                .and_then(|program| <&mut SchedClassifier>::try_from(program))
+                .and_then(|program| program.detach(link));
+            match result {
+                Ok(()) => tracing::info!("detached tc egress program from {interface}"),
+                Err(error) => failures.push((interface, error)),
+            }
+        }
         while let Some(Attachment {
             interface, link, ..
         }) = self.attached.pop()

@@ -14,7 +14,8 @@
 use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
 use lb_common::{
-    backend_state, scheduler, Backend, Service, ServiceKey, Settings, MAX_BACKENDS, MAX_SERVICES,
+    backend_flags, backend_state, scheduler, Backend, Service, ServiceKey, Settings, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 
 use crate::{
@@ -54,6 +55,8 @@ pub struct BackendState {
     /// Drained at run time (`lb-user drain`): takes no new flows, keeps its flows.
     pub drained: bool,
     pub generation: u32,
+    /// Reached through the kernel's forwarding (behind a bridge), not XDP_REDIRECT.
+    pub via_kernel: bool,
 }
 
 impl BackendState {
@@ -98,6 +101,8 @@ pub struct ServiceTable {
     schedule_next: u32,
     /// Backend ids given out by the reload in progress.
     handed_out: Vec<u32>,
+    /// Backend addresses reached through the kernel's forwarding (see `set_kernel_paths`).
+    kernel_paths: BTreeSet<std::net::Ipv4Addr>,
 }
 
 /// Generation written for a backend id the first time it is given out.
@@ -134,6 +139,7 @@ impl ServiceTable {
             schedule_size,
             schedule_next: 0,
             handed_out: Vec::new(),
+            kernel_paths: BTreeSet::new(),
         };
         for (index, service) in config.services.iter().enumerate() {
             let backends = service
@@ -151,6 +157,18 @@ impl ServiceTable {
             });
         }
         Ok(table)
+    }
+
+    /// Says which backend addresses are reached through the kernel's forwarding rather than
+    /// XDP_REDIRECT (those behind a bridge). Applies to the backends now and to those a reload
+    /// adds; call it before `install` and before each `reload`.
+    pub fn set_kernel_paths(&mut self, addresses: BTreeSet<std::net::Ipv4Addr>) {
+        for service in &mut self.services {
+            for backend in &mut service.backends {
+                backend.via_kernel = addresses.contains(backend.addr.ip());
+            }
+        }
+        self.kernel_paths = addresses;
     }
 
     /// Writes the settings, every backend, service and VIP address to a freshly loaded
@@ -270,6 +288,7 @@ impl ServiceTable {
                 match kept {
                     Some(kept) => backends.push(BackendState {
                         weight: backend.weight,
+                        via_kernel: next.kernel_paths.contains(backend.addr.ip()),
                         ..kept.clone()
                     }),
                     None => {
@@ -440,6 +459,7 @@ impl ServiceTable {
             weight,
             drained: false,
             generation: FIRST_GENERATION,
+            via_kernel: self.kernel_paths.contains(addr.ip()),
         })
     }
 
@@ -473,6 +493,7 @@ impl ServiceTable {
             weight,
             drained: false,
             generation,
+            via_kernel: self.kernel_paths.contains(addr.ip()),
         })
     }
 }
@@ -551,7 +572,11 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
         } else {
             backend_state::DOWN
         },
-        _pad: 0,
+        flags: if backend.via_kernel {
+            backend_flags::VIA_KERNEL
+        } else {
+            0
+        },
         service_id,
         generation: backend.generation,
     }

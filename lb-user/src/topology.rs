@@ -71,6 +71,15 @@ pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
     Ok(device)
 }
 
+/// Whether `device` is a Linux bridge: XDP cannot redirect into one, so backends behind it are
+/// reached through the kernel's forwarding.
+pub fn is_bridge(device: &str) -> bool {
+    Path::new("/sys/class/net")
+        .join(device)
+        .join("bridge")
+        .exists()
+}
+
 /// Fails unless IPv4 forwarding is on for `interface`: `bpf_fib_lookup` refuses to route
 /// packets that arrive on an interface without it, and so does the kernel's own path.
 pub fn check_forwarding(interface: &str) -> Result<(), TopologyError> {
