@@ -14,6 +14,8 @@ packages=(
     rustc-web libstd-rust-web-dev-bpf llvm-22-dev
     libzstd-dev zlib1g-dev
     nginx-light curl iproute2 procps ethtool
+    # cargo xtask bench: load generator, the balancers it compares against, the chart's font
+    wrk haproxy nftables fonts-dejavu-core
 )
 
 missing=()

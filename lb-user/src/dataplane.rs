@@ -175,6 +175,20 @@ impl XdpDataplane {
         Ok(())
     }
 
+    /// The tc egress program, loaded on first use, for `BPF_PROG_TEST_RUN` in tests.
+    pub fn egress_program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(EGRESS_PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing { kind: "program", name: EGRESS_PROGRAM_NAME })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        if program.fd().is_err() {
+            program.load().map_err(DataplaneError::Program)?;
+        }
+        Ok(program)
+    }
+
     /// Interfaces the tc egress program is attached to.
     pub fn egress_interfaces(&self) -> Vec<String> {
         self.egress.iter().map(|(name, _)| name.clone()).collect()

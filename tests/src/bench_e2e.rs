@@ -407,9 +407,10 @@ impl Bench {
                 process.terminate(Duration::from_secs(5))?;
                 Ok(())
             }
-            Some(Running::Nft) => {
-                nft_apply(self.topology.lb.name(), &format!("delete table ip {NFT_TABLE}\n"))
-            }
+            Some(Running::Nft) => nft_apply(
+                self.topology.lb.name(),
+                &format!("delete table ip {NFT_TABLE}\n"),
+            ),
             Some(Running::Nothing) | None => Ok(()),
         }
     }
@@ -614,7 +615,11 @@ fn nft_apply(netns: &NetnsName, script: &str) -> anyhow::Result<()> {
     let dir = TempDir::new(&format!("{}-nft", unique_name()))?;
     let path = dir.path().join("rules.nft");
     fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
-    netns.exec([Path::new("nft").as_os_str(), "-f".as_ref(), path.as_os_str()])?;
+    netns.exec([
+        Path::new("nft").as_os_str(),
+        "-f".as_ref(),
+        path.as_os_str(),
+    ])?;
     dir.remove()
 }
 
@@ -717,16 +722,20 @@ impl BenchNginx {
             .stderr(Stdio::null());
         let mut process = ChildProcess::spawn(&format!("nginx {name}"), &mut command)?;
         let filter = format!("src {address}:80");
-        wait_until(Duration::from_secs(5), &format!("nginx {name} to listen"), || {
-            if let Some(status) = process.try_status()? {
-                bail!("nginx exited with {status}");
-            }
-            let sockets = netns.exec(["ss", "-H", "-l", "-t", "-n", &filter])?;
-            if sockets.trim().is_empty() {
-                return Ok(Poll::NotYet("no listening socket".to_string()));
-            }
-            Ok(Poll::Ready(()))
-        })?;
+        wait_until(
+            Duration::from_secs(5),
+            &format!("nginx {name} to listen"),
+            || {
+                if let Some(status) = process.try_status()? {
+                    bail!("nginx exited with {status}");
+                }
+                let sockets = netns.exec(["ss", "-H", "-l", "-t", "-n", &filter])?;
+                if sockets.trim().is_empty() {
+                    return Ok(Poll::NotYet("no listening socket".to_string()));
+                }
+                Ok(Poll::Ready(()))
+            },
+        )?;
         Ok(Self { process, dir })
     }
 
@@ -748,7 +757,11 @@ fn run_with_usage(
     let output = fs::File::create(output_path).context("creating the output file")?;
     let child = command
         .stdin(Stdio::null())
-        .stdout(output.try_clone().context("duplicating the output handle")?)
+        .stdout(
+            output
+                .try_clone()
+                .context("duplicating the output handle")?,
+        )
         .stderr(output)
         .spawn()
         .with_context(|| format!("starting `{line}`"))?;
@@ -1035,8 +1048,7 @@ fn flood_from_here(seconds: f64, limit: u64, flows: usize) -> anyhow::Result<Flo
         turn += 1;
         let batch = BATCH.min((limit - sent) as usize) as libc::c_uint;
         // SAFETY: the headers point at live iovecs over a live payload; the socket is open.
-        let result =
-            unsafe { libc::sendmmsg(socket.as_raw_fd(), messages.as_mut_ptr(), batch, 0) };
+        let result = unsafe { libc::sendmmsg(socket.as_raw_fd(), messages.as_mut_ptr(), batch, 0) };
         if result < 0 {
             let error = std::io::Error::last_os_error();
             // A full queue on the way (veth, qdisc) is part of what is measured, not a fault.

@@ -27,7 +27,7 @@ use anyhow::{bail, ensure, Context};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_user::dataplane::LoadOptions;
 
-use crate::bench_wrapper::{xdp_md, Wrapper};
+use crate::bench_wrapper::{xdp_md, Wrapper, FIRST_HOST};
 use crate::packet::*;
 
 /// Katran's figures on this machine kind (IPIP mode, the restoring wrapper, kernel 6.18, JIT
@@ -239,10 +239,11 @@ impl Frames {
     fn template(&self) -> Vec<u8> {
         match self {
             Frames::Same(frame) => frame.clone(),
-            // Never one the loop sends: the loop's sources start at 10.200.128.0.
+            // The wrapper rewrites the source's last byte (to FIRST_HOST and up) and port from
+            // its own counter, so the template itself is never one of the timed flows.
             Frames::NewFlows { .. } => Tcp {
-                src: [10, 200, 0, 0],
-                ..Tcp::from_client(80, 0)
+                src: [10, 200, 1, FIRST_HOST as u8 - 1],
+                ..Tcp::from_client(80, 1)
             }
             .frame(),
             Frames::Cycle { frames, .. } => frames[0].clone(),
@@ -268,7 +269,9 @@ struct Case {
     wrapper: Option<Wrapper>,
 }
 
-/// The SYN of the `index`th new flow of the loop method, from 10.200.128.0 upwards.
+/// The SYN of the `index`th new flow of the loop method, from 10.200.1.100 upwards: the
+/// client's subnet, routed through the interface the SYN arrives on, as the datapath's
+/// reverse-path check on new flows requires.
 fn new_flow_syn(index: u32) -> Vec<u8> {
     let (address, port) = new_flow_source(index);
     Tcp {
@@ -279,10 +282,20 @@ fn new_flow_syn(index: u32) -> Vec<u8> {
 }
 
 fn new_flow_source(index: u32) -> ([u8; 4], u16) {
-    let block = index / 60_000;
-    let address = [10, 200, 128 + (block / 256) as u8, (block % 256) as u8];
-    (address, 1024 + (index % 60_000) as u16)
+    const PORTS: u32 = 60_000;
+    let host = LOOP_FIRST_HOST + index / PORTS;
+    debug_assert!(
+        host < FIRST_HOST as u32,
+        "the loop's sources ran into the wrapper's"
+    );
+    ([10, 200, 1, host as u8], 1024 + (index % PORTS) as u16)
 }
+
+/// The loop method's new-flow sources start at 10.200.1.100.
+const LOOP_FIRST_HOST: u32 = 100;
+/// Where the sweeps' timed new flows start: past any source a fill of the flow table used
+/// (10.200.1.140 and up).
+const SWEEP_NEW_FLOWS: u32 = 40 * 60_000;
 
 /// A data packet (ACK with a payload) of the flow from `address:port` to the web service.
 fn data_packet(address: [u8; 4], port: u16) -> Vec<u8> {
@@ -299,7 +312,11 @@ fn data_packet(address: [u8; 4], port: u16) -> Vec<u8> {
 fn counter_index(names: &[&str]) -> anyhow::Result<usize> {
     names
         .iter()
-        .find_map(|name| lb_common::counter::NAMES.iter().position(|known| known == name))
+        .find_map(|name| {
+            lb_common::counter::NAMES
+                .iter()
+                .position(|known| known == name)
+        })
         .with_context(|| format!("the datapath has no counter named any of {names:?}"))
 }
 
@@ -318,11 +335,7 @@ fn backend_mac(address: &[u8]) -> anyhow::Result<[u8; 6]> {
 }
 
 /// Runs `frame` once (repeat = 1) and returns the verdict and the output frame.
-fn run_once(
-    program: &mut Xdp,
-    frame: &[u8],
-    ifindex: u32,
-) -> anyhow::Result<(u32, Vec<u8>, u128)> {
+fn run_once(program: &mut Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<(u32, Vec<u8>, u128)> {
     let context = xdp_md(frame.len(), ifindex);
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
@@ -346,11 +359,7 @@ fn program(fixture: &mut Fixture, target: Target) -> anyhow::Result<&mut Xdp> {
 
 /// Sets up a flow from `address:port` with a SYN and returns the backend address and port it
 /// was sent to.
-fn establish(
-    fixture: &mut Fixture,
-    address: [u8; 4],
-    port: u16,
-) -> anyhow::Result<([u8; 4], u16)> {
+fn establish(fixture: &mut Fixture, address: [u8; 4], port: u16) -> anyhow::Result<([u8; 4], u16)> {
     let syn = Tcp {
         src: address,
         ..Tcp::from_client(80, port)
@@ -631,12 +640,7 @@ fn counters(fixture: &Fixture) -> anyhow::Result<Vec<u64>> {
 }
 
 /// Checks the datapath's counters over a batch of `packets`.
-fn check_counters(
-    case: &Case,
-    before: &[u64],
-    after: &[u64],
-    packets: u64,
-) -> anyhow::Result<()> {
+fn check_counters(case: &Case, before: &[u64], after: &[u64], packets: u64) -> anyhow::Result<()> {
     for &index in &case.counters {
         let grew = after[index] - before[index];
         ensure!(
@@ -719,7 +723,8 @@ fn scale_point(
     backends: u32,
     options: &KernelOptions,
 ) -> anyhow::Result<SweepPoint> {
-    let mut fixture = Fixture::with_config(&scale_config(services, backends), &LoadOptions::default());
+    let mut fixture =
+        Fixture::with_config(&scale_config(services, backends), &LoadOptions::default());
     let mut cases = scale_cases(&mut fixture, None)?;
     Ok(SweepPoint {
         sweep,
@@ -783,14 +788,16 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
     let expected_new = (8080..8080 + 256)
         .map(|port| expected_forward(&template, BACK_MAC, BACKEND_A_MAC, BACKEND_A, port))
         .collect();
-    // New flows from 10.200.200.0 on, past any source the fill used.
+    // New flows past any source the fill used.
     let new_flow = Case {
         name: NEW_TCP_FLOW,
         katran_ns: Some(katran::NEW_TCP_FLOW),
         target: Target::Balancer,
         ifindex: fixture.pub_ifindex,
         expected: expected_new,
-        frames: Frames::NewFlows { next: 72 * 256 * 60_000 },
+        frames: Frames::NewFlows {
+            next: SWEEP_NEW_FLOWS,
+        },
         verdict: XDP_REDIRECT,
         counters: vec![new_flows, forward_redirect],
         unmoved: vec![flow_hit],
@@ -803,15 +810,28 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
             vec![data_packet(CLIENT, 40_001)]
         }
     };
-    let (verdict, first, _) = run_once(fixture.dataplane.program()?, &frames[0], fixture.pub_ifindex)?;
-    ensure!(verdict == XDP_REDIRECT, "an established flow's packet got verdict {verdict}");
+    let (verdict, first, _) = run_once(
+        fixture.dataplane.program()?,
+        &frames[0],
+        fixture.pub_ifindex,
+    )?;
+    ensure!(
+        verdict == XDP_REDIRECT,
+        "an established flow's packet got verdict {verdict}"
+    );
     let port = u16::from_be_bytes([first[36], first[37]]);
     let established = Case {
         name: ESTABLISHED_TCP,
         katran_ns: Some(katran::ESTABLISHED_TCP),
         target: Target::Balancer,
         ifindex: fixture.pub_ifindex,
-        expected: vec![expected_forward(&frames[0], BACK_MAC, BACKEND_A_MAC, BACKEND_A, port)],
+        expected: vec![expected_forward(
+            &frames[0],
+            BACK_MAC,
+            BACKEND_A_MAC,
+            BACKEND_A,
+            port,
+        )],
         frames: Frames::Cycle { frames, next: 0 },
         verdict: XDP_REDIRECT,
         counters: vec![flow_hit, forward_redirect],
@@ -848,10 +868,10 @@ mod tests {
     #[test]
     fn new_flow_sources_never_repeat_and_stay_in_the_test_range() {
         let mut seen = std::collections::HashSet::new();
-        for index in (0..2_000_000).step_by(997) {
+        for index in (0..SWEEP_NEW_FLOWS + 1_000_000).step_by(997) {
             let (address, port) = new_flow_source(index);
-            assert_eq!(&address[..2], &[10, 200]);
-            assert!(address[2] >= 128);
+            assert_eq!(&address[..3], &[10, 200, 1]);
+            assert!((100..FIRST_HOST as u8).contains(&address[3]));
             assert!(seen.insert((address, port)));
         }
     }

@@ -13,8 +13,10 @@
 //! Nothing in `lb-ebpf` changes for this: the wrapper, its frame template (an array map) and
 //! its one-slot program array are created here with plain `bpf(2)` calls, and the program
 //! under test is put into the array by its file descriptor. For a new-flow case the wrapper
-//! also bumps a counter kept in the template and writes it into the source address's low half
-//! and the source port, so that each iteration is a different 5-tuple (the checksums are then
+//! also bumps a counter kept in the template and writes it into the source port and the last
+//! byte of the source address, so that each iteration is a different 5-tuple from the same
+//! /24 (which must stay routed through the ingress interface: the datapath checks a new flow's
+//! source against the routing table). The checksums are then
 //! not those of the new frame; the datapath updates checksums incrementally and never checks
 //! them, so the work per packet is the same).
 
@@ -42,10 +44,14 @@ const BPF_XDP: u32 = 37;
 const BPF_FUNC_TAIL_CALL: i32 = 12;
 const XDP_ABORTED: i32 = 0;
 
-/// Where the wrapper writes the new-flow counter: the low half of the IPv4 source address
-/// and the TCP or UDP source port of an Ethernet + IPv4 (no options) frame.
-const SOURCE_ADDRESS_LOW: i16 = 14 + 14;
+/// Where the wrapper writes the new-flow counter in an Ethernet + IPv4 (no options) frame: its
+/// low 16 bits into the TCP or UDP source port, the rest, plus [`FIRST_HOST`], into the last
+/// byte of the source address.
+const SOURCE_ADDRESS_LAST: i16 = 14 + 15;
 const SOURCE_PORT: i16 = 14 + 20;
+/// The new-flow sources' lowest last address byte: 10.200.1.160 and up, apart from the
+/// sources the loop method uses. Room for 6 million flows before the byte runs out.
+pub const FIRST_HOST: i32 = 160;
 
 /// One BPF instruction, as `struct bpf_insn`.
 #[repr(C)]
@@ -136,7 +142,7 @@ impl Wrapper {
         );
         let program = load_program(&instructions).context("loading the restoring wrapper")?;
         update_map(targets.as_fd(), &target.as_raw_fd().to_ne_bytes())
-        .context("putting the program under test into the wrapper's program array")?;
+            .context("putting the program under test into the wrapper's program array")?;
         Ok(Self {
             program,
             template,
@@ -193,14 +199,14 @@ fn assemble(
     new_flow_each_time: bool,
 ) -> Vec<Instruction> {
     let mut code = vec![
-        instruction(MOV64_REG, 6, 1, 0, 0),                 // r6 = ctx
-        instruction(load_op(4), 2, 6, 0, 0),                // r2 = ctx->data
-        instruction(load_op(4), 3, 6, 4, 0),                // r3 = ctx->data_end
-        instruction(MOV64_REG, 4, 2, 0, 0),                 // r4 = data
-        instruction(ADD64_IMM, 4, 0, 0, frame_len as i32),  // r4 += frame_len
-        instruction(JGT_REG, 4, 3, i16::MAX, 0),            // if r4 > data_end: abort (patched)
+        instruction(MOV64_REG, 6, 1, 0, 0),                // r6 = ctx
+        instruction(load_op(4), 2, 6, 0, 0),               // r2 = ctx->data
+        instruction(load_op(4), 3, 6, 4, 0),               // r3 = ctx->data_end
+        instruction(MOV64_REG, 4, 2, 0, 0),                // r4 = data
+        instruction(ADD64_IMM, 4, 0, 0, frame_len as i32), // r4 += frame_len
+        instruction(JGT_REG, 4, 3, i16::MAX, 0),           // if r4 > data_end: abort (patched)
         instruction(LOAD_IMM64, 5, PSEUDO_MAP_VALUE, 0, template_fd), // r5 = &template[0]
-        instruction(0, 0, 0, 0, 0),                         // ld_imm64's second half: offset 0
+        instruction(0, 0, 0, 0, 0),                        // ld_imm64's second half: offset 0
     ];
     let bounds_check = 5;
     let mut offset = 0;
@@ -218,17 +224,18 @@ fn assemble(
             instruction(load_op(4), 0, 5, COUNTER_OFFSET, 0), // r0 = counter
             instruction(ADD64_IMM, 0, 0, 0, 1),               // r0 += 1
             instruction(store_op(4), 5, 0, COUNTER_OFFSET, 0), // counter = r0
-            instruction(store_op(2), 2, 0, SOURCE_PORT, 0),    // source port = low 16 bits
+            instruction(store_op(2), 2, 0, SOURCE_PORT, 0),   // source port = low 16 bits
             instruction(RSH64_IMM, 0, 0, 0, 16),
-            instruction(store_op(2), 2, 0, SOURCE_ADDRESS_LOW, 0), // address low half = high bits
+            instruction(ADD64_IMM, 0, 0, 0, FIRST_HOST),
+            instruction(store_op(1), 2, 0, SOURCE_ADDRESS_LAST, 0), // last address byte
         ]);
     }
     code.extend([
-        instruction(MOV64_REG, 1, 6, 0, 0),                       // r1 = ctx
+        instruction(MOV64_REG, 1, 6, 0, 0), // r1 = ctx
         instruction(LOAD_IMM64, 2, PSEUDO_MAP_FD, 0, targets_fd), // r2 = program array
         instruction(0, 0, 0, 0, 0),
-        instruction(MOV64_IMM, 3, 0, 0, 0),                 // r3 = slot 0
-        instruction(CALL, 0, 0, 0, BPF_FUNC_TAIL_CALL),     // does not return on success
+        instruction(MOV64_IMM, 3, 0, 0, 0), // r3 = slot 0
+        instruction(CALL, 0, 0, 0, BPF_FUNC_TAIL_CALL), // does not return on success
     ]);
     let abort = code.len();
     code.extend([

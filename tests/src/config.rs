@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     pub vip: String,
     pub port: u16,
     pub protocol: String,
+    /// `scheduler = ...`; `None` leaves the key out (lb-user's default, round robin).
+    pub scheduler: Option<String>,
     pub health_check: HealthCheck,
     /// `(address, port)` of each `[[service.backend]]`.
     pub backends: Vec<(String, u16)>,
@@ -56,6 +58,7 @@ impl ServiceConfig {
              vip = {vip:?}\n\
              port = {port}\n\
              protocol = {protocol:?}\n\
+             {scheduler}\
              \n\
              [service.health_check]\n\
              kind = {kind:?}\n\
@@ -69,6 +72,11 @@ impl ServiceConfig {
             vip = self.vip,
             port = self.port,
             protocol = self.protocol,
+            scheduler = self
+                .scheduler
+                .as_ref()
+                .map(|scheduler| format!("scheduler = {scheduler:?}\n"))
+                .unwrap_or_default(),
             kind = health.kind,
             path = health.path,
             expect_status = health.expect_status,
@@ -107,6 +115,7 @@ mod tests {
             vip: "10.200.1.1".to_string(),
             port: 80,
             protocol: "tcp".to_string(),
+            scheduler: None,
             health_check: HealthCheck::fast_http(),
             backends: vec![("10.200.11.2".to_string(), 80)],
         };
@@ -130,5 +139,25 @@ address = "10.200.11.2"
 port = 80
 "#;
         assert_eq!(service.to_toml(), expected);
+    }
+
+    #[test]
+    fn writes_the_scheduler_when_set() {
+        let service = ServiceConfig {
+            name: "web".to_string(),
+            vip: "10.200.1.1".to_string(),
+            port: 80,
+            protocol: "tcp".to_string(),
+            scheduler: Some("maglev".to_string()),
+            health_check: HealthCheck::fast_http(),
+            backends: vec![("10.200.11.2".to_string(), 80)],
+        };
+        let text = service.to_toml();
+        assert!(
+            text.contains("protocol = \"tcp\"\nscheduler = \"maglev\"\n\n[service.health_check]"),
+            "{text}"
+        );
+        let parsed = lb_user::config::parse(&text).expect("lb-user accepts it");
+        assert_eq!(parsed.services[0].scheduler.to_string(), "maglev");
     }
 }

@@ -116,6 +116,39 @@ impl LoadBalancer {
         self.stats_command(false)
     }
 
+    /// Replaces the configuration file lb-user was started with by `config` and runs
+    /// `lb-user reload`, as an operator adding or removing a backend does. Returns lb-user's
+    /// message; a refused reload is an error (with the log).
+    pub fn reload(&self, config: &str) -> anyhow::Result<String> {
+        let path = self.config_path();
+        fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+        self.control(["reload"])
+    }
+
+    /// `lb-user drain --service SERVICE --backend BACKEND` (`ADDRESS:PORT`); returns its message.
+    pub fn drain(&self, service: &str, backend: &str) -> anyhow::Result<String> {
+        self.control(["drain", "--service", service, "--backend", backend])
+    }
+
+    /// `lb-user undrain --service SERVICE --backend BACKEND`; returns its message.
+    pub fn undrain(&self, service: &str, backend: &str) -> anyhow::Result<String> {
+        self.control(["undrain", "--service", service, "--backend", backend])
+    }
+
+    /// `lb-user flows --json`, optionally filtered by service name and backend
+    /// (`ADDRESS:PORT`), parsed.
+    pub fn flows(&self, service: Option<&str>, backend: Option<&str>) -> anyhow::Result<Vec<Flow>> {
+        let mut args = vec!["flows", "--json"];
+        if let Some(service) = service {
+            args.extend(["--service", service]);
+        }
+        if let Some(backend) = backend {
+            args.extend(["--backend", backend]);
+        }
+        let text = self.control(args)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing `lb-user flows --json`: {text}"))
+    }
+
     /// Waits until at least `count` backends (over all services) are up.
     pub fn wait_backends_up(&mut self, count: usize, timeout: Duration) -> anyhow::Result<Stats> {
         let result = wait_until(timeout, &format!("{count} backends up"), || {
@@ -202,6 +235,22 @@ impl LoadBalancer {
 
     fn socket_path(&self) -> PathBuf {
         self.dir_path.join("ctl.sock")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir_path.join("lb.toml")
+    }
+
+    /// Runs `lb-user ARGS --socket SOCKET` in the lb namespace and returns its stdout; a
+    /// failure carries lb-user's log.
+    fn control<I, S>(&self, args: I) -> anyhow::Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = self.netns.command(&self.binary);
+        command.args(args).arg("--socket").arg(self.socket_path());
+        run_stdout(&mut command).map_err(|error| self.with_log(error.into()))
     }
 
     /// An error (with the log) if lb-user has exited.
@@ -300,6 +349,8 @@ pub struct ServiceStats {
     pub vip: String,
     pub port: u16,
     pub protocol: String,
+    /// `"round-robin"`, `"weighted"` or `"maglev"`.
+    pub scheduler: String,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -315,12 +366,32 @@ pub struct BackendStats {
     pub port: u16,
     /// `"up"` or `"down"`.
     pub state: String,
+    /// The configured weight (0 drains the backend from the configuration).
+    pub weight: u32,
+    /// Drained at run time (`lb-user drain`).
+    pub drained: bool,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub rescheduled: u64,
+}
+
+/// One entry of `lb-user flows --json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Flow {
+    /// `ADDRESS:PORT` of the client.
+    pub client: String,
+    /// The service's name.
+    pub service: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    /// `ADDRESS:PORT` of the backend.
+    pub backend: String,
+    pub idle_seconds: u64,
+    /// `"open"` or `"closing"` (TCP, after a FIN or RST was seen).
+    pub state: String,
 }
 
 impl Stats {
@@ -376,8 +447,10 @@ mod tests {
     fn parses_the_documented_stats() {
         let text = r#"{"interfaces":["lbpub","lbb1","lbb2"],
  "services":[{"name":"web","vip":"10.200.1.1","port":80,"protocol":"tcp",
+   "scheduler":"round-robin",
    "packets":0,"bytes":0,"new_flows":0,"reply_packets":0,"reply_bytes":0,"rescheduled":0,
-   "backends":[{"address":"10.200.11.2","port":80,"state":"up","packets":0,"bytes":0,
+   "backends":[{"address":"10.200.11.2","port":80,"state":"up","weight":1,"drained":false,
+     "packets":0,"bytes":0,
      "new_flows":0,"reply_packets":0,"reply_bytes":0,"rescheduled":0}]}],
  "counters":{"pass_not_service":0,"forward_redirect":3}}"#;
         let stats: Stats = serde_json::from_str(text).expect("the documented shape parses");
@@ -385,5 +458,15 @@ mod tests {
         assert_eq!(stats.counter("forward_redirect").expect("present"), 3);
         assert!(stats.counter("no_such_counter").is_err());
         assert_eq!(stats.backend_states(), "10.200.11.2:80 up");
+        assert!(!stats.backend("10.200.11.2").expect("present").drained);
+    }
+
+    #[test]
+    fn parses_the_flows_listing() {
+        let text = r#"[{"client":"10.200.1.2:40000","service":"web","protocol":"tcp",
+ "backend":"10.200.11.2:80","idle_seconds":3,"state":"open"}]"#;
+        let flows: Vec<Flow> = serde_json::from_str(text).expect("the listing parses");
+        assert_eq!(flows[0].backend, "10.200.11.2:80");
+        assert_eq!(flows[0].state, "open");
     }
 }

@@ -5,8 +5,11 @@
 //! (`ip -n A link add ... peer name ... netns B`), never in the host namespace.
 
 use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::Command;
+use std::thread::{self, JoinHandle};
 
 use anyhow::{bail, Context};
 
@@ -62,6 +65,37 @@ impl NetnsName {
             .split_whitespace()
             .filter_map(|pid| pid.parse().ok())
             .collect())
+    }
+
+    /// Runs `task` on a new thread that first enters the namespace, for tests that open
+    /// sockets themselves. A socket stays in the namespace it was created in, whichever thread
+    /// uses it later; the thread ends with `task`, so it never has to switch back.
+    pub fn spawn_thread<T, F>(
+        &self,
+        thread_name: &str,
+        task: F,
+    ) -> anyhow::Result<JoinHandle<anyhow::Result<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+    {
+        let path = Path::new("/run/netns").join(&self.0);
+        let namespace =
+            File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let name = self.clone();
+        thread::Builder::new()
+            .name(thread_name.to_string())
+            .spawn(move || {
+                // SAFETY: setns(2) with a namespace file we hold open; it moves only the
+                // calling thread, which is this new one.
+                if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("entering network namespace {name}"));
+                }
+                drop(namespace);
+                task()
+            })
+            .with_context(|| format!("starting thread {thread_name}"))
     }
 
     /// Whether the namespace is still registered (`/run/netns/NAME`, where `ip netns` keeps it).

@@ -215,6 +215,10 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
+    # Far above what a test's keep-alive connections use (a request every few hundred ms for
+    # under a minute), so nginx never closes one itself and every break is the balancer's.
+    keepalive_timeout 300s;
+    keepalive_requests 100000;
 
     server {{
         listen {address}:{port};

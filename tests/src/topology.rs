@@ -5,7 +5,11 @@
 //!  eth0 10.200.1.2 ---- lbpub 10.200.1.1 (the VIP)
 //!                       lbb1  10.200.11.1 ------------------- eth0 10.200.11.2  (backend1)
 //!                       lbb2  10.200.12.1 ------------------- eth0 10.200.12.2  (backend2)
+//!                      [lbb3  10.200.13.1 ------------------- eth0 10.200.13.2  (backend3)]
 //! ```
+//!
+//! A third backend (and more) can be wired with [`Topology::add_backend`], for tests that add a
+//! backend to a running balancer.
 //!
 //! The client and the backends route everything through the lb namespace, which forwards
 //! between its interfaces; so without XDP the backends are still reachable through kernel
@@ -51,6 +55,8 @@ pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Backend>,
+    /// The unique prefix of every namespace name, for backends added later.
+    prefix: String,
 }
 
 impl Topology {
@@ -64,15 +70,13 @@ impl Topology {
             client,
             lb,
             backends: Vec::new(),
+            prefix,
         };
         topology
             .connect_client()
             .context("connecting the client namespace")?;
-        for number in 1..=2u8 {
-            let backend = topology
-                .connect_backend(&prefix, number)
-                .with_context(|| format!("connecting backend{number}"))?;
-            topology.backends.push(backend);
+        for _ in 1..=2 {
+            topology.add_backend()?;
         }
         topology
             .enable_forwarding()
@@ -105,8 +109,24 @@ impl Topology {
         Ok(())
     }
 
-    fn connect_backend(&self, prefix: &str, number: u8) -> anyhow::Result<Backend> {
-        let netns = Netns::create(&format!("{prefix}b{number}"))?;
+    /// Wires one more backend: `backend3` in namespace `...b3`, behind `lbb3`, at 10.200.13.2
+    /// with the lb namespace at 10.200.13.1, and so on. Adding it to a running lb-user's
+    /// configuration is up to the caller (rewrite the file, then reload).
+    pub fn add_backend(&mut self) -> anyhow::Result<&Backend> {
+        // Backend n lives in 10.200.(10 + n).0/24; 245 keeps the third octet within a byte.
+        let number = u8::try_from(self.backends.len() + 1)
+            .ok()
+            .filter(|&number| number <= 245)
+            .context("the topology has no address range left for another backend")?;
+        let backend = self
+            .connect_backend(number)
+            .with_context(|| format!("connecting backend{number}"))?;
+        self.backends.push(backend);
+        Ok(&self.backends[self.backends.len() - 1])
+    }
+
+    fn connect_backend(&self, number: u8) -> anyhow::Result<Backend> {
+        let netns = Netns::create(&format!("{}b{number}", self.prefix))?;
         let lb_interface = format!("lbb{number}");
         let address = Ipv4Addr::new(10, 200, 10 + number, 2);
         let lb_address = Ipv4Addr::new(10, 200, 10 + number, 1);
@@ -177,6 +197,7 @@ impl Topology {
             vip: VIP.to_string(),
             port: SERVICE_PORT,
             protocol: "tcp".to_string(),
+            scheduler: None,
             health_check: HealthCheck::fast_http(),
             backends: self
                 .backends

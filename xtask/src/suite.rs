@@ -31,6 +31,10 @@ fn run_suites() -> anyhow::Result<()> {
     run_streaming(cargo_privileged().args(["test", "--workspace", "--exclude", "lb-tests"]))?;
     // The namespace tests share the machine's two CPUs: one at a time keeps timings honest.
     run_streaming(cargo_privileged().args(["test", "-p", "lb-tests", "--", "--test-threads=1"]))?;
+    // Last, so the suites above keep their timings: the benchmarks' smoke run, so that their
+    // code cannot rot. It fails on broken benchmark code (a wrong verdict or frame, a missing
+    // tool, a crash), never on a number.
+    crate::bench::smoke()?;
     Ok(())
 }
 

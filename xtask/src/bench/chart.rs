@@ -136,11 +136,13 @@ fn bars(
         .margin(16)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .build_cartesian_2d((0..groups.len() as i32).into_segmented(), 0.0..top)
+        // A segmented range includes its end: 0..last gives one segment per group.
+        .build_cartesian_2d((0..groups.len() as i32 - 1).into_segmented(), 0.0..top)
         .map_err(drawing)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(WHITE)
         .y_desc(y_label)
         .label_style((FONT, 14))
         .x_label_formatter(&|value| match value {
@@ -160,7 +162,10 @@ fn bars(
             let (from, to) = if side == 0 {
                 (SegmentValue::Exact(index), SegmentValue::CenterOf(index))
             } else {
-                (SegmentValue::CenterOf(index), SegmentValue::Exact(index + 1))
+                (
+                    SegmentValue::CenterOf(index),
+                    SegmentValue::Exact(index + 1),
+                )
             };
             let mut bar = Rectangle::new([(from, 0.0), (to, value)], color.filled());
             if side == 0 {

@@ -96,6 +96,29 @@ pub fn run(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CI's smoke run, the last step of `cargo xtask test`: `bench --quick`, with the report and
+/// the chart written into a temporary directory (checked, then removed) instead of `docs/`.
+pub fn smoke() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let dir = lb_tests::process::TempDir::new(&format!("{}-bench", lb_tests::unique_name()))?;
+    let output = dir.path().to_string_lossy().into_owned();
+    println!("xtask: benchmark smoke run: cargo xtask bench --quick --output {output}");
+    run(&["--quick", "--output", &output]).context("the benchmark smoke run")?;
+    for file in ["benchmarks.md", CHART_FILE] {
+        let path = dir.path().join(file);
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("the smoke run wrote no {}", path.display()))?
+            .len();
+        anyhow::ensure!(size > 0, "the smoke run wrote an empty {}", path.display());
+    }
+    dir.remove()?;
+    println!(
+        "xtask: benchmark smoke run passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Writes `benchmarks.md` and the chart it shows into `dir`.
 fn write_report(
     dir: &std::path::Path,

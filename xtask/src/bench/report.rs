@@ -50,10 +50,7 @@ fn command_output(program: &str, args: &[&str]) -> String {
 }
 
 fn spread(spread: &Spread) -> String {
-    format!(
-        "{:.1} ({:.1}–{:.1})",
-        spread.median, spread.min, spread.max
-    )
+    format!("{:.1} ({:.1}–{:.1})", spread.median, spread.min, spread.max)
 }
 
 fn ratio(case: &Spread, floor: &Spread) -> String {
@@ -89,7 +86,8 @@ pub fn kernel_markdown(report: &KernelReport) -> String {
             ratio(&case.looped, &floor.looped),
             spread(&case.wrapped),
             ratio(&case.wrapped, &floor.wrapped),
-            case.katran_ns.map_or("–".to_string(), |ns| format!("{ns:.0}")),
+            case.katran_ns
+                .map_or("–".to_string(), |ns| format!("{ns:.0}")),
             verdict_against_katran(case),
         );
     }
@@ -190,7 +188,10 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
         "| setup | connections | requests/s | p50 ms | p99 ms | errors | balancer process CPU % | \
          softirq CPU % | softirq µs/request | busiest |"
     );
-    let _ = writeln!(text, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        text,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for mode in [Mode::KeepAlive, Mode::NewConnection] {
         for setup in Setup::ALL {
             let runs = runs_of(report, setup, mode);
@@ -200,10 +201,16 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
             let rates = Spread::of(runs.iter().map(|run| run.requests_per_second).collect());
             let process = match setup {
                 Setup::HaproxyTcp | Setup::HaproxyHttp => {
-                    format!("{:.0} (haproxy)", median(runs.iter().map(|run| run.cpu("haproxy"))))
+                    format!(
+                        "{:.0} (haproxy)",
+                        median(runs.iter().map(|run| run.cpu("haproxy")))
+                    )
                 }
                 Setup::XdpLb => {
-                    format!("{:.1} (lb-user)", median(runs.iter().map(|run| run.cpu("lb-user"))))
+                    format!(
+                        "{:.1} (lb-user)",
+                        median(runs.iter().map(|run| run.cpu("lb-user")))
+                    )
                 }
                 Setup::NftDnat | Setup::Direct => "– (kernel only)".to_string(),
             };
@@ -235,8 +242,7 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
         text,
         "\nUDP packet rate: {UDP_PAYLOAD_NOTE}, {} s floods, {} round(s); packets counted by an \
          nftables counter in each backend namespace.\n",
-        options.udp_seconds,
-        options.udp_rounds
+        options.udp_seconds, options.udp_rounds
     );
     let _ = writeln!(
         text,
@@ -318,7 +324,10 @@ pub fn document(
          cargo xtask bench --quick --output DIR     # CI's smoke run (inside `cargo xtask test`)\n\
          ```\n"
     );
-    let _ = writeln!(text, "![Kernel-level and end-to-end results]({chart_file})\n");
+    let _ = writeln!(
+        text,
+        "![Kernel-level and end-to-end results]({chart_file})\n"
+    );
 
     let _ = writeln!(text, "## Kernel level: cost per packet\n");
     let _ = writeln!(text, "{KERNEL_METHOD}\n");
