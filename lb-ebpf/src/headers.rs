@@ -9,6 +9,10 @@ use aya_ebpf::programs::XdpContext;
 
 pub const ETHERNET_LEN: usize = size_of::<EthernetHeader>();
 pub const ETHER_TYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// 802.1Q (customer) and 802.1ad (service, "QinQ") VLAN tags.
+pub const ETHER_TYPE_VLAN: [u8; 2] = [0x81, 0x00];
+pub const ETHER_TYPE_QINQ: [u8; 2] = [0x88, 0xa8];
+pub const VLAN_TAG_LEN: usize = size_of::<VlanTag>();
 /// IPv4 "more fragments" flag and fragment offset, in the second byte pair of `fragment`.
 pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 
@@ -16,6 +20,13 @@ pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 pub struct EthernetHeader {
     pub dst: [u8; 6],
     pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+/// What follows the Ethernet addresses in a tagged frame: the tag, then the next EtherType.
+#[repr(C)]
+pub struct VlanTag {
+    pub tci: [u8; 2],
     pub ether_type: [u8; 2],
 }
 

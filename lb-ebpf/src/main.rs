@@ -31,8 +31,8 @@ use lb_common::{
 
 use crate::{
     headers::{
-        ptr_at, EthernetHeader, Ipv4Header, TcpHeader, UdpHeader, ETHERNET_LEN, ETHER_TYPE_IPV4,
-        IPV4_FRAGMENT_MASK,
+        ptr_at, EthernetHeader, Ipv4Header, TcpHeader, UdpHeader, VlanTag, ETHERNET_LEN,
+        ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
     },
     maps::{
         count, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SCHEDULE, SERVICES,
@@ -90,12 +90,12 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
     // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
     // that the whole header lies inside the packet.
-    if unsafe { (*ethernet).ether_type } != ETHER_TYPE_IPV4 {
+    let (l3_offset, ether_type) = skip_vlan_tags(ctx, unsafe { (*ethernet).ether_type })?;
+    if ether_type != ETHER_TYPE_IPV4 {
         return Ok(Verdict::Pass(counter::PASS_NOT_IPV4));
     }
 
-    let ip: *mut Ipv4Header =
-        ptr_at(ctx, ETHERNET_LEN).ok_or(Drop(counter::DROP_MALFORMED_IPV4))?;
+    let ip: *mut Ipv4Header = ptr_at(ctx, l3_offset).ok_or(Drop(counter::DROP_MALFORMED_IPV4))?;
     let version_ihl = unsafe { (*ip).version_ihl };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
     if version_ihl >> 4 != 4 || header_len < 20 {
@@ -103,7 +103,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
     // Options (IHL > 5) are kept; the transport header starts after them. A header claiming
     // more bytes than the packet has is as malformed as a truncated one.
-    if ctx.data() + ETHERNET_LEN + header_len > ctx.data_end() {
+    if ctx.data() + l3_offset + header_len > ctx.data_end() {
         return Err(Drop(counter::DROP_MALFORMED_IPV4));
     }
 
@@ -118,7 +118,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     let dst_addr = unsafe { (*ip).dst };
-    let Some(transport) = transport_at(ctx, ETHERNET_LEN + header_len, ip_protocol) else {
+    let Some(transport) = transport_at(ctx, l3_offset + header_len, ip_protocol) else {
         // Without ports we cannot tell whether it is for a service: drop it only if it is
         // addressed to a VIP, and leave everybody else's packets to the kernel.
         if unsafe { VIP_ADDRESSES.get(&dst_addr) }.is_some() {
@@ -150,6 +150,27 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
     }
     Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+}
+
+/// Steps over up to two VLAN tags (802.1ad outside, 802.1Q inside), which stay in the frame
+/// exactly as they came. Returns where the network header starts and its EtherType; a third
+/// tag leaves a VLAN EtherType, which is not ours and passes.
+#[inline(always)]
+fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 2]), Drop> {
+    let mut offset = ETHERNET_LEN;
+    let mut ether_type = ether_type;
+    // A fixed two rounds: the verifier sees the bound, and two tags is what 802.1ad stacks.
+    for _ in 0..2 {
+        if ether_type != ETHER_TYPE_VLAN && ether_type != ETHER_TYPE_QINQ {
+            break;
+        }
+        let tag: *const VlanTag =
+            ptr_at(ctx, offset).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
+        // SAFETY: ptr_at checked the whole tag.
+        ether_type = unsafe { (*tag).ether_type };
+        offset += VLAN_TAG_LEN;
+    }
+    Ok((offset, ether_type))
 }
 
 /// Finds the TCP or UDP header at `offset`, or `None` if it is truncated.
