@@ -21,6 +21,7 @@ pub const SCHEDULE_SIZE: u32 = 1 << 20;
 
 /// IP protocol numbers the datapath balances.
 pub mod protocol {
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
 }
@@ -248,8 +249,13 @@ pub mod counter {
     /// Replies translated by the tc egress program (backends whose traffic the kernel forwards).
     pub const REPLY_EGRESS: u32 = 27;
 
+    /// ICMP errors about a balanced flow's replies, sent on to the flow's backend.
+    pub const ICMP_TO_BACKEND: u32 = 28;
+    /// ICMP errors from a backend's side about a client's packet, sent on to the client.
+    pub const ICMP_TO_CLIENT: u32 = 29;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -281,6 +287,8 @@ pub mod counter {
         "drop_spoofed_source",
         "pass_kernel_forward",
         "reply_egress",
+        "icmp_to_backend",
+        "icmp_to_client",
     ];
 }
 

@@ -15,6 +15,7 @@
 mod checksum;
 mod egress;
 mod headers;
+mod icmp;
 mod maps;
 mod route;
 
@@ -108,6 +109,16 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     let ip_protocol = unsafe { (*ip).protocol };
+    if ip_protocol == protocol::ICMP
+        && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
+    {
+        return Ok(icmp::translate_error(
+            ctx,
+            ethernet,
+            ip,
+            l3_offset + header_len,
+        ));
+    }
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
     }
