@@ -249,7 +249,7 @@ impl XdpDataplane {
                 .ebpf
                 .program_mut(EGRESS_PROGRAM_NAME)
                 .ok_or(ProgramError::NotLoaded)
-                .and_then(|program| <&mut SchedClassifier>::try_from(program))
+                .and_then(<&mut SchedClassifier>::try_from)
                 .and_then(|program| program.detach(link));
             match result {
                 Ok(()) => tracing::info!("detached tc egress program from {interface}"),
