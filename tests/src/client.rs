@@ -54,8 +54,9 @@ impl Client {
     }
 }
 
-/// Bounds every connect, read and write of a [`KeepAliveConnection`].
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bounds every connect, read and write of a [`KeepAliveConnection`]: far above a local
+/// answer, so that only a real break, not a busy machine, fails a request.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response head accepted; nginx's are a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest response body accepted; the testbed's nginx answers with its name.
@@ -77,7 +78,7 @@ pub enum HttpError {
 /// One HTTP/1.1 connection carrying many `GET` requests, as a browser keeps one open: every
 /// answer comes from the backend the balancer chose when the connection was opened. Open it
 /// from a thread inside the client namespace ([`NetnsName::spawn_thread`]); every operation is
-/// bounded by a 2 s timeout.
+/// bounded by a 5 s timeout.
 #[derive(Debug)]
 pub struct KeepAliveConnection {
     stream: TcpStream,
@@ -139,7 +140,9 @@ impl KeepAliveConnection {
                 return Ok((head, buffer[end + 4..].to_vec()));
             }
             if buffer.len() > MAX_HEAD {
-                return Err(HttpError::Malformed(format!("no end of head in {MAX_HEAD} bytes")));
+                return Err(HttpError::Malformed(format!(
+                    "no end of head in {MAX_HEAD} bytes"
+                )));
             }
             match self.stream.read(&mut chunk)? {
                 0 => return Err(HttpError::Closed),
@@ -149,10 +152,12 @@ impl KeepAliveConnection {
     }
 
     fn read_exact(&mut self, buffer: &mut [u8]) -> Result<(), HttpError> {
-        self.stream.read_exact(buffer).map_err(|error| match error.kind() {
-            io::ErrorKind::UnexpectedEof => HttpError::Closed,
-            _ => HttpError::Io(error),
-        })
+        self.stream
+            .read_exact(buffer)
+            .map_err(|error| match error.kind() {
+                io::ErrorKind::UnexpectedEof => HttpError::Closed,
+                _ => HttpError::Io(error),
+            })
     }
 }
 
@@ -187,7 +192,8 @@ mod tests {
 
     #[test]
     fn reads_status_and_length() {
-        let head = "HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-length: 9\r\nConnection: keep-alive";
+        let head =
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-length: 9\r\nConnection: keep-alive";
         assert_eq!(parse_head(head).expect("valid"), 9);
         assert!(matches!(
             parse_head("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0"),

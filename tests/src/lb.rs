@@ -146,7 +146,8 @@ impl LoadBalancer {
             args.extend(["--backend", backend]);
         }
         let text = self.control(args)?;
-        serde_json::from_str(&text).with_context(|| format!("parsing `lb-user flows --json`: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `lb-user flows --json`: {text}"))
     }
 
     /// Waits until at least `count` backends (over all services) are up.

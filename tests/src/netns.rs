@@ -80,8 +80,7 @@ impl NetnsName {
         F: FnOnce() -> anyhow::Result<T> + Send + 'static,
     {
         let path = Path::new("/run/netns").join(&self.0);
-        let namespace =
-            File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let namespace = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let name = self.clone();
         thread::Builder::new()
             .name(thread_name.to_string())
