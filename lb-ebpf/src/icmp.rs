@@ -45,14 +45,17 @@ struct QuotedTransport {
 }
 
 const ICMP_HEADER_LEN: usize = core::mem::size_of::<IcmpHeader>();
+const QUOTED_LEN: usize = core::mem::size_of::<QuotedTransport>();
 
 /// Translates an ICMP error about a balanced flow; passes anything else unchanged.
+/// `packet_end` is where the outer IP packet ends (its total length; padding may follow).
 #[inline(always)]
 pub fn translate_error(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
     ip: *mut Ipv4Header,
     icmp_offset: usize,
+    packet_end: usize,
 ) -> Verdict {
     let not_ours = Verdict::Pass(counter::PASS_NOT_TCP_UDP);
     let Some(icmp) = ptr_at::<IcmpHeader>(ctx, icmp_offset) else {
@@ -75,6 +78,18 @@ pub fn translate_error(
     let Some(quoted) = ptr_at::<QuotedTransport>(ctx, inner_offset + inner_len) else {
         return not_ours;
     };
+    // Everything translated must lie inside the outer packet, not in the frame's padding.
+    // (Checked after ptr_at: the other order lets LLVM merge the two bounds and the verifier
+    // then loses track of the packet pointer's range.)
+    if inner_offset + inner_len + QUOTED_LEN > packet_end {
+        return not_ours;
+    }
+
+    // An error goes to whoever sent the packet it quotes; anything else is forged or not
+    // about a flow of ours, and is left alone.
+    if unsafe { (*ip).dst } != unsafe { (*inner).src } {
+        return not_ours;
+    }
 
     // The quoted packet reversed is the flow as this host keys it: a client's flow if the
     // quoted packet was a reply to the client, a backend's reply if it was the client's packet.

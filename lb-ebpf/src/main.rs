@@ -103,8 +103,14 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         return Err(Drop(counter::DROP_MALFORMED_IPV4));
     }
     // Options (IHL > 5) are kept; the transport header starts after them. A header claiming
-    // more bytes than the packet has is as malformed as a truncated one.
-    if ctx.data() + l3_offset + header_len > ctx.data_end() {
+    // more bytes than the packet has is as malformed as a truncated one, and so is a total
+    // length that is shorter than the header or longer than the frame (the kernel drops both;
+    // Ethernet padding after the packet is fine).
+    let total_len = u16::from_be_bytes(unsafe { (*ip).total_len }) as usize;
+    if ctx.data() + l3_offset + header_len > ctx.data_end()
+        || total_len < header_len
+        || ctx.data() + l3_offset + total_len > ctx.data_end()
+    {
         return Err(Drop(counter::DROP_MALFORMED_IPV4));
     }
 
@@ -112,11 +118,13 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     if ip_protocol == protocol::ICMP
         && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
     {
+        let packet_end = l3_offset + total_len;
         return Ok(icmp::translate_error(
             ctx,
             ethernet,
             ip,
             l3_offset + header_len,
+            packet_end,
         ));
     }
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
@@ -129,7 +137,18 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     let dst_addr = unsafe { (*ip).dst };
-    let Some(transport) = transport_at(ctx, l3_offset + header_len, ip_protocol) else {
+    // The transport header must lie inside the IP packet, not in the frame's padding.
+    let transport_len = if ip_protocol == protocol::TCP {
+        TCP_HEADER_LEN
+    } else {
+        UDP_HEADER_LEN
+    };
+    let transport = if header_len + transport_len <= total_len {
+        transport_at(ctx, l3_offset + header_len, ip_protocol)
+    } else {
+        None
+    };
+    let Some(transport) = transport else {
         // Without ports we cannot tell whether it is for a service: drop it only if it is
         // addressed to a VIP, and leave everybody else's packets to the kernel.
         if unsafe { VIP_ADDRESSES.get(&dst_addr) }.is_some() {
@@ -296,6 +315,9 @@ fn reply(
     };
     route::send(ctx, ethernet, &route, &counters)
 }
+
+const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
+const UDP_HEADER_LEN: usize = core::mem::size_of::<UdpHeader>();
 
 /// TCP flag bits in the 14th byte of the TCP header.
 const TCP_FIN: u8 = 0x01;

@@ -11,12 +11,14 @@ pub mod bench_kernel;
 pub mod bench_wrapper;
 pub mod client;
 pub mod config;
+pub mod fuzz;
 pub mod lb;
 pub mod netns;
 pub mod nginx;
 pub mod packet;
 pub mod process;
 pub mod topology;
+pub mod xdp_pass;
 
 pub use client::Client;
 pub use config::{config_toml, HealthCheck, ServiceConfig};
@@ -24,7 +26,9 @@ pub use lb::{lb_user_binary, BackendStats, LoadBalancer, ServiceStats, Stats};
 pub use netns::{Netns, NetnsName};
 pub use nginx::Nginx;
 pub use process::{pid_alive, unique_name, CommandError};
-pub use topology::{Backend, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SSH_PORT, VIP};
+pub use topology::{
+    Backend, Layout, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SERVICE_PORT, SSH_PORT, VIP,
+};
 
 /// Whether this process runs as root.
 pub fn is_root() -> bool {

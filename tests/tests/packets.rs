@@ -222,6 +222,20 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
     bad_ihl[14] = 0x44;
     let mut long_ihl = syn.clone();
     long_ihl[14] = 0x4f; // claims 60 header bytes; the frame has 40 after Ethernet
+                         // Cut to `len` bytes, with a total length that says so (a consistent, short packet).
+    let cut = |frame: &[u8], len: usize| {
+        let mut frame = frame[..len].to_vec();
+        frame[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+        let (ip, _) = Ipv4Header::from_slice(&frame[14..]).expect("IPv4 header");
+        frame[24..26].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+        frame
+    };
+    let mut long_total = syn.clone();
+    long_total[16..18].copy_from_slice(&41u16.to_be_bytes()); // one byte more than there is
+    let mut short_total = syn.clone();
+    short_total[16..18].copy_from_slice(&19u16.to_be_bytes()); // shorter than its header
+    let mut l4_in_padding = syn.clone();
+    l4_in_padding[16..18].copy_from_slice(&20u16.to_be_bytes()); // TCP only in the padding
 
     // A frame shorter than an Ethernet header cannot be tested: BPF_PROG_TEST_RUN refuses
     // inputs under 14 bytes (EINVAL). The program checks for it anyway, as the verifier demands.
@@ -251,20 +265,44 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
             counter::DROP_MALFORMED_IPV4,
         ),
         (
-            "TCP header cut, to the VIP",
+            "total length past the frame",
+            long_total,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "total length inside the header",
+            short_total,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "a frame cut inside TCP, its total length unchanged",
             syn[..14 + 20 + 10].to_vec(),
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "TCP header cut, to the VIP",
+            cut(&syn, 14 + 20 + 10),
+            XDP_DROP,
+            counter::DROP_MALFORMED_L4,
+        ),
+        (
+            "TCP header only in the Ethernet padding, to the VIP",
+            l4_in_padding,
             XDP_DROP,
             counter::DROP_MALFORMED_L4,
         ),
         (
             "UDP header cut, to the VIP",
-            udp[..14 + 20 + 4].to_vec(),
+            cut(&udp, 14 + 20 + 4),
             XDP_DROP,
             counter::DROP_MALFORMED_L4,
         ),
         (
             "TCP header cut, to another host",
-            to_other_host[..14 + 20 + 10].to_vec(),
+            cut(&to_other_host, 14 + 20 + 10),
             XDP_PASS,
             counter::PASS_NOT_SERVICE,
         ),

@@ -1,0 +1,3033 @@
+//! A seeded, reproducible fuzzer of the loaded datapath (issue 5, "Fuzzing").
+//!
+//! [`run`] sends packets through the real XDP object with `BPF_PROG_TEST_RUN`, in a [`Fixture`]
+//! where every host of both subnets has a permanent neighbour entry: valid client packets for
+//! the configured services (TCP with the flags the flow table follows, UDP with and without a
+//! checksum, IP and TCP options, VLAN tags), valid backend replies and ICMP errors for the flows
+//! it saw forwarded, traffic that is not the balancer's, random garbage, truncations of valid
+//! frames at every length, and mutations of all of these at every field and length. Each packet
+//! is held to properties that hold whatever the input:
+//!
+//! - the program runs (only frames shorter than an Ethernet header may be refused, by the
+//!   kernel, with EINVAL) and returns DROP, PASS, TX or REDIRECT, never ABORTED;
+//! - DROP and PASS leave the frame byte for byte as it came: with every neighbour resolved and
+//!   no backend behind a bridge, the datapath has no reason to hand a translated packet to the
+//!   kernel;
+//! - TX and REDIRECT carry a well-formed IPv4 packet (not a fragment, its total length within
+//!   the frame and covering the headers the datapath translated): a client's packet to a
+//!   backend of the service it addressed, a backend's reply translated to come from the service
+//!   of a flow forwarded earlier, or an ICMP error about such a flow, addressed to the host
+//!   that sent the quoted packet and translated towards the flow's backend or client; nothing
+//!   but the MAC addresses (the next hop's), those addresses and ports, and checksums differ
+//!   from the input, and TX means the egress interface is the ingress one;
+//! - the checksums of a translated packet, recomputed from scratch with etherparse, are valid
+//!   when the input's were, and otherwise exactly as wrong as the input's: the datapath updates
+//!   checksums incrementally and does not verify them, so a corrupted packet reaches its
+//!   receiver, which drops it (as the kernel's own NAT does); an IPv4 UDP checksum of 0 stays 0
+//!   and no other becomes 0;
+//! - a flow stays on its backend until a SYN reuses its closing entry;
+//! - packets the generator knows to be valid get the verdict they must: translated, or passed.
+//!
+//! At the end the datapath's per-reason counters, summed per verdict as `lb-user stats` sums
+//! them, must equal the verdicts seen. Everything derives from the seed, so the same seed and
+//! count send the same packets in the same order, and packet N of a run is reproduced by
+//! `cargo xtask fuzz --seed S --count N+1`.
+//!
+//! Fragments are expected to pass untouched: when the datapath starts balancing them (issue 5),
+//! [`Packet::malformation`] must learn what a translated fragment looks like.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fmt::{self, Write as _},
+    io::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use etherparse::checksum::Sum16BitWords;
+use lb_common::{counter, protocol};
+use lb_user::{
+    config,
+    dataplane::{Dataplane, LoadOptions},
+};
+
+use crate::packet::{
+    Fixture, BACKEND_A, BACKEND_A_MAC, BACKEND_B, BACKEND_B_MAC, BACK_MAC, CLIENT, CLIENT_MAC,
+    ONE_ARMED_BACKEND, ONE_ARMED_MAC, PUB_MAC, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+};
+
+/// Packets `cargo xtask fuzz` sends unless told otherwise.
+pub const DEFAULT_COUNT: u64 = 1_000_000;
+
+/// The fuzzed services: both protocols, every scheduler, two VIPs, the same port number under
+/// both protocols, backends on both interfaces (XDP_REDIRECT and XDP_TX), and backend ports no
+/// two services share, so that a reply tells which service it answers for. Timeouts are a day,
+/// so that no flow expires during a run and the checker can predict where each one goes.
+pub const CONFIG: &str = r#"
+[flows]
+tcp_timeout = "1440m"
+tcp_closing_timeout = "1440m"
+udp_timeout = "1440m"
+
+[[service]]
+name = "web"
+vip = "10.200.1.1"
+port = 80
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 8080
+[[service.backend]]
+address = "10.200.2.11"
+port = 8080
+
+[[service]]
+name = "api"
+vip = "10.200.1.1"
+port = 443
+scheduler = "maglev"
+maglev_table_size = 1009
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 8443
+weight = 2
+[[service.backend]]
+address = "10.200.2.11"
+port = 8443
+
+[[service]]
+name = "dns"
+vip = "10.200.1.1"
+port = 53
+protocol = "udp"
+scheduler = "weighted"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 5353
+weight = 3
+[[service.backend]]
+address = "10.200.2.11"
+port = 5353
+
+[[service]]
+name = "dns-tcp"
+vip = "10.200.1.1"
+port = 53
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.11"
+port = 5354
+
+[[service]]
+name = "one-armed"
+vip = "10.200.1.1"
+port = 82
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.1.20"
+port = 8082
+
+[[service]]
+name = "syslog"
+vip = "10.200.1.50"
+port = 514
+protocol = "udp"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.1.20"
+port = 5514
+[[service.backend]]
+address = "10.200.2.10"
+port = 5514
+"#;
+
+/// The second VIP of [`CONFIG`], not an address of the host.
+const VIP2: [u8; 4] = [10, 200, 1, 50];
+/// Routers, one on each side, that send ICMP errors.
+const PUBLIC_ROUTER: [u8; 4] = [10, 200, 1, 254];
+const BACKEND_ROUTER: [u8; 4] = [10, 200, 2, 254];
+
+const ETHERNET_LEN: usize = 14;
+const VLAN_TAG_LEN: usize = 4;
+/// The largest IPv4 packet either interface carries (both MTUs are 1500): a longer one cannot
+/// arrive, and one that claims to be longer is lying.
+const MAX_IP_LEN: usize = 1500;
+/// The largest frame generated: a full-size packet under two VLAN tags.
+const MAX_FRAME_LEN: usize = ETHERNET_LEN + 2 * VLAN_TAG_LEN + MAX_IP_LEN;
+const XDP_ABORTED: u32 = 0;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+
+/// ICMP types the datapath translates when they quote a balanced flow.
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Flow-table entries kept free of the run's inserts: the kernel's LRU can start evicting a
+/// little before it is full (per-CPU free lists).
+const EVICTION_SLACK: u64 = 4096;
+/// Examples kept per kind of violation.
+const EXAMPLES_PER_KIND: usize = 3;
+/// Kinds of violation whose first example is replayed alone in a fresh fixture.
+const REPLAYED_KINDS: usize = 8;
+
+// ---------------------------------------------------------------------------------------------
+// What a run reports.
+
+/// Verdict slots of [`Report::verdicts`]: the XDP actions 0 to 4, then anything else.
+const VERDICT_NAMES: [&str; 6] = ["aborted", "drop", "pass", "tx", "redirect", "other"];
+
+/// What a run sent, what the program did with it, and what broke a property.
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    /// Packets generated, refused ones included.
+    pub count: u64,
+    pub elapsed: Duration,
+    /// Frames shorter than an Ethernet header, which the kernel refuses (EINVAL) before the
+    /// program runs; not counted by the datapath.
+    pub refused: u64,
+    /// Packets by the verdict returned, indexed like `VERDICT_NAMES`: aborted, drop, pass, tx,
+    /// redirect, anything else.
+    pub verdicts: [u64; 6],
+    /// The same, per kind of generated packet.
+    pub by_source: Vec<(&'static str, [u64; 6])>,
+    /// The datapath's own counters summed per verdict (`pass_*`, `drop_*`, `*_tx`,
+    /// `*_redirect`), indexed like `verdicts`.
+    pub counted: [u64; 6],
+    /// The datapath's counters that are not zero, by name.
+    pub counters: Vec<(&'static str, u64)>,
+    /// Translated packets whose input already had a wrong checksum, carried through unchanged.
+    pub carried_bad_checksums: u64,
+    /// Violations by kind.
+    pub violation_counts: BTreeMap<&'static str, u64>,
+    /// The first few violations of each kind.
+    pub violations: Vec<Violation>,
+}
+
+/// One packet that broke a property.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    /// A short name for the property broken, e.g. `pass_changed`.
+    pub kind: &'static str,
+    /// The packet's position in the run (0-based); the run's length for the counter check.
+    pub index: u64,
+    pub message: String,
+    /// How the generator made the packet.
+    pub case: String,
+    /// The interface the packet arrived on: `pub` or `back`.
+    pub interface: &'static str,
+    pub frame: Vec<u8>,
+    pub verdict: Option<u32>,
+    pub output: Vec<u8>,
+    /// Whether the frame alone, sent first into a fresh fixture, breaks the same property; None
+    /// when not tried.
+    pub alone: Option<bool>,
+    /// What the generator knew the verdict must be, for the replay.
+    expect: Expect,
+}
+
+impl Report {
+    /// Whether no property was broken.
+    pub fn passed(&self) -> bool {
+        self.violation_counts.is_empty()
+    }
+
+    pub fn packets_per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A seed from the clock, for runs that should not all send the same packets.
+pub fn seed_from_clock() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs() ^ (u64::from(now.subsec_nanos()) << 20)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+/// Sends `count` generated packets through the datapath and checks each one; see the module
+/// documentation. Needs root (a network namespace and BPF).
+pub fn run(seed: u64, count: u64) -> Report {
+    let world = World::new();
+    let capacity = (count + 2 * EVICTION_SLACK).clamp(1024, 1 << 24);
+    let options = LoadOptions {
+        flow_table_size: capacity as u32,
+        ..LoadOptions::default()
+    };
+    let mut fixture = Fixture::with_config(CONFIG, &options);
+    add_neighbours();
+
+    let mut generator = Generator::new(seed);
+    let mut model = Model::new(capacity);
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    for index in 0..count {
+        let case = generator.next(&world, &model);
+        let outcome = run_frame(&mut fixture, &case);
+        let checked = check(&world, &mut model, &case, &outcome);
+        tally.record(index, &case, &outcome, checked);
+    }
+    let elapsed = started.elapsed();
+
+    let counters = fixture.dataplane.counters().expect("reading COUNTERS");
+    tally.check_counters(count, &counters);
+    drop(fixture);
+    tally.replay_alone(&world);
+    tally.into_report(seed, count, elapsed)
+}
+
+/// What `BPF_PROG_TEST_RUN` made of one frame.
+enum Outcome {
+    /// Shorter than an Ethernet header: the kernel refused it with EINVAL, as it must.
+    Refused,
+    Failed(String),
+    Ran {
+        verdict: u32,
+        output: Vec<u8>,
+    },
+}
+
+fn run_frame(fixture: &mut Fixture, case: &Case) -> Outcome {
+    let ifindex = match case.ingress {
+        Interface::Public => fixture.pub_ifindex,
+        Interface::Backend => fixture.back_ifindex,
+    };
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex (as in `Fixture::run`, which panics where this reports).
+    let context: Vec<u8> = [0, case.frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|field| field.to_ne_bytes())
+        .collect();
+    let mut output = vec![0u8; case.frame.len() + 256];
+    let program = fixture.dataplane.program().expect("the XDP program");
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(&case.frame),
+        data_out: Some(&mut output),
+        ctx_in: Some(&context),
+        ..TestRunOptions::default()
+    });
+    match result {
+        Ok(result) => {
+            output.truncate(result.data_size_out as usize);
+            Outcome::Ran {
+                verdict: result.return_value,
+                output,
+            }
+        }
+        Err(ProgramError::SyscallError(error))
+            if case.frame.len() < ETHERNET_LEN
+                && error.io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            Outcome::Refused
+        }
+        Err(error) => {
+            let cause = std::error::Error::source(&error).map(ToString::to_string);
+            Outcome::Failed(format!("{error}: {}", cause.unwrap_or_default()))
+        }
+    }
+}
+
+/// Gives every host of both subnets, but the balancer's own addresses, a permanent neighbour
+/// entry beside the fixture's four: replies go to whichever client a (mutated) packet opened a
+/// flow from, and an unresolved neighbour would make the datapath pass a translated packet.
+fn add_neighbours() {
+    let mut batch = String::new();
+    for (subnet, device) in [(1, "pub"), (2, "back")] {
+        for host in (0..=255).filter(|&host| host != 1) {
+            let addr = [10, 200, subnet, host];
+            if [CLIENT, ONE_ARMED_BACKEND, BACKEND_A, BACKEND_B].contains(&addr) {
+                continue;
+            }
+            let mac = neighbour_mac(addr)
+                .map(|byte| format!("{byte:02x}"))
+                .join(":");
+            let addr = std::net::Ipv4Addr::from(addr);
+            writeln!(
+                batch,
+                "neigh replace {addr} lladdr {mac} dev {device} nud permanent"
+            )
+            .expect("writing to a String");
+        }
+    }
+    // The child inherits this thread's network namespace: the fixture's.
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ip -batch");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(batch.as_bytes())
+        .expect("writing the neighbour batch");
+    let output = child.wait_with_output().expect("waiting for ip -batch");
+    assert!(
+        output.status.success(),
+        "adding neighbours failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The MAC address of a host of either subnet: the fixture's for its four, a made-up one for
+/// the others (see [`add_neighbours`]).
+fn neighbour_mac(addr: [u8; 4]) -> [u8; 6] {
+    match addr {
+        CLIENT => CLIENT_MAC,
+        ONE_ARMED_BACKEND => ONE_ARMED_MAC,
+        BACKEND_A => BACKEND_A_MAC,
+        BACKEND_B => BACKEND_B_MAC,
+        [_, _, subnet, host] => [0x02, 0, 0, 0xee, subnet, host],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The services and interfaces, as the checker knows them.
+
+/// One service of [`CONFIG`].
+struct Service {
+    name: String,
+    vip: [u8; 4],
+    port: u16,
+    protocol: u8,
+    backends: Vec<([u8; 4], u16)>,
+}
+
+struct World {
+    services: Vec<Service>,
+}
+
+impl World {
+    fn new() -> Self {
+        let config = config::parse(CONFIG).expect("the fuzz configuration is valid");
+        let services = config
+            .services
+            .iter()
+            .map(|service| Service {
+                name: service.name.clone(),
+                vip: service.vip.octets(),
+                port: service.port,
+                protocol: service.protocol.number(),
+                backends: service
+                    .backends
+                    .iter()
+                    .map(|backend| (backend.addr.ip().octets(), backend.addr.port()))
+                    .collect(),
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// The service a packet to `addr`:`port` is for.
+    fn service_for(&self, addr: [u8; 4], port: u16, protocol: u8) -> Option<usize> {
+        self.services.iter().position(|service| {
+            (service.vip, service.port, service.protocol) == (addr, port, protocol)
+        })
+    }
+
+    /// Whether `addr`:`port` is a backend of some service of `protocol`.
+    fn is_backend(&self, addr: [u8; 4], port: u16, protocol: u8) -> bool {
+        self.services
+            .iter()
+            .any(|service| service.protocol == protocol && service.backends.contains(&(addr, port)))
+    }
+}
+
+/// The fixture's two interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interface {
+    /// `pub`, 10.200.1.0/24: clients, the VIPs, the one-armed backend.
+    Public,
+    /// `back`, 10.200.2.0/24: backends A and B.
+    Backend,
+}
+
+impl Interface {
+    /// The interface a host of either subnet is reached through.
+    fn of(addr: [u8; 4]) -> Option<Self> {
+        match addr {
+            [10, 200, 1, _] => Some(Self::Public),
+            [10, 200, 2, _] => Some(Self::Backend),
+            _ => None,
+        }
+    }
+
+    fn from_name(name: &str) -> Self {
+        if name == "back" {
+            Self::Backend
+        } else {
+            Self::Public
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Public => "pub",
+            Self::Backend => "back",
+        }
+    }
+
+    fn mac(self) -> [u8; 6] {
+        match self {
+            Self::Public => PUB_MAC,
+            Self::Backend => BACK_MAC,
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Public => Self::Backend,
+            Self::Backend => Self::Public,
+        }
+    }
+}
+
+/// A packet's addresses, ports and protocol, the ports in host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Tuple {
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+}
+
+impl Tuple {
+    fn reversed(self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+impl fmt::Display for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.protocol {
+            protocol::TCP => "tcp",
+            protocol::UDP => "udp",
+            _ => "ip",
+        };
+        write!(
+            f,
+            "{} > {} {name}",
+            endpoint((self.src, self.src_port)),
+            endpoint((self.dst, self.dst_port))
+        )
+    }
+}
+
+fn endpoint((addr, port): ([u8; 4], u16)) -> String {
+    format!("{}:{port}", std::net::Ipv4Addr::from(addr))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated packets.
+
+/// What made a packet, for the report's breakdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Client,
+    Reply,
+    IcmpError,
+    Other,
+    Garbage,
+    Mutated,
+    Truncated,
+}
+
+impl Source {
+    const ALL: [Source; 7] = [
+        Source::Client,
+        Source::Reply,
+        Source::IcmpError,
+        Source::Other,
+        Source::Garbage,
+        Source::Mutated,
+        Source::Truncated,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Source::Client => "client",
+            Source::Reply => "reply",
+            Source::IcmpError => "icmp error",
+            Source::Other => "not ours",
+            Source::Garbage => "garbage",
+            Source::Mutated => "mutated",
+            Source::Truncated => "truncated",
+        }
+    }
+}
+
+/// The verdict a packet must get, when the generator knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// Valid and the balancer's: translated and sent (the reason, for the report).
+    Sent(&'static str),
+    /// Not the balancer's: passed.
+    Pass,
+    /// Only the general properties apply.
+    Any,
+}
+
+struct Case {
+    source: Source,
+    frame: Vec<u8>,
+    ingress: Interface,
+    expect: Expect,
+    description: String,
+}
+
+/// splitmix64: small, fast, and the same sequence everywhere for a seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound` (bound > 0); the modulo bias is irrelevant here.
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+
+    fn u16(&mut self) -> u16 {
+        self.next() as u16
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    /// Mostly one of the last few items, sometimes any: flows get several packets in a row.
+    fn pick_recent<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            return None;
+        }
+        let window = if self.chance(70) { 64 } else { items.len() };
+        let window = window.min(items.len());
+        Some(items[items.len() - 1 - self.below(window)])
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(len + 8);
+        while bytes.len() < len {
+            bytes.extend_from_slice(&self.next().to_le_bytes());
+        }
+        bytes.truncate(len);
+        bytes
+    }
+}
+
+/// A valid IPv4 TCP or UDP frame, before it is written out.
+struct Spec {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    /// VLAN tags as they follow the MAC addresses: type and tag control, 4 bytes each.
+    vlan: Vec<u8>,
+    tuple: Tuple,
+    ip_options: Vec<u8>,
+    tos: u8,
+    ttl: u8,
+    id: u16,
+    dont_fragment: bool,
+    seq: u32,
+    ack: u32,
+    tcp_flags: u8,
+    tcp_options: Vec<u8>,
+    window: u16,
+    udp_checksum: bool,
+    payload: Vec<u8>,
+    /// Padding up to the 60-byte Ethernet minimum, as a NIC delivers short frames; random
+    /// bytes when Some(true), zeros when Some(false).
+    pad: Option<bool>,
+}
+
+impl Spec {
+    fn frame(&self, rng: &mut Rng) -> Vec<u8> {
+        let mut frame = ethernet(self.dst_mac, self.src_mac, &self.vlan);
+        frame.extend(self.ip_packet());
+        refresh_checksums(&mut frame);
+        if let Some(random) = self.pad {
+            while frame.len() < 60 {
+                frame.push(if random { rng.byte() } else { 0 });
+            }
+        }
+        frame
+    }
+
+    /// The IPv4 packet, checksums left at zero (or at the UDP placeholder).
+    fn ip_packet(&self) -> Vec<u8> {
+        let is_tcp = self.tuple.protocol == protocol::TCP;
+        let ip_len = 20 + self.ip_options.len();
+        let l4_len = if is_tcp {
+            20 + self.tcp_options.len()
+        } else {
+            8
+        };
+        let total_len = ip_len + l4_len + self.payload.len();
+        let mut packet = Vec::with_capacity(total_len);
+        packet.push(0x40 | (ip_len / 4) as u8);
+        packet.push(self.tos);
+        packet.extend_from_slice(&(total_len as u16).to_be_bytes());
+        packet.extend_from_slice(&self.id.to_be_bytes());
+        packet.extend_from_slice(&(u16::from(self.dont_fragment) << 14).to_be_bytes());
+        packet.extend_from_slice(&[self.ttl, self.tuple.protocol, 0, 0]);
+        packet.extend_from_slice(&self.tuple.src);
+        packet.extend_from_slice(&self.tuple.dst);
+        packet.extend_from_slice(&self.ip_options);
+        packet.extend_from_slice(&self.tuple.src_port.to_be_bytes());
+        packet.extend_from_slice(&self.tuple.dst_port.to_be_bytes());
+        if is_tcp {
+            packet.extend_from_slice(&self.seq.to_be_bytes());
+            packet.extend_from_slice(&self.ack.to_be_bytes());
+            packet.push(((l4_len / 4) as u8) << 4);
+            packet.push(self.tcp_flags);
+            packet.extend_from_slice(&self.window.to_be_bytes());
+            packet.extend_from_slice(&[0, 0, 0, 0]);
+            packet.extend_from_slice(&self.tcp_options);
+        } else {
+            packet.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            // Any non-zero value: refresh_checksums computes it; zero means "no checksum".
+            let placeholder = if self.udp_checksum { 0xffff_u16 } else { 0 };
+            packet.extend_from_slice(&placeholder.to_be_bytes());
+        }
+        packet.extend_from_slice(&self.payload);
+        packet
+    }
+}
+
+/// An Ethernet header with the IPv4 EtherType after `vlan`'s tags.
+fn ethernet(dst: [u8; 6], src: [u8; 6], vlan: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETHERNET_LEN + vlan.len() + MAX_IP_LEN);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(vlan);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame
+}
+
+/// Makes the packets of a run, from the seed and from what the model has seen forwarded.
+struct Generator {
+    rng: Rng,
+    /// Client tuples already used, so that flows get more than one packet.
+    conversations: Vec<Tuple>,
+    /// Cases made ahead (a truncation sweep).
+    queued: VecDeque<Case>,
+}
+
+impl Generator {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng(seed),
+            conversations: Vec::new(),
+            queued: VecDeque::new(),
+        }
+    }
+
+    fn next(&mut self, world: &World, model: &Model) -> Case {
+        if let Some(case) = self.queued.pop_front() {
+            return case;
+        }
+        match self.rng.below(1000) {
+            0 => {
+                self.queue_truncations(world, model);
+                self.queued
+                    .pop_front()
+                    .expect("a sweep has at least one frame")
+            }
+            1..=329 => self.client(world),
+            330..=509 => self.reply(model).unwrap_or_else(|| self.client(world)),
+            510..=549 => self
+                .icmp_error(world, model)
+                .unwrap_or_else(|| self.client(world)),
+            550..=619 => self.other(world, model),
+            620..=669 => self.garbage(),
+            _ => self.mutated(world, model),
+        }
+    }
+
+    /// A valid packet from a client (any host of `pub`'s subnet but the VIPs) to a service:
+    /// a new flow, or the next packet of one started earlier.
+    fn client(&mut self, world: &World) -> Case {
+        let (tuple, new) = match self.rng.pick_recent(&self.conversations) {
+            Some(tuple) if self.rng.chance(60) => (tuple, false),
+            _ => (self.new_conversation(world), true),
+        };
+        let flags = if tuple.protocol != protocol::TCP {
+            0
+        } else if new {
+            TCP_SYN
+        } else {
+            self.client_flags()
+        };
+        let spec = self.spec(tuple, neighbour_mac(tuple.src), PUB_MAC, flags);
+        Case {
+            source: Source::Client,
+            frame: spec.frame(&mut self.rng),
+            ingress: Interface::Public,
+            expect: Expect::Sent("a valid packet for a service must be forwarded"),
+            description: format!("client {tuple} {}{}", flag_names(flags), vlan_note(&spec)),
+        }
+    }
+
+    fn new_conversation(&mut self, world: &World) -> Tuple {
+        let service = &world.services[self.rng.below(world.services.len())];
+        let host = match 2 + self.rng.below(252) as u8 {
+            50 => 51, // VIP2
+            host => host,
+        };
+        let tuple = Tuple {
+            src: [10, 200, 1, host],
+            dst: service.vip,
+            src_port: 1024 + self.rng.below(64512) as u16,
+            dst_port: service.port,
+            protocol: service.protocol,
+        };
+        if self.conversations.len() >= 8192 {
+            self.conversations.drain(..4096);
+        }
+        self.conversations.push(tuple);
+        tuple
+    }
+
+    fn client_flags(&mut self) -> u8 {
+        match self.rng.below(100) {
+            0..=29 => TCP_ACK,
+            30..=59 => TCP_PSH | TCP_ACK,
+            60..=69 => TCP_FIN | TCP_ACK,
+            70..=74 => TCP_RST,
+            75..=79 => TCP_RST | TCP_ACK,
+            80..=89 => TCP_SYN,
+            90..=94 => TCP_SYN | TCP_ACK,
+            _ => self.rng.byte(),
+        }
+    }
+
+    /// A valid reply from a backend to the client of a flow the checker saw forwarded.
+    fn reply(&mut self, model: &Model) -> Option<Case> {
+        let tuple = self.rng.pick_recent(&model.replies)?;
+        let ingress = Interface::of(tuple.src)?;
+        let flags = if tuple.protocol != protocol::TCP {
+            0
+        } else {
+            match self.rng.below(100) {
+                0..=29 => TCP_ACK,
+                30..=64 => TCP_PSH | TCP_ACK,
+                65..=74 => TCP_SYN | TCP_ACK,
+                75..=84 => TCP_FIN | TCP_ACK,
+                85..=89 => TCP_RST,
+                90..=94 => TCP_RST | TCP_ACK,
+                _ => self.rng.byte(),
+            }
+        };
+        let spec = self.spec(tuple, neighbour_mac(tuple.src), ingress.mac(), flags);
+        Some(Case {
+            source: Source::Reply,
+            frame: spec.frame(&mut self.rng),
+            ingress,
+            expect: if model.complete() {
+                Expect::Sent("a valid reply of a flow the datapath holds must be translated")
+            } else {
+                Expect::Any
+            },
+            description: format!("reply {tuple} {}{}", flag_names(flags), vlan_note(&spec)),
+        })
+    }
+
+    /// A valid ICMP error about a flow the checker saw forwarded: from the client's side about
+    /// a reply (for the flow's backend), or from the backend's side about a client's packet
+    /// (for the client).
+    fn icmp_error(&mut self, world: &World, model: &Model) -> Option<Case> {
+        let reply = self.rng.pick_recent(&model.replies)?;
+        let service = &world.services[*model.reverse.get(&reply)?];
+        let client_packet = Tuple {
+            src: reply.dst,
+            dst: reply.src,
+            src_port: reply.dst_port,
+            dst_port: reply.src_port,
+            protocol: reply.protocol,
+        };
+        let (outer_src, quoted, ingress) = if self.rng.chance(50) {
+            // What this host sent the client, refused by the client or a router before it.
+            let quoted = Tuple {
+                src: service.vip,
+                src_port: service.port,
+                ..reply
+            };
+            let sender = self.rng.pick(&[reply.dst, PUBLIC_ROUTER]);
+            (sender, quoted, Interface::Public)
+        } else {
+            // What this host sent the backend, refused by it or a router before it.
+            let ingress = Interface::of(reply.src)?;
+            let router = match ingress {
+                Interface::Public => PUBLIC_ROUTER,
+                Interface::Backend => BACKEND_ROUTER,
+            };
+            (self.rng.pick(&[reply.src, router]), client_packet, ingress)
+        };
+        let flags = if quoted.protocol == protocol::TCP {
+            TCP_ACK
+        } else {
+            0
+        };
+        let frame = self.icmp_frame(outer_src, quoted.src, quoted, flags, ingress);
+        Some(Case {
+            source: Source::IcmpError,
+            frame,
+            ingress,
+            expect: if model.complete() {
+                Expect::Sent("a valid ICMP error about a balanced flow must be translated")
+            } else {
+                Expect::Any
+            },
+            description: format!(
+                "ICMP error from {} about {quoted}",
+                std::net::Ipv4Addr::from(outer_src)
+            ),
+        })
+    }
+
+    /// An ICMP error from `src` to `dst` quoting a packet of `quoted`: its IP header and the
+    /// first 8 transport bytes (RFC 792), or more of it (RFC 1812).
+    fn icmp_frame(
+        &mut self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        quoted: Tuple,
+        flags: u8,
+        ingress: Interface,
+    ) -> Vec<u8> {
+        let mut inner = self.spec(quoted, [0; 6], [0; 6], flags);
+        inner.vlan.clear();
+        let mut inner_frame = ethernet([0; 6], [0; 6], &[]);
+        inner_frame.extend(inner.ip_packet());
+        refresh_checksums(&mut inner_frame);
+        let quoted_len = if self.rng.chance(50) {
+            20 + inner.ip_options.len() + 8
+        } else {
+            inner_frame.len() - ETHERNET_LEN
+        };
+        let (kind, code, rest) = match self.rng.below(5) {
+            0 => (ICMP_UNREACHABLE, 4, [0, 0, 0x05, 0x78]), // fragmentation needed, MTU 1400
+            1 => (ICMP_UNREACHABLE, 3, [0; 4]),             // port unreachable
+            2 => (ICMP_UNREACHABLE, 1, [0; 4]),             // host unreachable
+            3 => (ICMP_TIME_EXCEEDED, 0, [0; 4]),
+            _ => (ICMP_PARAMETER_PROBLEM, 0, [20, 0, 0, 0]),
+        };
+        let mut body = vec![kind, code, 0, 0];
+        body.extend_from_slice(&rest);
+        body.extend_from_slice(&inner_frame[ETHERNET_LEN..ETHERNET_LEN + quoted_len]);
+        body.truncate(MAX_IP_LEN - 20);
+        let vlan = self.vlan();
+        let mut frame = ethernet(ingress.mac(), neighbour_mac(src), &vlan);
+        frame.extend(ipv4_header(src, dst, protocol::ICMP, body.len()));
+        frame.extend(body);
+        refresh_checksums(&mut frame);
+        frame
+    }
+
+    /// The rest of a valid packet around `tuple`: options, sizes and header fields at random.
+    fn spec(&mut self, tuple: Tuple, src_mac: [u8; 6], dst_mac: [u8; 6], flags: u8) -> Spec {
+        let vlan = self.vlan();
+        let rng = &mut self.rng;
+        let ip_options = if rng.chance(10) {
+            ip_options(rng)
+        } else {
+            Vec::new()
+        };
+        let tcp_options = if tuple.protocol == protocol::TCP && rng.chance(30) {
+            tcp_options(rng)
+        } else {
+            Vec::new()
+        };
+        let transport_len = if tuple.protocol == protocol::TCP {
+            20 + tcp_options.len()
+        } else {
+            8
+        };
+        let headers = 20 + ip_options.len() + transport_len;
+        let payload_len = match rng.below(10) {
+            0..=4 => 0,
+            5..=7 => 1 + rng.below(64),
+            8 => 1 + rng.below(512),
+            _ => 1 + rng.below(MAX_IP_LEN - headers),
+        };
+        Spec {
+            src_mac,
+            dst_mac,
+            vlan,
+            tuple,
+            ip_options,
+            tos: if rng.chance(80) { 0 } else { rng.byte() },
+            ttl: if rng.chance(80) { 64 } else { rng.byte() },
+            id: rng.u16(),
+            dont_fragment: rng.chance(50),
+            seq: rng.next() as u32,
+            ack: if flags & TCP_ACK != 0 {
+                rng.next() as u32
+            } else {
+                0
+            },
+            tcp_flags: flags,
+            tcp_options,
+            window: rng.u16(),
+            udp_checksum: rng.chance(80),
+            payload: rng.bytes(payload_len),
+            pad: match rng.below(10) {
+                0..=4 => Some(false),
+                5 => Some(true),
+                _ => None,
+            },
+        }
+    }
+
+    /// No tag mostly; sometimes an 802.1Q tag, or an 802.1ad tag over an 802.1Q one.
+    fn vlan(&mut self) -> Vec<u8> {
+        let rng = &mut self.rng;
+        match rng.below(20) {
+            0 => vec![0x81, 0x00, rng.byte() & 0x0f, rng.byte()],
+            1 => vec![
+                0x88,
+                0xa8,
+                rng.byte() & 0x0f,
+                rng.byte(),
+                0x81,
+                0x00,
+                rng.byte() & 0x0f,
+                rng.byte(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Traffic that is not the balancer's: it must pass untouched.
+    fn other(&mut self, world: &World, model: &Model) -> Case {
+        let client = [10, 200, 1, 2 + self.rng.below(48) as u8];
+        let client_port = 1024 + self.rng.below(64512) as u16;
+        let mut ingress = Interface::Public;
+        let (frame, description) = match self.rng.below(9) {
+            0 => (arp_request(client), "ARP request".to_string()),
+            1 => (ipv6_tcp(&mut self.rng, client), "IPv6 TCP".to_string()),
+            2 => {
+                let protocol = self.rng.pick(&[1, 0, 47, 50, 132, 255]);
+                let frame = ipv4_other(&mut self.rng, client, VIP, protocol);
+                (frame, format!("IPv4 protocol {protocol} to the VIP"))
+            }
+            3 | 4 => {
+                // To a VIP or another host, on a port and protocol no service has there.
+                let dst = self.rng.pick(&[VIP, VIP2, [10, 200, 1, 99], BACKEND_A]);
+                let protocol = self.rng.pick(&[protocol::TCP, protocol::UDP]);
+                let random = self.rng.u16();
+                let mut port = self.rng.pick(&[22, 80, 53, 443, 8080, 514, random]);
+                while world.service_for(dst, port, protocol).is_some() {
+                    port = port.wrapping_add(1);
+                }
+                let tuple = Tuple {
+                    src: client,
+                    dst,
+                    src_port: client_port,
+                    dst_port: port,
+                    protocol,
+                };
+                let flags = if protocol == protocol::TCP {
+                    TCP_SYN
+                } else {
+                    0
+                };
+                let spec = self.spec(tuple, neighbour_mac(client), PUB_MAC, flags);
+                (spec.frame(&mut self.rng), format!("not a service: {tuple}"))
+            }
+            5 => {
+                // A backend answering a client it has no balanced flow with.
+                let service = &world.services[self.rng.below(world.services.len())];
+                let (addr, port) = self.rng.pick(&service.backends);
+                ingress = Interface::of(addr).expect("backends are on the two subnets");
+                let tuple = Tuple {
+                    src: addr,
+                    dst: client,
+                    src_port: port,
+                    dst_port: client_port,
+                    protocol: service.protocol,
+                };
+                let flags = if service.protocol == protocol::TCP {
+                    TCP_ACK
+                } else {
+                    0
+                };
+                let spec = self.spec(tuple, neighbour_mac(addr), ingress.mac(), flags);
+                (spec.frame(&mut self.rng), format!("no flow: {tuple}"))
+            }
+            6 => {
+                // An ICMP error about a packet of no balanced flow.
+                let quoted = Tuple {
+                    src: VIP,
+                    dst: client,
+                    src_port: self.rng.pick(&[80, 22, 443]),
+                    dst_port: client_port,
+                    protocol: protocol::TCP,
+                };
+                let frame = self.icmp_frame(client, VIP, quoted, TCP_ACK, ingress);
+                (frame, format!("ICMP error about no flow: {quoted}"))
+            }
+            7 => {
+                // The balancer's own traffic with a backend: a health check's answer.
+                let (addr, port) = self.rng.pick(&[(BACKEND_A, 8080), (BACKEND_B, 5354)]);
+                ingress = Interface::Backend;
+                let tuple = Tuple {
+                    src: addr,
+                    dst: [10, 200, 2, 1],
+                    src_port: port,
+                    dst_port: client_port,
+                    protocol: protocol::TCP,
+                };
+                let spec = self.spec(tuple, neighbour_mac(addr), BACK_MAC, TCP_SYN | TCP_ACK);
+                (
+                    spec.frame(&mut self.rng),
+                    format!("health check answer: {tuple}"),
+                )
+            }
+            _ => {
+                // Three VLAN tags: more than the datapath steps over.
+                let tuple = Tuple {
+                    src: client,
+                    dst: VIP,
+                    src_port: client_port,
+                    dst_port: 80,
+                    protocol: protocol::TCP,
+                };
+                let mut spec = self.spec(tuple, neighbour_mac(client), PUB_MAC, TCP_SYN);
+                spec.vlan = [0x88, 0xa8, 0, 1, 0x81, 0x00, 0, 2, 0x81, 0x00, 0, 3].to_vec();
+                (
+                    spec.frame(&mut self.rng),
+                    format!("three VLAN tags: {tuple}"),
+                )
+            }
+        };
+        let expect = if model.knows(&frame) {
+            Expect::Any
+        } else {
+            Expect::Pass
+        };
+        Case {
+            source: Source::Other,
+            frame,
+            ingress,
+            expect,
+            description,
+        }
+    }
+
+    /// Random bytes, sometimes behind an IPv4 EtherType and version.
+    fn garbage(&mut self) -> Case {
+        let len = if self.rng.chance(50) {
+            self.rng.below(100)
+        } else {
+            self.rng.below(MAX_FRAME_LEN + 1)
+        };
+        let mut frame = self.rng.bytes(len);
+        if frame.len() >= 15 && self.rng.chance(40) {
+            frame[12..14].copy_from_slice(&[0x08, 0x00]);
+            if self.rng.chance(50) {
+                frame[14] = 0x45;
+            }
+        }
+        let ingress = if self.rng.chance(50) {
+            Interface::Public
+        } else {
+            Interface::Backend
+        };
+        Case {
+            source: Source::Garbage,
+            frame,
+            ingress,
+            expect: Expect::Any,
+            description: format!("{len} random bytes"),
+        }
+    }
+
+    /// A valid frame with one to three fields changed, its checksums mostly made right again,
+    /// then sometimes cut, extended or given a wrong checksum.
+    fn mutated(&mut self, world: &World, model: &Model) -> Case {
+        let mut case = match self.rng.below(100) {
+            0..=54 => self.client(world),
+            55..=79 => self.reply(model).unwrap_or_else(|| self.client(world)),
+            80..=89 => self
+                .icmp_error(world, model)
+                .unwrap_or_else(|| self.client(world)),
+            _ => self.other(world, model),
+        };
+        let mut changes = Vec::new();
+        for _ in 0..1 + self.rng.below(3) {
+            changes.push(self.mutate_field(&mut case, world));
+        }
+        if self.rng.chance(80) {
+            refresh_checksums(&mut case.frame);
+        } else {
+            changes.push("checksums left stale".to_string());
+        }
+        if self.rng.chance(25) {
+            changes.push(self.mutate_after(&mut case.frame));
+        }
+        case.frame.truncate(MAX_FRAME_LEN);
+        case.source = Source::Mutated;
+        case.expect = Expect::Any;
+        case.description = format!("{}; then {}", case.description, changes.join(", "));
+        case
+    }
+
+    /// Changes one field (or inserts a header) and says what it did.
+    fn mutate_field(&mut self, case: &mut Case, world: &World) -> String {
+        let rng = &mut self.rng;
+        let frame = &mut case.frame;
+        let ip = ipv4_offset(frame).unwrap_or(ETHERNET_LEN);
+        let l4 = ip
+            + frame
+                .get(ip)
+                .map_or(20, |byte| usize::from(byte & 0x0f) * 4);
+        match rng.below(18) {
+            0 => {
+                let flips = 1 + rng.below(4);
+                for _ in 0..flips {
+                    let span = if rng.chance(70) {
+                        ip + 120
+                    } else {
+                        frame.len()
+                    };
+                    let offset = rng.below(span.min(frame.len()).max(1));
+                    if let Some(byte) = frame.get_mut(offset) {
+                        *byte ^= 1 << rng.below(8);
+                    }
+                }
+                format!("{flips} bits flipped")
+            }
+            1 => {
+                let offset = rng.below(frame.len().max(1));
+                let value = rng.byte();
+                set(frame, offset, value);
+                format!("byte {offset} = {value:#04x}")
+            }
+            2 => {
+                let ihl = rng.below(16) as u8;
+                let version = frame.get(ip).map_or(0, |byte| byte & 0xf0);
+                set(frame, ip, version | ihl);
+                format!("IHL {ihl}")
+            }
+            3 => {
+                let version = rng.below(16) as u8;
+                let ihl = frame.get(ip).map_or(0, |byte| byte & 0x0f);
+                set(frame, ip, ihl | version << 4);
+                format!("IP version {version}")
+            }
+            4 => {
+                let actual = frame.len().saturating_sub(ip);
+                let header = l4 - ip;
+                let length = match rng.below(8) {
+                    0 => 0,
+                    1 => rng.below(65536),
+                    2 => actual + 1 + rng.below(64),
+                    3 => actual.saturating_sub(1 + rng.below(8)),
+                    4 => header,
+                    5 => header + rng.below(20),
+                    6 => 0xffff,
+                    _ => MAX_IP_LEN + 1 + rng.below(100),
+                };
+                set_u16(frame, ip + 2, length as u16);
+                format!("total length {length} (actual {actual})")
+            }
+            5 => {
+                let fragment: u16 = match rng.below(5) {
+                    0 => 0x2000,                            // more fragments
+                    1 => 1 + rng.below(0x1fff) as u16,      // an offset
+                    2 => 0x2000 | rng.below(0x2000) as u16, // both
+                    3 => 0x4000,                            // don't fragment only
+                    _ => 0x8000 | rng.below(0x8000) as u16, // the reserved bit and more
+                };
+                set_u16(frame, ip + 6, fragment);
+                format!("fragment field {fragment:#06x}")
+            }
+            6 => {
+                let random = rng.byte();
+                let value = rng.pick(&[protocol::TCP, protocol::UDP, 1, 0, 41, 132, random]);
+                set(frame, ip + 9, value);
+                format!("protocol {value}")
+            }
+            7 => {
+                let ether_type = rng.pick(&[0x0806, 0x86dd, 0x8100, 0x88a8, 0x9100, 0x0800, 0]);
+                set_u16(frame, ip - 2, ether_type);
+                format!("EtherType before the IP header {ether_type:#06x}")
+            }
+            8 => {
+                let mut tags = vec![0x81, 0x00, rng.byte() & 0x0f, rng.byte()];
+                if rng.chance(40) {
+                    tags.splice(0..0, [0x88, 0xa8, rng.byte() & 0x0f, rng.byte()]);
+                }
+                let at = frame.len().min(12);
+                frame.splice(at..at, tags.iter().copied());
+                format!("{} VLAN tag(s) more", tags.len() / VLAN_TAG_LEN)
+            }
+            9 => {
+                let offset = rng.below(16) as u8;
+                set(frame, l4 + 12, offset << 4);
+                format!("TCP data offset {offset}")
+            }
+            10 => {
+                let flags = rng.byte();
+                set(frame, l4 + 13, flags);
+                format!("TCP flags {}", flag_names(flags))
+            }
+            11 => {
+                let random = rng.u16();
+                let length = rng.pick(&[0, 1, 7, 8, random, 0xffff]);
+                set_u16(frame, l4 + 4, length);
+                format!("UDP length {length}")
+            }
+            12 => {
+                let service = &world.services[rng.below(world.services.len())];
+                let random = rng.u16();
+                let port = rng.pick(&[service.port, random, 0, 80, 53]);
+                let (offset, side) = if rng.chance(70) {
+                    (l4 + 2, "destination")
+                } else {
+                    (l4, "source")
+                };
+                set_u16(frame, offset, port);
+                format!("{side} port {port}")
+            }
+            13 => {
+                let (random_public, random_backend) = (rng.byte(), rng.byte());
+                let addr = rng.pick(&[
+                    VIP,
+                    VIP2,
+                    CLIENT,
+                    BACKEND_A,
+                    BACKEND_B,
+                    ONE_ARMED_BACKEND,
+                    [10, 200, 2, 1],
+                    [10, 200, 1, 255],
+                    [10, 200, 1, 0],
+                    [0, 0, 0, 0],
+                    [255, 255, 255, 255],
+                    [127, 0, 0, 1],
+                    [224, 0, 0, 1],
+                    [8, 8, 8, 8],
+                    [10, 200, 1, random_public],
+                    [10, 200, 2, random_backend],
+                ]);
+                let (offset, side) = match rng.below(4) {
+                    0 | 1 => (ip + 16, "destination"),
+                    2 => (ip + 12, "source"),
+                    // In an ICMP error, the quoted packet's source.
+                    _ => (l4 + 8 + 12, "quoted source"),
+                };
+                for (i, byte) in addr.iter().enumerate() {
+                    set(frame, offset + i, *byte);
+                }
+                format!("{side} address {}", std::net::Ipv4Addr::from(addr))
+            }
+            14 => {
+                case.ingress = case.ingress.other();
+                format!("sent on {}", case.ingress.name())
+            }
+            15 => insert_ip_options(rng, frame, ip),
+            16 => {
+                let mac = rng.pick(&[
+                    [0xff; 6],
+                    [0x01, 0, 0x5e, 0, 0, 1],
+                    [0x02, 0, 0, 0, 0, 0x99],
+                ]);
+                let offset = rng.pick(&[0, 6]);
+                for (i, byte) in mac.iter().enumerate() {
+                    set(frame, offset + i, *byte);
+                }
+                format!("MAC at {offset} = {mac:02x?}")
+            }
+            _ => {
+                let random = rng.byte();
+                let (offset, value) = rng.pick(&[(ip + 8, 0), (ip + 8, 1), (ip + 1, random)]);
+                set(frame, offset, value);
+                set_u16(frame, ip + 4, rng.u16());
+                format!("byte {offset} = {value}, new IP id")
+            }
+        }
+    }
+
+    /// A change made after the checksums: a cut, trailing bytes, or a wrong checksum.
+    fn mutate_after(&mut self, frame: &mut Vec<u8>) -> String {
+        let rng = &mut self.rng;
+        match rng.below(6) {
+            0..=1 => {
+                let len = rng.below(frame.len() + 1);
+                frame.truncate(len);
+                format!("cut to {len} bytes")
+            }
+            2 => {
+                let extra = 1 + rng.below(64);
+                frame.extend(rng.bytes(extra));
+                format!("{extra} bytes appended")
+            }
+            3 => {
+                let xor = 1 + rng.below(0xffff) as u16;
+                let ip = ipv4_offset(frame).unwrap_or(ETHERNET_LEN);
+                xor_u16(frame, ip + 10, xor);
+                format!("IPv4 checksum ^ {xor:#06x}")
+            }
+            4 => {
+                let xor = 1 + rng.below(0xffff) as u16;
+                if let Some(packet) = Packet::parse(frame) {
+                    xor_u16(frame, packet.check_offset(), xor);
+                }
+                format!("transport checksum ^ {xor:#06x}")
+            }
+            _ => {
+                if let Some(packet) = Packet::parse(frame) {
+                    if packet.protocol == protocol::UDP {
+                        set_u16(frame, packet.check_offset(), 0);
+                    }
+                }
+                "UDP checksum zeroed".to_string()
+            }
+        }
+    }
+
+    /// A valid frame cut at every length up to past its headers, in a row.
+    fn queue_truncations(&mut self, world: &World, model: &Model) {
+        let base = match self.rng.below(10) {
+            0..=5 => self.client(world),
+            6..=7 => self.reply(model).unwrap_or_else(|| self.client(world)),
+            _ => self
+                .icmp_error(world, model)
+                .unwrap_or_else(|| self.client(world)),
+        };
+        let lengths = base.frame.len().min(ETHERNET_LEN + 8 + 60 + 60 + 8);
+        for len in 0..lengths {
+            self.queued.push_back(Case {
+                source: Source::Truncated,
+                frame: base.frame[..len].to_vec(),
+                ingress: base.ingress,
+                expect: Expect::Any,
+                description: format!("{} cut to {len} bytes", base.description),
+            });
+        }
+    }
+}
+
+/// IPv4 options of one to ten words: no-operations behind a router alert, or random bytes.
+fn ip_options(rng: &mut Rng) -> Vec<u8> {
+    let words = 1 + rng.below(10);
+    if rng.chance(20) {
+        return rng.bytes(words * 4);
+    }
+    let mut options = vec![0x94, 0x04, 0x00, 0x00];
+    options.resize(words * 4, 1);
+    options
+}
+
+/// TCP options as a SYN or a segment carries them, sometimes with random bytes.
+fn tcp_options(rng: &mut Rng) -> Vec<u8> {
+    let mut options = Vec::new();
+    if rng.chance(60) {
+        options.extend_from_slice(&[2, 4, 0x05, 0xb4]);
+    }
+    if rng.chance(50) {
+        options.extend_from_slice(&[1, 3, 3, rng.below(15) as u8]);
+    }
+    if rng.chance(50) {
+        options.extend_from_slice(&[4, 2]);
+    }
+    if rng.chance(50) {
+        options.extend_from_slice(&[8, 10]);
+        options.extend(rng.bytes(8));
+    }
+    if rng.chance(10) {
+        let len = 1 + rng.below(8);
+        options.extend(rng.bytes(len));
+    }
+    while options.len() % 4 != 0 {
+        options.push(0);
+    }
+    options
+}
+
+/// Grows the IPv4 header at `ip` by whole words of options, keeping the total length in step.
+fn insert_ip_options(rng: &mut Rng, frame: &mut Vec<u8>, ip: usize) -> String {
+    let (Some(&version_ihl), Some(total_len)) = (frame.get(ip), frame.get(ip + 2..ip + 4)) else {
+        return "IP options (no IP header)".to_string();
+    };
+    let total_len = usize::from(u16::from_be_bytes([total_len[0], total_len[1]]));
+    let ihl = usize::from(version_ihl & 0x0f);
+    if ihl >= 15 || ip + ihl * 4 > frame.len() || total_len + 4 > MAX_IP_LEN {
+        return "IP options (no room)".to_string();
+    }
+    let words = (1 + rng.below(15 - ihl)).min((MAX_IP_LEN - total_len) / 4);
+    let options = if rng.chance(50) {
+        vec![1; words * 4]
+    } else {
+        rng.bytes(words * 4)
+    };
+    let at = ip + ihl * 4;
+    frame.splice(at..at, options);
+    frame[ip] = (version_ihl & 0xf0) | (ihl + words) as u8;
+    set_u16(frame, ip + 2, (total_len + words * 4) as u16);
+    format!("{words} words of IP options inserted")
+}
+
+/// A 20-byte IPv4 header for `payload_len` bytes of `protocol`; checksum left at zero.
+fn ipv4_header(src: [u8; 4], dst: [u8; 4], protocol: u8, payload_len: usize) -> Vec<u8> {
+    let mut header = vec![0x45, 0];
+    header.extend_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0, 64, protocol, 0, 0]);
+    header.extend_from_slice(&src);
+    header.extend_from_slice(&dst);
+    header
+}
+
+fn arp_request(sender: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&neighbour_mac(sender));
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&neighbour_mac(sender));
+    frame.extend_from_slice(&sender);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&VIP);
+    frame.resize(60, 0);
+    frame
+}
+
+fn ipv6_tcp(rng: &mut Rng, client: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(74);
+    frame.extend_from_slice(&PUB_MAC);
+    frame.extend_from_slice(&neighbour_mac(client));
+    frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 20, protocol::TCP, 64]);
+    frame.extend(rng.bytes(32 + 20));
+    frame
+}
+
+/// An IPv4 packet of another protocol (an ICMP echo request when 1), checksums right.
+fn ipv4_other(rng: &mut Rng, src: [u8; 4], dst: [u8; 4], protocol: u8) -> Vec<u8> {
+    let mut body = if protocol == protocol::ICMP {
+        vec![8, 0, 0, 0, 0, 1, 0, 1]
+    } else {
+        Vec::new()
+    };
+    let len = rng.below(64);
+    body.extend(rng.bytes(len));
+    let mut frame = ethernet(PUB_MAC, neighbour_mac(src), &[]);
+    frame.extend(ipv4_header(src, dst, protocol, body.len()));
+    frame.extend(body);
+    refresh_checksums(&mut frame);
+    frame
+}
+
+fn set(frame: &mut [u8], offset: usize, value: u8) {
+    if let Some(byte) = frame.get_mut(offset) {
+        *byte = value;
+    }
+}
+
+fn set_u16(frame: &mut [u8], offset: usize, value: u16) {
+    if let Some(field) = frame.get_mut(offset..offset + 2) {
+        field.copy_from_slice(&value.to_be_bytes());
+    }
+}
+
+fn xor_u16(frame: &mut [u8], offset: usize, xor: u16) {
+    if let Some(field) = frame.get(offset..offset + 2) {
+        let value = u16::from_be_bytes([field[0], field[1]]) ^ xor;
+        set_u16(frame, offset, value);
+    }
+}
+
+fn flag_names(flags: u8) -> String {
+    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    let set: Vec<&str> = (0..8)
+        .filter(|bit| flags & (1 << bit) != 0)
+        .map(|bit| names[bit])
+        .collect();
+    set.join("|")
+}
+
+fn vlan_note(spec: &Spec) -> &'static str {
+    match spec.vlan.len() / VLAN_TAG_LEN {
+        0 => "",
+        1 => " (802.1Q tag)",
+        _ => " (802.1ad and 802.1Q tags)",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading frames, and checksums recomputed with etherparse.
+
+/// Where the IPv4 header starts: after the Ethernet header and up to two VLAN tags (802.1Q or
+/// 802.1ad, in either position, as the datapath steps over them), if the EtherType then says
+/// IPv4.
+fn ipv4_offset(frame: &[u8]) -> Option<usize> {
+    let mut offset = ETHERNET_LEN;
+    for _ in 0..3 {
+        match frame.get(offset - 2..offset)? {
+            [0x08, 0x00] => return Some(offset),
+            [0x81, 0x00] | [0x88, 0xa8] => offset += VLAN_TAG_LEN,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An IPv4 frame as far as the datapath reads one to translate it: the EtherType after at most
+/// two tags, version 4, a header of at least 20 bytes inside the frame, then the fixed part of
+/// a TCP or UDP header, or an ICMP error quoting the IP header and 8 bytes of a TCP or UDP
+/// packet, inside the frame. Says nothing about the lengths a receiver would check.
+struct Packet {
+    /// Where the IPv4 header starts.
+    l3: usize,
+    header_len: usize,
+    /// The IPv4 total length field.
+    total_len: usize,
+    /// Flags and fragment offset.
+    fragment: u16,
+    protocol: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    layer4: Layer4,
+}
+
+enum Layer4 {
+    /// TCP or UDP.
+    Ports {
+        src_port: u16,
+        dst_port: u16,
+        tcp_flags: u8,
+    },
+    /// An ICMP error: where the quoted IPv4 header starts, its length, and the quoted packet's
+    /// addresses and ports.
+    IcmpError {
+        quoted: usize,
+        quoted_len: usize,
+        tuple: Tuple,
+    },
+}
+
+impl Packet {
+    fn parse(frame: &[u8]) -> Option<Self> {
+        let l3 = ipv4_offset(frame)?;
+        let ip = frame.get(l3..)?;
+        if ip.len() < 20 {
+            return None;
+        }
+        let header_len = usize::from(ip[0] & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || header_len < 20 || header_len > ip.len() {
+            return None;
+        }
+        let word = |bytes: &[u8], at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+        let address =
+            |bytes: &[u8], at: usize| -> [u8; 4] { bytes[at..at + 4].try_into().expect("4 bytes") };
+        let protocol = ip[9];
+        let fragment = word(ip, 6);
+        let l4 = &ip[header_len..];
+        let layer4 = match protocol {
+            protocol::TCP | protocol::UDP => {
+                let fixed = if protocol == protocol::TCP { 20 } else { 8 };
+                if l4.len() < fixed {
+                    return None;
+                }
+                Layer4::Ports {
+                    src_port: word(l4, 0),
+                    dst_port: word(l4, 2),
+                    tcp_flags: if protocol == protocol::TCP { l4[13] } else { 0 },
+                }
+            }
+            protocol::ICMP if fragment & 0x3fff == 0 => {
+                let kind = *l4.first()?;
+                let inner = l4.get(8..)?;
+                if ![ICMP_UNREACHABLE, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM].contains(&kind)
+                    || inner.len() < 20
+                {
+                    return None;
+                }
+                let quoted_len = usize::from(inner[0] & 0x0f) * 4;
+                let inner_protocol = inner[9];
+                if quoted_len < 20
+                    || ![protocol::TCP, protocol::UDP].contains(&inner_protocol)
+                    || inner.len() < quoted_len + 8
+                {
+                    return None;
+                }
+                Layer4::IcmpError {
+                    quoted: l3 + header_len + 8,
+                    quoted_len,
+                    tuple: Tuple {
+                        src: address(inner, 12),
+                        dst: address(inner, 16),
+                        src_port: word(inner, quoted_len),
+                        dst_port: word(inner, quoted_len + 2),
+                        protocol: inner_protocol,
+                    },
+                }
+            }
+            _ => return None,
+        };
+        Some(Self {
+            l3,
+            header_len,
+            total_len: usize::from(word(ip, 2)),
+            fragment,
+            protocol,
+            src: address(ip, 12),
+            dst: address(ip, 16),
+            layer4,
+        })
+    }
+
+    fn l4(&self) -> usize {
+        self.l3 + self.header_len
+    }
+
+    /// The packet's own addresses and ports (TCP and UDP).
+    fn tuple(&self) -> Option<Tuple> {
+        match self.layer4 {
+            Layer4::Ports {
+                src_port, dst_port, ..
+            } => Some(Tuple {
+                src: self.src,
+                dst: self.dst,
+                src_port,
+                dst_port,
+                protocol: self.protocol,
+            }),
+            Layer4::IcmpError { .. } => None,
+        }
+    }
+
+    /// Where the transport (or ICMP) checksum is.
+    fn check_offset(&self) -> usize {
+        self.l4()
+            + match self.protocol {
+                protocol::TCP => 16,
+                protocol::UDP => 6,
+                _ => 2,
+            }
+    }
+
+    /// Bytes the translated headers need after the IPv4 header.
+    fn translated_len(&self) -> usize {
+        match self.layer4 {
+            Layer4::Ports { .. } if self.protocol == protocol::TCP => 20,
+            Layer4::Ports { .. } => 8,
+            Layer4::IcmpError { quoted_len, .. } => 8 + quoted_len + 8,
+        }
+    }
+
+    /// Why the kernel's IPv4 input would refuse this packet, or would not see all of the
+    /// headers the datapath translated, if it would.
+    fn malformation(&self, frame_len: usize) -> Option<String> {
+        let available = frame_len - self.l3;
+        if self.fragment & 0x3fff != 0 {
+            return Some(format!("an IPv4 fragment (field {:#06x})", self.fragment));
+        }
+        if self.total_len > available {
+            return Some(format!(
+                "IPv4 total length {} exceeds the {available} bytes after the link header",
+                self.total_len
+            ));
+        }
+        if self.total_len < self.header_len {
+            return Some(format!(
+                "IPv4 total length {} is shorter than its {}-byte header",
+                self.total_len, self.header_len
+            ));
+        }
+        if self.total_len < self.header_len + self.translated_len() {
+            return Some(format!(
+                "IPv4 total length {} ends inside the {} bytes after the {}-byte IP header that \
+                 the datapath translated",
+                self.total_len,
+                self.translated_len(),
+                self.header_len
+            ));
+        }
+        None
+    }
+
+    /// The bytes the transport checksum covers, from the transport header to the end of the IP
+    /// packet (or of the frame, if the packet claims more), or to the end of the UDP datagram
+    /// when its length field is plausible; and the length for the pseudo-header. None when the
+    /// checksum field itself is outside.
+    fn l4_extent(&self, frame: &[u8]) -> Option<(usize, usize, u16)> {
+        let start = self.l4();
+        let ip_end = (self.l3 + self.total_len).min(frame.len());
+        if ip_end < self.check_offset() + 2 {
+            return None;
+        }
+        if self.protocol == protocol::UDP {
+            let udp_len = usize::from(u16::from_be_bytes([frame[start + 4], frame[start + 5]]));
+            if udp_len >= 8 && start + udp_len <= ip_end {
+                return Some((start, start + udp_len, udp_len as u16));
+            }
+        }
+        Some((start, ip_end, (ip_end - start) as u16))
+    }
+}
+
+/// The ones'-complement of the sum over an IPv4 header at `l3`, with its checksum field as it
+/// is or as zero: 0 (or 0xffff) when the stored checksum is right; the right checksum when
+/// zeroed.
+fn ip_sum(frame: &[u8], l3: usize, header_len: usize, zero_field: bool) -> u16 {
+    let header = &frame[l3..l3 + header_len];
+    let field = if zero_field {
+        [0, 0]
+    } else {
+        [header[10], header[11]]
+    };
+    let sum = Sum16BitWords::new()
+        .add_slice(&header[..10])
+        .add_2bytes(field)
+        .add_slice(&header[12..])
+        .ones_complement();
+    wire_order(sum)
+}
+
+/// As [`ip_sum`], for the transport checksum (TCP, UDP: with the pseudo-header, its addresses
+/// read from the frame) or the ICMP checksum (over the whole message).
+fn l4_sum(frame: &[u8], packet: &Packet, zero_field: bool) -> Option<u16> {
+    let (start, end, len) = packet.l4_extent(frame)?;
+    let check = packet.check_offset();
+    let field = if zero_field {
+        [0, 0]
+    } else {
+        [frame[check], frame[check + 1]]
+    };
+    let l3 = packet.l3;
+    let pseudo_header = if packet.protocol == protocol::ICMP {
+        Sum16BitWords::new()
+    } else {
+        Sum16BitWords::new()
+            .add_4bytes(frame[l3 + 12..l3 + 16].try_into().expect("4 bytes"))
+            .add_4bytes(frame[l3 + 16..l3 + 20].try_into().expect("4 bytes"))
+            .add_2bytes([0, packet.protocol])
+            .add_2bytes(len.to_be_bytes())
+    };
+    let sum = pseudo_header
+        .add_slice(&frame[start..check])
+        .add_2bytes(field)
+        .add_slice(&frame[check + 2..end]);
+    Some(wire_order(sum.ones_complement()))
+}
+
+/// etherparse sums 16-bit words in the machine's byte order; this is the checksum as the
+/// header field reads in network order.
+fn wire_order(sum: u16) -> u16 {
+    u16::from_be_bytes(sum.to_ne_bytes())
+}
+
+/// How far a checksum is off, 0 when it is right (0 and 0xffff are the same number in ones'
+/// complement).
+fn residual(sum: u16) -> u16 {
+    if sum == 0xffff {
+        0
+    } else {
+        sum
+    }
+}
+
+/// Recomputes the IPv4 header checksum and the TCP, UDP or ICMP checksum, as far as the frame
+/// lets them be located; an IPv4 UDP checksum of 0 (none) stays 0, a computed 0 is sent as
+/// 0xffff. For an ICMP error, the quoted IPv4 header's checksum is left as it is.
+fn refresh_checksums(frame: &mut [u8]) {
+    let Some(l3) = ipv4_offset(frame) else {
+        return;
+    };
+    let header_len = frame.get(l3).map_or(0, |byte| usize::from(byte & 0x0f) * 4);
+    if frame[l3] >> 4 != 4 || header_len < 20 || l3 + header_len > frame.len() {
+        return;
+    }
+    let sum = ip_sum(frame, l3, header_len, true);
+    set_u16(frame, l3 + 10, sum);
+    let packet = match Packet::parse(frame) {
+        Some(packet) => packet,
+        // Other ICMP messages: only their checksum field's place matters here.
+        None if frame[l3 + 9] == protocol::ICMP => Packet {
+            l3,
+            header_len,
+            total_len: usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]])),
+            fragment: 0,
+            protocol: protocol::ICMP,
+            src: [0; 4],
+            dst: [0; 4],
+            layer4: Layer4::Ports {
+                src_port: 0,
+                dst_port: 0,
+                tcp_flags: 0,
+            },
+        },
+        None => return,
+    };
+    let check = packet.check_offset();
+    let is_udp = packet.protocol == protocol::UDP;
+    if is_udp && frame.get(check..check + 2) == Some(&[0, 0]) {
+        return;
+    }
+    if let Some(sum) = l4_sum(frame, &packet, true) {
+        set_u16(frame, check, if is_udp && sum == 0 { 0xffff } else { sum });
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
+            write!(out, "{byte:02x}").expect("writing to a String");
+            out
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the checker remembers: the flows it saw forwarded.
+
+/// A flow as the datapath must hold it.
+#[derive(Clone, Copy)]
+struct Flow {
+    backend: ([u8; 4], u16),
+    /// A FIN or RST was seen: the next SYN may go elsewhere.
+    closing: bool,
+}
+
+/// The flow table and the reverse-translation table, rebuilt from the translations seen. Every
+/// entry the datapath makes comes with a translated packet, so this is the datapath's state as
+/// long as nothing was evicted.
+struct Model {
+    /// Client tuple (to the VIP) to its flow.
+    flows: HashMap<Tuple, Flow>,
+    /// Reply tuple (backend to client) to the index of the service.
+    reverse: HashMap<Tuple, usize>,
+    /// Reply tuples in the order they appeared, for the generator.
+    replies: Vec<Tuple>,
+    /// Entries the datapath has inserted.
+    inserts: u64,
+    capacity: u64,
+}
+
+impl Model {
+    fn new(capacity: u64) -> Self {
+        Self {
+            flows: HashMap::new(),
+            reverse: HashMap::new(),
+            replies: Vec::new(),
+            inserts: 0,
+            capacity,
+        }
+    }
+
+    /// Whether the datapath's tables can still hold every entry this run made: until then,
+    /// a flow's absence or move is a bug, not an eviction.
+    fn complete(&self) -> bool {
+        self.inserts + EVICTION_SLACK < self.capacity
+    }
+
+    /// Whether the frame belongs to a flow: a reply, or an ICMP error about one.
+    fn knows(&self, frame: &[u8]) -> bool {
+        match Packet::parse(frame) {
+            Some(Packet {
+                layer4: Layer4::IcmpError { tuple, .. },
+                ..
+            }) => {
+                let key = tuple.reversed();
+                self.flows.contains_key(&key) || self.reverse.contains_key(&key)
+            }
+            Some(packet) => packet
+                .tuple()
+                .is_some_and(|tuple| self.reverse.contains_key(&tuple)),
+            None => false,
+        }
+    }
+
+    /// A client packet of `tuple` was translated to `backend`, as the datapath's flow table
+    /// follows TCP: same backend unless a SYN (without ACK) finds a closing entry. Returns
+    /// whether that made a new flow, and a finding if the flow moved.
+    fn forwarded(
+        &mut self,
+        tuple: Tuple,
+        service: usize,
+        backend: ([u8; 4], u16),
+        flags: u8,
+    ) -> (bool, Option<Finding>) {
+        let is_tcp = tuple.protocol == protocol::TCP;
+        let syn = is_tcp && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let closing = is_tcp && flags & (TCP_FIN | TCP_RST) != 0;
+        let kept = self
+            .flows
+            .get(&tuple)
+            .copied()
+            .filter(|flow| !(syn && flow.closing));
+        let finding = match kept {
+            Some(flow) if flow.backend != backend && self.complete() => Some(Finding::new(
+                "flow_moved",
+                format!(
+                    "flow {tuple} moved from {} to {} without a new SYN after a FIN or RST",
+                    endpoint(flow.backend),
+                    endpoint(backend)
+                ),
+            )),
+            _ => None,
+        };
+        match self.flows.get_mut(&tuple) {
+            Some(flow) if kept.is_some_and(|kept| kept.backend == backend) => {
+                flow.closing |= closing;
+                return (false, finding);
+            }
+            _ => {
+                self.flows.insert(tuple, Flow { backend, closing });
+                let reply = Tuple {
+                    src: backend.0,
+                    dst: tuple.src,
+                    src_port: backend.1,
+                    dst_port: tuple.src_port,
+                    protocol: tuple.protocol,
+                };
+                if self.reverse.insert(reply, service).is_none() {
+                    self.replies.push(reply);
+                }
+                self.inserts += 1;
+            }
+        }
+        (true, finding)
+    }
+
+    /// A reply was translated: its FIN or RST closes the client's flow too.
+    fn replied(&mut self, reply: Tuple, service: &Service, flags: u8) {
+        if reply.protocol != protocol::TCP || flags & (TCP_FIN | TCP_RST) == 0 {
+            return;
+        }
+        let forward = Tuple {
+            src: reply.dst,
+            dst: service.vip,
+            src_port: reply.dst_port,
+            dst_port: service.port,
+            protocol: reply.protocol,
+        };
+        if let Some(flow) = self.flows.get_mut(&forward) {
+            flow.closing = true;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The properties, checked per packet.
+
+/// One broken property of one packet.
+struct Finding {
+    kind: &'static str,
+    message: String,
+}
+
+impl Finding {
+    fn new(kind: &'static str, message: String) -> Self {
+        Self { kind, message }
+    }
+}
+
+#[derive(Default)]
+struct Checked {
+    findings: Vec<Finding>,
+    /// A translated packet whose input checksum was already wrong, and stayed as wrong.
+    carried_bad_checksum: bool,
+}
+
+fn verdict_name(verdict: u32) -> &'static str {
+    VERDICT_NAMES[verdict_slot(verdict)]
+}
+
+fn verdict_slot(verdict: u32) -> usize {
+    (verdict as usize).min(5)
+}
+
+fn check(world: &World, model: &mut Model, case: &Case, outcome: &Outcome) -> Checked {
+    let mut checked = Checked::default();
+    let (verdict, output) = match outcome {
+        Outcome::Refused => return checked,
+        Outcome::Failed(error) => {
+            let message = format!("BPF_PROG_TEST_RUN failed: {error}");
+            checked.findings.push(Finding::new("run_failed", message));
+            return checked;
+        }
+        Outcome::Ran { verdict, output } => (*verdict, output),
+    };
+    if verdict == XDP_ABORTED || verdict > XDP_REDIRECT {
+        let message = format!("returned {verdict} ({})", verdict_name(verdict));
+        checked.findings.push(Finding::new("bad_verdict", message));
+    }
+    if output.len() != case.frame.len() {
+        let message = format!("{} bytes in, {} out", case.frame.len(), output.len());
+        checked
+            .findings
+            .push(Finding::new("length_changed", message));
+        return checked;
+    }
+
+    let changed = *output != case.frame;
+    if changed && (verdict == XDP_PASS || verdict == XDP_DROP) {
+        let first = output.iter().zip(&case.frame).position(|(a, b)| a != b);
+        let kind = if verdict == XDP_PASS {
+            "pass_changed"
+        } else {
+            "drop_changed"
+        };
+        let message = format!(
+            "{} with a changed frame (first difference at byte {})",
+            verdict_name(verdict),
+            first.unwrap_or(0)
+        );
+        checked.findings.push(Finding::new(kind, message));
+    }
+    if changed || verdict == XDP_TX || verdict == XDP_REDIRECT {
+        check_translation(world, model, case, verdict, output, &mut checked);
+    }
+
+    let sent = verdict == XDP_TX || verdict == XDP_REDIRECT;
+    let (expected, wanted) = match case.expect {
+        Expect::Sent(why) => (sent, why),
+        Expect::Pass => (
+            verdict == XDP_PASS,
+            "a packet that is not the balancer's must pass",
+        ),
+        Expect::Any => (true, ""),
+    };
+    if !expected {
+        let message = format!("{wanted}, got {}", verdict_name(verdict));
+        checked
+            .findings
+            .push(Finding::new("unexpected_verdict", message));
+    }
+    checked
+}
+
+/// What a translated packet must be: the input with the translated addresses and ports (the
+/// MAC addresses and checksums are filled in later), and where it must go.
+struct Translation {
+    frame: Vec<u8>,
+    next_hop: [u8; 4],
+    egress: Interface,
+}
+
+/// The properties of a translated packet, and the model's update.
+fn check_translation(
+    world: &World,
+    model: &mut Model,
+    case: &Case,
+    verdict: u32,
+    output: &[u8],
+    checked: &mut Checked,
+) {
+    let findings = &mut checked.findings;
+    let (Some(input), Some(translated)) = (Packet::parse(&case.frame), Packet::parse(output))
+    else {
+        let message = "translated a frame that is not one the datapath translates".to_string();
+        findings.push(Finding::new("translated_unparsable", message));
+        return;
+    };
+    let well_formed = match input.malformation(case.frame.len()) {
+        Some(why) => {
+            let message = format!("translated a malformed packet: {why}");
+            findings.push(Finding::new("malformed_translated", message));
+            false
+        }
+        None => true,
+    };
+
+    let translation = match (&input.layer4, input.tuple()) {
+        (Layer4::Ports { tcp_flags, .. }, Some(tuple)) => {
+            match world.service_for(tuple.dst, tuple.dst_port, tuple.protocol) {
+                Some(service) => {
+                    let backend = translated.tuple().map(|t| (t.dst, t.dst_port));
+                    let backend = backend.expect("a TCP or UDP packet stays one");
+                    let ingress = case.ingress;
+                    let forwarded = Forwarded {
+                        service,
+                        backend,
+                        ingress,
+                    };
+                    forward(world, model, &case.frame, &input, forwarded, findings)
+                }
+                None => reply(world, model, &case.frame, &input, *tcp_flags, findings),
+            }
+        }
+        _ => icmp_error(world, model, &case.frame, &input, findings),
+    };
+    let Some(Translation {
+        frame: mut expected,
+        next_hop,
+        egress,
+    }) = translation
+    else {
+        return;
+    };
+
+    let sent = verdict == XDP_TX || verdict == XDP_REDIRECT;
+    if sent {
+        expected[0..6].copy_from_slice(&neighbour_mac(next_hop));
+        expected[6..12].copy_from_slice(&egress.mac());
+    }
+    // The checksums are checked on their own, below.
+    for field in checksum_fields(&input) {
+        expected[field..field + 2].copy_from_slice(&output[field..field + 2]);
+    }
+    if let Some(offset) = expected.iter().zip(output).position(|(a, b)| a != b) {
+        let message = format!(
+            "byte {offset} is {:#04x}, {:#04x} expected",
+            output[offset], expected[offset]
+        );
+        findings.push(Finding::new("wrong_bytes", message));
+    }
+    if sent {
+        let wanted = if egress == case.ingress {
+            XDP_TX
+        } else {
+            XDP_REDIRECT
+        };
+        if verdict != wanted {
+            let message = format!(
+                "{} from {} to {}: {} expected",
+                verdict_name(verdict),
+                case.ingress.name(),
+                egress.name(),
+                verdict_name(wanted)
+            );
+            findings.push(Finding::new("wrong_verdict", message));
+        }
+    }
+    if well_formed {
+        checked.carried_bad_checksum = check_checksums(&case.frame, &input, output, findings);
+    }
+}
+
+/// A client's packet translated for a service.
+struct Forwarded {
+    /// The service's index.
+    service: usize,
+    /// Where the packet was sent.
+    backend: ([u8; 4], u16),
+    /// Where it arrived.
+    ingress: Interface,
+}
+
+/// A client's packet for a service, sent to a backend: which must be one of the service's,
+/// the flow's if it has one, and for a new flow, from a source routed back through the
+/// interface it arrived on.
+fn forward(
+    world: &World,
+    model: &mut Model,
+    frame: &[u8],
+    input: &Packet,
+    forwarded: Forwarded,
+    findings: &mut Vec<Finding>,
+) -> Option<Translation> {
+    let Forwarded {
+        service: index,
+        backend,
+        ingress,
+    } = forwarded;
+    let service = &world.services[index];
+    let tuple = input.tuple().expect("a TCP or UDP packet");
+    if !service.backends.contains(&backend) {
+        let message = format!(
+            "{tuple} sent to {}, not a backend of service {}",
+            endpoint(backend),
+            service.name
+        );
+        findings.push(Finding::new("wrong_destination", message));
+        return None;
+    }
+    let flags = match input.layer4 {
+        Layer4::Ports { tcp_flags, .. } => tcp_flags,
+        Layer4::IcmpError { .. } => 0,
+    };
+    let (new_flow, finding) = model.forwarded(tuple, index, backend, flags);
+    findings.extend(finding);
+    if new_flow && !routed_back(tuple.src, ingress) {
+        let message = format!(
+            "a new flow {tuple} arriving on {} was forwarded: its source is not routed back \
+             through {0}",
+            ingress.name()
+        );
+        findings.push(Finding::new("spoofed_source_forwarded", message));
+    }
+    let mut expected = frame.to_vec();
+    expected[input.l3 + 16..input.l3 + 20].copy_from_slice(&backend.0);
+    set_u16(&mut expected, input.l4() + 2, backend.1);
+    Some(Translation {
+        frame: expected,
+        next_hop: backend.0,
+        egress: Interface::of(backend.0).expect("backends are on the two subnets"),
+    })
+}
+
+/// A packet from a backend, not for a service: the reply of a flow, translated to come from
+/// the flow's service.
+fn reply(
+    world: &World,
+    model: &mut Model,
+    frame: &[u8],
+    input: &Packet,
+    tcp_flags: u8,
+    findings: &mut Vec<Finding>,
+) -> Option<Translation> {
+    let tuple = input.tuple().expect("a TCP or UDP packet");
+    if !world.is_backend(tuple.src, tuple.src_port, tuple.protocol) {
+        let message = format!("translated {tuple}: neither for a service nor a reply");
+        findings.push(Finding::new("translated_stranger", message));
+        return None;
+    }
+    let Some(&index) = model.reverse.get(&tuple) else {
+        let message = format!("translated {tuple}, a reply of no flow forwarded before");
+        findings.push(Finding::new("reply_without_flow", message));
+        return None;
+    };
+    let service = &world.services[index];
+    let Some(egress) = Interface::of(tuple.dst) else {
+        let message = format!("translated {tuple}, whose client has no route");
+        findings.push(Finding::new("wrong_destination", message));
+        return None;
+    };
+    model.replied(tuple, service, tcp_flags);
+    let mut expected = frame.to_vec();
+    expected[input.l3 + 12..input.l3 + 16].copy_from_slice(&service.vip);
+    set_u16(&mut expected, input.l4(), service.port);
+    Some(Translation {
+        frame: expected,
+        next_hop: tuple.dst,
+        egress,
+    })
+}
+
+/// An ICMP error quoting a packet of a flow: about a reply, it goes to the flow's backend
+/// (outer destination and quoted source become the backend's); about a client's packet, to the
+/// client (outer source and quoted destination become the service's). Either way it must have
+/// been addressed to the quoted packet's sender.
+fn icmp_error(
+    world: &World,
+    model: &Model,
+    frame: &[u8],
+    input: &Packet,
+    findings: &mut Vec<Finding>,
+) -> Option<Translation> {
+    let Layer4::IcmpError {
+        quoted,
+        quoted_len,
+        tuple,
+    } = input.layer4
+    else {
+        unreachable!("called for ICMP errors only");
+    };
+    if input.dst != tuple.src {
+        let message = format!(
+            "translated an ICMP error sent to {} about a packet {tuple}: not its sender",
+            std::net::Ipv4Addr::from(input.dst)
+        );
+        findings.push(Finding::new("icmp_misaddressed", message));
+    }
+    let key = tuple.reversed();
+    let ports = quoted + quoted_len;
+    let mut expected = frame.to_vec();
+    if let Some(flow) = model.flows.get(&key) {
+        let (addr, port) = flow.backend;
+        expected[input.l3 + 16..input.l3 + 20].copy_from_slice(&addr);
+        expected[quoted + 12..quoted + 16].copy_from_slice(&addr);
+        set_u16(&mut expected, ports, port);
+        let egress = Interface::of(addr).expect("backends are on the two subnets");
+        return Some(Translation {
+            frame: expected,
+            next_hop: addr,
+            egress,
+        });
+    }
+    if let Some(&index) = model.reverse.get(&key) {
+        let service = &world.services[index];
+        expected[input.l3 + 12..input.l3 + 16].copy_from_slice(&service.vip);
+        expected[quoted + 16..quoted + 20].copy_from_slice(&service.vip);
+        set_u16(&mut expected, ports + 2, service.port);
+        let Some(egress) = Interface::of(input.dst) else {
+            let message = format!("translated an ICMP error about {tuple} to a host with no route");
+            findings.push(Finding::new("wrong_destination", message));
+            return None;
+        };
+        return Some(Translation {
+            frame: expected,
+            next_hop: input.dst,
+            egress,
+        });
+    }
+    let message = format!("translated an ICMP error about {tuple}, of no flow forwarded before");
+    findings.push(Finding::new("translated_stranger", message));
+    None
+}
+
+/// Whether the kernel routes packets to `addr` out of `ingress` as to a neighbour: a host of
+/// that interface's subnet, but for this host's own address and the broadcast address.
+fn routed_back(addr: [u8; 4], ingress: Interface) -> bool {
+    !matches!(addr, [10, 200, _, 1 | 255]) && Interface::of(addr) == Some(ingress)
+}
+
+/// Offsets of the checksum fields a translation may change.
+fn checksum_fields(packet: &Packet) -> Vec<usize> {
+    let mut fields = vec![packet.l3 + 10, packet.check_offset()];
+    if let Layer4::IcmpError {
+        quoted,
+        quoted_len,
+        tuple,
+    } = packet.layer4
+    {
+        fields.push(quoted + 10);
+        if tuple.protocol == protocol::UDP {
+            fields.push(quoted + quoted_len + 6);
+        }
+    }
+    fields
+}
+
+/// The translated packet's checksums, recomputed: right if the input's were, as wrong as the
+/// input's otherwise. Returns whether the input had a wrong checksum.
+fn check_checksums(
+    input: &[u8],
+    packet: &Packet,
+    output: &[u8],
+    findings: &mut Vec<Finding>,
+) -> bool {
+    let stored = |frame: &[u8], at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let (l3, header_len) = (packet.l3, packet.header_len);
+    let mut sums = vec![Sums {
+        what: "IPv4 header",
+        before: Some(ip_sum(input, l3, header_len, false)),
+        after: Some(ip_sum(output, l3, header_len, false)),
+        stored: stored(output, l3 + 10),
+        right: Some(ip_sum(output, l3, header_len, true)),
+    }];
+
+    let check = packet.check_offset();
+    let (check_in, check_out) = (stored(input, check), stored(output, check));
+    let udp_checksums = match packet.layer4 {
+        Layer4::Ports { .. } if packet.protocol == protocol::UDP => Some((check_in, check_out)),
+        Layer4::IcmpError {
+            quoted,
+            quoted_len,
+            tuple,
+        } => {
+            sums.push(Sums {
+                what: "quoted IPv4 header",
+                before: Some(ip_sum(input, quoted, quoted_len, false)),
+                after: Some(ip_sum(output, quoted, quoted_len, false)),
+                stored: stored(output, quoted + 10),
+                right: Some(ip_sum(output, quoted, quoted_len, true)),
+            });
+            let at = quoted + quoted_len + 6;
+            let is_udp = tuple.protocol == protocol::UDP;
+            if is_udp && stored(input, at) != 0 {
+                sums.push(Sums {
+                    what: "quoted UDP",
+                    before: quoted_udp_sum(input, quoted, false),
+                    after: quoted_udp_sum(output, quoted, false),
+                    stored: stored(output, at),
+                    right: quoted_udp_sum(output, quoted, true),
+                });
+            }
+            is_udp.then(|| (stored(input, at), stored(output, at)))
+        }
+        Layer4::Ports { .. } => None,
+    };
+    if let Some((before, after)) = udp_checksums {
+        if (before == 0) != (after == 0) {
+            let message = format!(
+                "UDP checksum {before:#06x} became {after:#06x}: 0 means none, and must stay 0"
+            );
+            findings.push(Finding::new("udp_checksum", message));
+        }
+    }
+    if !(packet.protocol == protocol::UDP && check_in == 0) {
+        sums.push(Sums {
+            what: match packet.protocol {
+                protocol::TCP => "TCP",
+                protocol::UDP => "UDP",
+                _ => "ICMP",
+            },
+            before: l4_sum(input, packet, false),
+            after: l4_sum(output, packet, false),
+            stored: check_out,
+            right: l4_sum(output, packet, true),
+        });
+    }
+
+    let mut bad_input = false;
+    for sums in sums {
+        let (Some(before), Some(after)) = (sums.before.map(residual), sums.after.map(residual))
+        else {
+            continue;
+        };
+        bad_input |= before != 0;
+        if before != after {
+            let message = format!(
+                "{} checksum {:#06x}, {:#06x} expected{}",
+                sums.what,
+                sums.stored,
+                sums.right.unwrap_or(0),
+                if before == 0 {
+                    ""
+                } else {
+                    " (the input's was wrong and must stay exactly as wrong)"
+                }
+            );
+            findings.push(Finding::new("checksum", message));
+        }
+    }
+    bad_input
+}
+
+/// As [`l4_sum`], for a UDP datagram quoted by an ICMP error at `quoted`, when the error quotes
+/// all of it (routers quote as much as fits, RFC 1812): its checksum can be checked then. The
+/// quoted TCP checksum is not: the datapath leaves it alone, as issue 5 asks nothing of it.
+fn quoted_udp_sum(frame: &[u8], quoted: usize, zero_field: bool) -> Option<u16> {
+    let total_len = u16::from_be_bytes([frame[quoted + 2], frame[quoted + 3]]);
+    let datagram = frame.get(quoted..quoted + usize::from(total_len))?;
+    // Parsed as a frame of its own, behind a blank Ethernet header.
+    let mut alone = ethernet([0; 6], [0; 6], &[]);
+    alone.extend_from_slice(datagram);
+    let packet = Packet::parse(&alone)?;
+    l4_sum(&alone, &packet, zero_field)
+}
+
+/// One checksum of a translated packet: the sums over its input and output (see [`ip_sum`]),
+/// the value it carries out, and the value that would be right.
+struct Sums {
+    what: &'static str,
+    before: Option<u16>,
+    after: Option<u16>,
+    stored: u16,
+    right: Option<u16>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tallying, the counter check, and the report.
+
+#[derive(Default)]
+struct Tally {
+    refused: u64,
+    verdicts: [u64; 6],
+    by_source: [[u64; 6]; Source::ALL.len()],
+    counted: [u64; 6],
+    counters: Vec<(&'static str, u64)>,
+    carried_bad_checksums: u64,
+    violation_counts: BTreeMap<&'static str, u64>,
+    violations: Vec<Violation>,
+}
+
+impl Tally {
+    fn record(&mut self, index: u64, case: &Case, outcome: &Outcome, checked: Checked) {
+        let (verdict, output) = match outcome {
+            Outcome::Refused => {
+                self.refused += 1;
+                (None, &[][..])
+            }
+            Outcome::Failed(_) => (None, &[][..]),
+            Outcome::Ran { verdict, output } => {
+                let slot = verdict_slot(*verdict);
+                self.verdicts[slot] += 1;
+                let source = Source::ALL.iter().position(|s| *s == case.source);
+                self.by_source[source.expect("every source is listed")][slot] += 1;
+                (Some(*verdict), output.as_slice())
+            }
+        };
+        self.carried_bad_checksums += u64::from(checked.carried_bad_checksum);
+        for finding in checked.findings {
+            let seen = self.violation_counts.entry(finding.kind).or_insert(0);
+            *seen += 1;
+            if *seen as usize <= EXAMPLES_PER_KIND {
+                self.violations.push(Violation {
+                    kind: finding.kind,
+                    index,
+                    message: finding.message,
+                    case: case.description.clone(),
+                    interface: case.ingress.name(),
+                    frame: case.frame.clone(),
+                    verdict,
+                    output: output.to_vec(),
+                    alone: None,
+                    expect: case.expect,
+                });
+            }
+        }
+    }
+
+    /// Sums the datapath's counters per verdict, as `lb-user stats` does, and compares them
+    /// with the verdicts seen.
+    fn check_counters(&mut self, count: u64, values: &[u64]) {
+        self.counters = (counter::NAMES.iter().copied().zip(values.iter().copied()))
+            .filter(|(_, value)| *value != 0)
+            .collect();
+        for (name, value) in counter::NAMES.iter().zip(values) {
+            let slot = if name.starts_with("pass_") {
+                XDP_PASS
+            } else if name.starts_with("drop_") {
+                XDP_DROP
+            } else if name.ends_with("_tx") {
+                XDP_TX
+            } else if name.ends_with("_redirect") {
+                XDP_REDIRECT
+            } else {
+                continue;
+            };
+            self.counted[slot as usize] += value;
+        }
+        let run = self.verdicts.iter().sum::<u64>();
+        if self.counted == self.verdicts && run == count - self.refused {
+            return;
+        }
+        let message = format!(
+            "the counters add up to {}, the run saw {} ({run} packets run, {} refused)",
+            verdict_list(&self.counted),
+            verdict_list(&self.verdicts),
+            self.refused
+        );
+        *self.violation_counts.entry("counters").or_insert(0) += 1;
+        self.violations.push(Violation {
+            kind: "counters",
+            index: count,
+            message,
+            case: String::new(),
+            interface: "",
+            frame: Vec::new(),
+            verdict: None,
+            output: Vec::new(),
+            alone: None,
+            expect: Expect::Any,
+        });
+    }
+
+    /// Sends the first example of each kind alone into a fresh fixture, to tell a frame that
+    /// breaks a property by itself from one that needs the packets before it.
+    fn replay_alone(&mut self, world: &World) {
+        let mut replayed = Vec::new();
+        for violation in &mut self.violations {
+            if violation.frame.is_empty()
+                || replayed.contains(&violation.kind)
+                || replayed.len() >= REPLAYED_KINDS
+            {
+                continue;
+            }
+            replayed.push(violation.kind);
+            let case = Case {
+                source: Source::Mutated,
+                frame: violation.frame.clone(),
+                ingress: Interface::from_name(violation.interface),
+                expect: violation.expect,
+                description: violation.case.clone(),
+            };
+            let mut fixture = Fixture::with_config(CONFIG, &LoadOptions::default());
+            add_neighbours();
+            let outcome = run_frame(&mut fixture, &case);
+            let mut model = Model::new(u64::from(lb_common::FLOW_TABLE_SIZE));
+            let checked = check(world, &mut model, &case, &outcome);
+            violation.alone = Some(checked.findings.iter().any(|f| f.kind == violation.kind));
+        }
+    }
+
+    fn into_report(self, seed: u64, count: u64, elapsed: Duration) -> Report {
+        Report {
+            seed,
+            count,
+            elapsed,
+            refused: self.refused,
+            verdicts: self.verdicts,
+            by_source: Source::ALL
+                .iter()
+                .zip(self.by_source)
+                .map(|(source, verdicts)| (source.name(), verdicts))
+                .collect(),
+            counted: self.counted,
+            counters: self.counters,
+            carried_bad_checksums: self.carried_bad_checksums,
+            violation_counts: self.violation_counts,
+            violations: self.violations,
+        }
+    }
+}
+
+fn verdict_list(verdicts: &[u64; 6]) -> String {
+    [XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT]
+        .iter()
+        .map(|&verdict| format!("{} {}", verdict_name(verdict), verdicts[verdict as usize]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "fuzz: seed {}, {} packets in {:.1} s ({:.0} packets/s)",
+            self.seed,
+            self.count,
+            self.elapsed.as_secs_f64(),
+            self.packets_per_second()
+        )?;
+        let run = self.verdicts.iter().sum::<u64>().max(1);
+        let shares: Vec<String> = (0..6)
+            .filter(|&slot| self.verdicts[slot] != 0 || (1..=4).contains(&slot))
+            .map(|slot| {
+                let share = 100.0 * self.verdicts[slot] as f64 / run as f64;
+                format!(
+                    "{} {} ({share:.1}%)",
+                    VERDICT_NAMES[slot], self.verdicts[slot]
+                )
+            })
+            .collect();
+        writeln!(f, "verdicts: {}", shares.join(", "))?;
+        writeln!(
+            f,
+            "refused by the kernel (shorter than 14 bytes): {}",
+            self.refused
+        )?;
+        writeln!(
+            f,
+            "datapath counters per verdict: {}",
+            verdict_list(&self.counted)
+        )?;
+        let counters: Vec<String> = self
+            .counters
+            .iter()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        writeln!(f, "datapath counters: {}", counters.join(", "))?;
+        writeln!(
+            f,
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "source", "packets", "drop", "pass", "tx", "redirect"
+        )?;
+        for (name, verdicts) in &self.by_source {
+            writeln!(
+                f,
+                "{name:<12} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                verdicts.iter().sum::<u64>(),
+                verdicts[1],
+                verdicts[2],
+                verdicts[3],
+                verdicts[4]
+            )?;
+        }
+        writeln!(
+            f,
+            "translated with an input checksum already wrong, carried unchanged: {}",
+            self.carried_bad_checksums
+        )?;
+        if self.passed() {
+            return writeln!(f, "violations: none");
+        }
+        let total: u64 = self.violation_counts.values().sum();
+        writeln!(f, "violations: {total}")?;
+        for (kind, count) in &self.violation_counts {
+            writeln!(f, "  {kind}: {count}")?;
+        }
+        for violation in &self.violations {
+            write!(f, "{violation}")?;
+        }
+        writeln!(
+            f,
+            "replay packet N of this run: cargo xtask fuzz --seed {} --count N+1",
+            self.seed
+        )
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "- {} at packet {}: {}",
+            self.kind, self.index, self.message
+        )?;
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        writeln!(f, "  packet: {} (on {})", self.case, self.interface)?;
+        writeln!(
+            f,
+            "  frame  ({} bytes): {}",
+            self.frame.len(),
+            hex(&self.frame)
+        )?;
+        if let Some(verdict) = self.verdict {
+            writeln!(
+                f,
+                "  {} ({} bytes): {}",
+                verdict_name(verdict),
+                self.output.len(),
+                hex(&self.output)
+            )?;
+        }
+        match self.alone {
+            Some(true) => writeln!(f, "  alone in a fresh fixture: the same violation"),
+            Some(false) => writeln!(
+                f,
+                "  alone in a fresh fixture: fine (needs the packets before it)"
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::{Ipv4Header, TcpHeader, UdpHeader};
+
+    use super::*;
+
+    #[test]
+    fn a_seed_makes_the_same_packets() {
+        let world = World::new();
+        let model = Model::new(1 << 20);
+        let frames = |seed| {
+            let mut generator = Generator::new(seed);
+            (0..3000)
+                .map(|_| generator.next(&world, &model).frame)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(frames(7), frames(7));
+        assert_ne!(frames(7), frames(8));
+    }
+
+    #[test]
+    fn generated_valid_packets_have_the_checksums_etherparse_computes() {
+        let world = World::new();
+        let mut generator = Generator::new(1);
+        for _ in 0..500 {
+            let case = generator.client(&world);
+            let frame = &case.frame;
+            let l3 = ipv4_offset(frame).expect("IPv4");
+            let (ip, _) = Ipv4Header::from_slice(&frame[l3..]).expect("IPv4");
+            let what = &case.description;
+            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}");
+            let l4 = l3 + ip.header_len();
+            let end = l3 + usize::from(ip.total_len);
+            let packet = Packet::parse(frame).expect("parses");
+            assert!(packet.malformation(frame.len()).is_none(), "{what}");
+            if ip.protocol == etherparse::IpNumber::TCP {
+                let (tcp, _) = TcpHeader::from_slice(&frame[l4..end]).expect("TCP");
+                let payload = &frame[l4 + tcp.header_len()..end];
+                let sum = tcp.calc_checksum_ipv4(&ip, payload).expect("sum");
+                assert_eq!(tcp.checksum, sum, "{what}");
+            } else {
+                let (udp, _) = UdpHeader::from_slice(&frame[l4..end]).expect("UDP");
+                if udp.checksum == 0 {
+                    continue;
+                }
+                let sum = udp
+                    .calc_checksum_ipv4(&ip, &frame[l4 + 8..end])
+                    .expect("sum");
+                assert_eq!(udp.checksum, sum, "{what}");
+            }
+            assert_eq!(residual(l4_sum(frame, &packet, false).expect("extent")), 0);
+        }
+    }
+
+    #[test]
+    fn icmp_errors_quote_a_flow_and_carry_right_checksums() {
+        let world = World::new();
+        let mut model = Model::new(1 << 20);
+        let tuple = Tuple {
+            src: CLIENT,
+            dst: VIP,
+            src_port: 40000,
+            dst_port: 80,
+            protocol: protocol::TCP,
+        };
+        let (new_flow, _) = model.forwarded(tuple, 0, (BACKEND_A, 8080), TCP_SYN);
+        assert!(new_flow);
+        let dns = Tuple {
+            dst_port: 53,
+            protocol: protocol::UDP,
+            ..tuple
+        };
+        let (new_flow, _) = model.forwarded(dns, 2, (BACKEND_B, 5353), 0);
+        assert!(new_flow);
+        let mut generator = Generator::new(2);
+        let mut whole_udp_quotes = 0;
+        for _ in 0..400 {
+            let case = generator
+                .icmp_error(&world, &model)
+                .expect("a flow to quote");
+            let packet = Packet::parse(&case.frame).expect("an ICMP error");
+            let Layer4::IcmpError { tuple: quoted, .. } = packet.layer4 else {
+                panic!("not an ICMP error: {}", case.description);
+            };
+            assert!(model.knows(&case.frame), "{}", case.description);
+            assert_eq!(
+                packet.dst, quoted.src,
+                "addressed to the quoted packet's sender"
+            );
+            assert!(packet.malformation(case.frame.len()).is_none());
+            assert_eq!(residual(ip_sum(&case.frame, packet.l3, 20, false)), 0);
+            let icmp = l4_sum(&case.frame, &packet, false).expect("extent");
+            assert_eq!(residual(icmp), 0, "{}", case.description);
+            let Layer4::IcmpError {
+                quoted: at,
+                quoted_len,
+                ..
+            } = packet.layer4
+            else {
+                unreachable!("matched above");
+            };
+            if let Some(sum) = quoted_udp_sum(&case.frame, at, false) {
+                let stored = &case.frame[at + quoted_len + 6..at + quoted_len + 8];
+                if quoted.protocol == protocol::UDP && stored != [0, 0] {
+                    assert_eq!(residual(sum), 0, "{}", case.description);
+                    whole_udp_quotes += 1;
+                }
+            }
+        }
+        assert!(
+            whole_udp_quotes > 10,
+            "only {whole_udp_quotes} whole UDP datagrams quoted"
+        );
+    }
+
+    #[test]
+    fn the_checker_tells_a_right_translation_from_wrong_ones() {
+        let world = World::new();
+        let mut generator = Generator::new(9);
+        let tuple = Tuple {
+            src: CLIENT,
+            dst: VIP,
+            src_port: 40000,
+            dst_port: 80,
+            protocol: protocol::TCP,
+        };
+        let spec = generator.spec(tuple, CLIENT_MAC, PUB_MAC, TCP_SYN);
+        let case = Case {
+            source: Source::Client,
+            frame: spec.frame(&mut generator.rng),
+            ingress: Interface::Public,
+            expect: Expect::Sent("forwarded"),
+            description: String::new(),
+        };
+        let packet = Packet::parse(&case.frame).expect("parses");
+        // The translation towards backend A, its checksums computed from scratch.
+        let mut right = case.frame.clone();
+        right[0..6].copy_from_slice(&BACKEND_A_MAC);
+        right[6..12].copy_from_slice(&BACK_MAC);
+        right[packet.l3 + 16..packet.l3 + 20].copy_from_slice(&BACKEND_A);
+        set_u16(&mut right, packet.l4() + 2, 8080);
+        refresh_checksums(&mut right);
+        let kinds = |output: &[u8], verdict: u32| -> Vec<&'static str> {
+            let outcome = Outcome::Ran {
+                verdict,
+                output: output.to_vec(),
+            };
+            let mut model = Model::new(1 << 20);
+            let checked = check(&world, &mut model, &case, &outcome);
+            checked
+                .findings
+                .iter()
+                .map(|finding| finding.kind)
+                .collect()
+        };
+        let tampered = |offset: usize| {
+            let mut output = right.clone();
+            output[offset] ^= 0x40;
+            output
+        };
+
+        assert_eq!(kinds(&right, XDP_REDIRECT), Vec::<&str>::new());
+        assert_eq!(kinds(&right, XDP_TX), ["wrong_verdict"]);
+        assert_eq!(
+            kinds(&case.frame, XDP_ABORTED),
+            ["bad_verdict", "unexpected_verdict"]
+        );
+        assert_eq!(
+            kinds(&right, XDP_PASS),
+            // Passed with the MAC addresses of a transmitted frame, too.
+            ["pass_changed", "wrong_bytes", "unexpected_verdict"]
+        );
+        assert_eq!(kinds(&case.frame, XDP_DROP), ["unexpected_verdict"]);
+        assert_eq!(kinds(&tampered(packet.l3 + 10), XDP_REDIRECT), ["checksum"]);
+        assert_eq!(
+            kinds(&tampered(packet.check_offset()), XDP_REDIRECT),
+            ["checksum"]
+        );
+        assert_eq!(
+            kinds(&tampered(packet.l3 + 8), XDP_REDIRECT),
+            // The TTL changed, and the header checksum did not follow.
+            ["wrong_bytes", "checksum"]
+        );
+        assert_eq!(kinds(&tampered(2), XDP_REDIRECT), ["wrong_bytes"]);
+        assert_eq!(
+            kinds(&tampered(packet.l4() + 3), XDP_REDIRECT),
+            ["wrong_destination"]
+        );
+    }
+
+    #[test]
+    fn a_total_length_past_the_frame_is_a_malformation() {
+        let world = World::new();
+        let mut generator = Generator::new(3);
+        let mut frame = generator.client(&world).frame;
+        let packet = Packet::parse(&frame).expect("parses");
+        let claimed = (frame.len() - packet.l3 + 1) as u16;
+        set_u16(&mut frame, packet.l3 + 2, claimed);
+        let packet = Packet::parse(&frame).expect("still parses");
+        let why = packet.malformation(frame.len()).expect("malformed");
+        assert!(why.contains("exceeds"), "{why}");
+    }
+
+    #[test]
+    fn an_incremental_change_keeps_the_residual() {
+        // What the checker relies on for inputs with wrong checksums: changing a field and
+        // updating the checksum by RFC 1624 leaves the ones'-complement sum as it was.
+        let header = ipv4_header(CLIENT, VIP, protocol::TCP, 20);
+        let mut frame = ethernet(PUB_MAC, CLIENT_MAC, &[]);
+        frame.extend(header);
+        refresh_checksums(&mut frame);
+        xor_u16(&mut frame, ETHERNET_LEN + 10, 0x1234);
+        let before = residual(ip_sum(&frame, ETHERNET_LEN, 20, false));
+        let old = u16::from_be_bytes([frame[30], frame[31]]);
+        let new = 0x0a0a_u16;
+        let check = u16::from_be_bytes([frame[24], frame[25]]);
+        let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        set_u16(&mut frame, 24, !(sum as u16));
+        set_u16(&mut frame, 30, new);
+        assert_eq!(residual(ip_sum(&frame, ETHERNET_LEN, 20, false)), before);
+        assert_ne!(before, 0);
+    }
+}
