@@ -168,7 +168,11 @@ fn icmp_that_is_not_about_a_balanced_flow_passes_unchanged() {
     );
     let (verdict, out) = fixture.run(&error, fixture.pub_ifindex);
     assert_eq!((verdict, &out), (XDP_PASS, &error));
-    let truncated = error[..14 + 20 + 8 + 10].to_vec();
+    // Cut inside the quoted header, with a total length that says so: not enough to translate.
+    let mut truncated = error[..14 + 20 + 8 + 10].to_vec();
+    truncated[16..18].copy_from_slice(&((20 + 8 + 10) as u16).to_be_bytes());
+    let (outer, _) = Ipv4Header::from_slice(&truncated[14..]).expect("outer header");
+    truncated[24..26].copy_from_slice(&outer.calc_header_checksum().to_be_bytes());
     let (verdict, out) = fixture.run(&truncated, fixture.pub_ifindex);
     assert_eq!((verdict, &out), (XDP_PASS, &truncated));
     assert_eq!(fixture.counter(counter::PASS_NOT_TCP_UDP), 2);
