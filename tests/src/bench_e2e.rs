@@ -191,6 +191,11 @@ pub struct UdpRun {
     pub delivered: u64,
     pub seconds: f64,
     pub softirq_percent: f64,
+    /// Packets the interfaces of the topology counted as dropped (`ip -s link` and the veth
+    /// driver's `ethtool -S` counters): where the lost ones went, as far as they are counted.
+    pub interface_drops: u64,
+    /// The interfaces that dropped any, as `namespace interface` and count.
+    pub drop_sites: Vec<(String, u64)>,
 }
 
 impl UdpRun {
@@ -501,6 +506,7 @@ impl Bench {
 
     fn udp_run(&mut self, setup: Setup, round: usize) -> anyhow::Result<UdpRun> {
         let before = self.delivered_udp()?;
+        let drops_before = self.interface_drops()?;
         let softirq_before = ProcStat::read()?;
         let flood = udp_flood(
             self.topology.client.name(),
@@ -511,6 +517,16 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(200));
         let softirq_after = ProcStat::read()?;
         let delivered = self.delivered_udp()? - before;
+        let drop_sites: Vec<(String, u64)> = self
+            .interface_drops()?
+            .into_iter()
+            .map(|(site, after)| {
+                let before = drops_before.get(&site).copied().unwrap_or(0);
+                (site, after.saturating_sub(before))
+            })
+            .filter(|(_, dropped)| *dropped > 0)
+            .collect();
+        let interface_drops = drop_sites.iter().map(|(_, dropped)| dropped).sum();
         ensure!(
             delivered > 0,
             "no UDP packet reached a backend through {}",
@@ -524,15 +540,46 @@ impl Bench {
             delivered,
             seconds: flood.seconds,
             softirq_percent: ticks as f64 / clock_ticks() / flood.seconds * 100.0,
+            interface_drops,
+            drop_sites,
         };
         println!(
-            "bench e2e:   sent {:.0} pps, delivered {:.0} pps, lost {} of {}",
+            "bench e2e:   sent {:.0} pps, delivered {:.0} pps, lost {} of {} (interfaces \
+             dropped {}: {:?})",
             run.sent_pps(),
             run.delivered_pps(),
             run.lost(),
-            run.sent
+            run.sent,
+            run.interface_drops,
+            run.drop_sites
         );
         Ok(run)
+    }
+
+    /// Dropped packets of every interface in every namespace of the topology so far: rx and tx
+    /// `dropped` of `ip -s link`, and the veth driver's own drop and error counters of
+    /// `ethtool -S` (an XDP_REDIRECT into a veth whose peer's ring is full is counted there).
+    fn interface_drops(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let topology = &self.topology;
+        let namespaces = [("client", &topology.client), ("lb", &topology.lb)]
+            .into_iter()
+            .chain(
+                topology
+                    .backends
+                    .iter()
+                    .map(|backend| (backend.name.as_str(), &backend.netns)),
+            );
+        let mut sites = std::collections::BTreeMap::new();
+        for (role, netns) in namespaces {
+            let listing = netns.ip(["-s", "-j", "link", "show"])?;
+            let links = parse_interface_drops(&listing)
+                .with_context(|| format!("reading `ip -s -j link` in {}", netns.name()))?;
+            for (name, dropped) in links.into_iter().filter(|(name, _)| name != "lo") {
+                let driver = parse_ethtool_drops(&netns.exec(["ethtool", "-S", &name])?);
+                sites.insert(format!("{role} {name}"), dropped + driver);
+            }
+        }
+        Ok(sites)
     }
 
     /// UDP packets counted by the sink in all backend namespaces so far.
@@ -621,6 +668,32 @@ fn nft_apply(netns: &NetnsName, script: &str) -> anyhow::Result<()> {
         path.as_os_str(),
     ])?;
     dir.remove()
+}
+
+/// Each interface's name and the sum of its rx and tx `dropped`, from `ip -s -j link show`.
+fn parse_interface_drops(listing: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let links: Vec<serde_json::Value> = serde_json::from_str(listing)?;
+    Ok(links
+        .iter()
+        .filter_map(|link| {
+            let name = link["ifname"].as_str()?.to_string();
+            let dropped = ["rx", "tx"]
+                .iter()
+                .filter_map(|way| link["stats64"][way]["dropped"].as_u64())
+                .sum();
+            Some((name, dropped))
+        })
+        .collect())
+}
+
+/// The sum of the `...drops` and `...errors` counters of an `ethtool -S` output.
+fn parse_ethtool_drops(statistics: &str) -> u64 {
+    statistics
+        .lines()
+        .filter_map(|line| line.trim().split_once(':'))
+        .filter(|(name, _)| name.ends_with("drops") || name.ends_with("errors"))
+        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// The packet count of the first `counter` in an `nft list` output.
@@ -1101,6 +1174,22 @@ Transfer/sec:      4.12MB
         );
         assert_eq!(parse_duration_ms("812.00us").expect("us"), 0.812);
         assert_eq!(parse_duration_ms("2.00s").expect("s"), 2000.0);
+    }
+
+    #[test]
+    fn adds_up_interface_drops() {
+        let listing = r#"[{"ifname":"lo","stats64":{"rx":{"packets":4,"dropped":0},
+            "tx":{"packets":4,"dropped":0}}},{"ifname":"lbb1","stats64":{"rx":{"dropped":2},
+            "tx":{"dropped":40}}}]"#;
+        assert_eq!(
+            parse_interface_drops(listing).expect("parses"),
+            vec![("lo".to_string(), 0), ("lbb1".to_string(), 42)]
+        );
+        let ethtool =
+            "NIC statistics:\n     peer_ifindex: 2\n     rx_queue_0_xdp_packets: 9\n     \
+                       rx_queue_0_drops: 1\n     rx_queue_0_xdp_drops: 2\n     \
+                       tx_queue_0_xdp_xmit_errors: 4\n";
+        assert_eq!(parse_ethtool_drops(ethtool), 7);
     }
 
     #[test]

@@ -51,8 +51,11 @@ pub struct KernelOptions {
     pub wrapper_repeat: u32,
     /// Flows in the table for the flow-table sweep.
     pub flow_table_fills: &'static [u32],
-    /// Flow-table capacity for that sweep (the same at every fill level).
+    /// Flow-table capacity for that sweep (the same at every fill level) and for the main
+    /// cases.
     pub flow_table_capacity: u32,
+    /// Capacity of the table that the "full flow table" point fills to the brim.
+    pub full_table: u32,
 }
 
 impl KernelOptions {
@@ -65,6 +68,7 @@ impl KernelOptions {
             // Room for the fill and for every new flow the sweep then times, so that nothing
             // is evicted: the sweep measures a table holding N flows, not LRU eviction.
             flow_table_capacity: 1_100_000 + 7 * 200_000 + 7 * 20_000,
+            full_table: 65_536,
         }
     }
 
@@ -77,6 +81,7 @@ impl KernelOptions {
             wrapper_repeat: 1_000,
             flow_table_fills: &[1, 1_000],
             flow_table_capacity: lb_common::FLOW_TABLE_SIZE,
+            full_table: 4_096,
         }
     }
 }
@@ -176,7 +181,13 @@ pub fn run(options: KernelOptions) -> anyhow::Result<KernelReport> {
 fn measure_all(options: KernelOptions) -> anyhow::Result<KernelReport> {
     let started = Instant::now();
     println!("bench kernel: the five cases and the floor on the default configuration");
-    let mut fixture = Fixture::new();
+    // Capacity for every new flow the trials make: the new-flow case measures an insert into
+    // a table with room, not an eviction (the "full flow table" sweep measures that).
+    let load = LoadOptions {
+        flow_table_size: options.flow_table_capacity,
+        ..LoadOptions::default()
+    };
+    let mut fixture = Fixture::with_config(CONFIG, &load);
     let mut cases = main_cases(&mut fixture)?;
     let mut measured = measure_cases(&mut fixture, &mut cases, &options)?;
     let floor = measured.remove(0);
@@ -186,6 +197,11 @@ fn measure_all(options: KernelOptions) -> anyhow::Result<KernelReport> {
         println!("bench kernel: flow table holding {fill} flows");
         sweeps.push(flow_table_point(fill, &options)?);
     }
+    println!(
+        "bench kernel: a full flow table of {} flows (each new flow evicts one)",
+        options.full_table
+    );
+    sweeps.push(full_table_point(options.full_table, &options)?);
     for backends in [1, 16, 256] {
         println!("bench kernel: a service with {backends} backends");
         sweeps.push(scale_point("backends", backends, 1, backends, &options)?);
@@ -723,8 +739,12 @@ fn scale_point(
     backends: u32,
     options: &KernelOptions,
 ) -> anyhow::Result<SweepPoint> {
-    let mut fixture =
-        Fixture::with_config(&scale_config(services, backends), &LoadOptions::default());
+    // Room for every new flow the trials make, as in the main cases.
+    let load = LoadOptions {
+        flow_table_size: options.flow_table_capacity,
+        ..LoadOptions::default()
+    };
+    let mut fixture = Fixture::with_config(&scale_config(services, backends), &load);
     let mut cases = scale_cases(&mut fixture, None)?;
     Ok(SweepPoint {
         sweep,
@@ -742,24 +762,7 @@ fn flow_table_point(fill: u32, options: &KernelOptions) -> anyhow::Result<SweepP
         ..LoadOptions::default()
     };
     let mut fixture = Fixture::with_config(&scale_config(1, 1), &load);
-    let new_flows = new_flow_counter()?;
-    let before = counters(&fixture)?;
-    let started = Instant::now();
-    let ifindex = fixture.pub_ifindex;
-    let program = fixture.dataplane.program()?;
-    for index in 0..fill {
-        let (verdict, _, _) = run_once(program, &new_flow_syn(index), ifindex)?;
-        ensure!(verdict == XDP_REDIRECT, "filling: verdict {verdict}");
-    }
-    let added = counters(&fixture)?[new_flows] - before[new_flows];
-    ensure!(
-        added == u64::from(fill),
-        "filling the flow table with {fill} SYNs made {added} new flows"
-    );
-    println!(
-        "bench kernel:   filled in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    fill_flow_table(&mut fixture, fill)?;
     let visited = fill.min(4096);
     let step = (fill / visited).max(1);
     let spread = (0..visited)
@@ -776,6 +779,49 @@ fn flow_table_point(fill: u32, options: &KernelOptions) -> anyhow::Result<SweepP
         size: fill,
         cases: measure_cases(&mut fixture, &mut cases, options)?,
     })
+}
+
+/// A flow table filled to its capacity: every new flow evicts the least recently used entry,
+/// the steady state of a busy balancer. Only new flows are timed here (an established flow's
+/// entry could be the one evicted).
+fn full_table_point(capacity: u32, options: &KernelOptions) -> anyhow::Result<SweepPoint> {
+    let load = LoadOptions {
+        flow_table_size: capacity,
+        ..LoadOptions::default()
+    };
+    let mut fixture = Fixture::with_config(&scale_config(1, 1), &load);
+    fill_flow_table(&mut fixture, capacity)?;
+    let mut cases = scale_cases(&mut fixture, None)?;
+    cases.retain(|case| case.name == NEW_TCP_FLOW);
+    Ok(SweepPoint {
+        sweep: "full flow table (evicting)",
+        size: capacity,
+        cases: measure_cases(&mut fixture, &mut cases, options)?,
+    })
+}
+
+/// Sends `count` SYNs of new flows (the loop method's first sources) and checks that each
+/// made a new flow.
+fn fill_flow_table(fixture: &mut Fixture, count: u32) -> anyhow::Result<()> {
+    let new_flows = new_flow_counter()?;
+    let before = counters(fixture)?;
+    let started = Instant::now();
+    let ifindex = fixture.pub_ifindex;
+    let program = fixture.dataplane.program()?;
+    for index in 0..count {
+        let (verdict, _, _) = run_once(program, &new_flow_syn(index), ifindex)?;
+        ensure!(verdict == XDP_REDIRECT, "filling: verdict {verdict}");
+    }
+    let added = counters(fixture)?[new_flows] - before[new_flows];
+    ensure!(
+        added == u64::from(count),
+        "filling the flow table with {count} SYNs made {added} new flows"
+    );
+    println!(
+        "bench kernel:   filled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The sweep cases on a configuration whose measured service (port 80) goes to backend A

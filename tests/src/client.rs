@@ -31,6 +31,17 @@ impl Client {
             .exec(["curl", "-sS", "--fail", "--max-time", "2", url])
     }
 
+    /// `curl -sS --fail --max-time 10 -o PATH URL`: saves the body to `path`, for downloads too
+    /// large for a string.
+    pub fn download(&self, url: &str, path: &std::path::Path) -> Result<(), CommandError> {
+        let mut command = self.netns.command("curl");
+        command
+            .args(["-sS", "--fail", "--max-time", "10", "-o"])
+            .arg(path)
+            .arg(url);
+        crate::process::run(&mut command).map(drop)
+    }
+
     /// Like [`Client::get`], and also returns curl's local port, which names the connection
     /// in `lb-user flows` and in the backend's access log.
     pub fn get_with_local_port(&self, url: &str) -> anyhow::Result<(String, u16)> {

@@ -142,6 +142,17 @@ impl Nginx {
         Ok(text.lines().map(str::to_string).collect())
     }
 
+    /// Serves `contents` at `/files/NAME`, for downloads larger than a name.
+    pub fn add_file(&self, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+        if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
+            bail!("{name:?} is not a plain file name");
+        }
+        let files = self.dir.path().join("files");
+        fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
+        let path = files.join(name);
+        fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// The tail of nginx's error log and stderr, for failure messages.
     pub fn logs(&self) -> String {
         format!(
@@ -225,6 +236,11 @@ http {{
         location / {{
             default_type text/plain;
             return 200 "{body}\n";
+        }}
+        # Files written with Nginx::add_file, for downloads larger than a name.
+        location /files/ {{
+            alias {dir}/files/;
+            default_type application/octet-stream;
         }}
     }}
 }}

@@ -8,7 +8,9 @@
 //! incremental updates.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -26,6 +28,8 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+/// The tc verdict "carry on": the only one the egress program returns.
+pub const TC_ACT_OK: u32 = 0;
 
 pub const VIP: [u8; 4] = [10, 200, 1, 1];
 pub const CLIENT: [u8; 4] = [10, 200, 1, 2];
@@ -136,6 +140,17 @@ impl Fixture {
 
     /// A fixture with the given services (all backends up) and load options.
     pub fn with_config(config: &str, options: &LoadOptions) -> Self {
+        Self::with_kernel_paths(config, options, BTreeSet::new())
+    }
+
+    /// Like [`Fixture::with_config`], with the backends at `via_kernel` marked as reached
+    /// through the kernel's forwarding (behind a bridge, as lb-user marks them): client packets
+    /// for them are translated and passed, their replies left to the tc egress program.
+    pub fn with_kernel_paths(
+        config: &str,
+        options: &LoadOptions,
+        via_kernel: BTreeSet<Ipv4Addr>,
+    ) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let namespace = format!(
             "lbpt{}-{}",
@@ -146,6 +161,7 @@ impl Fixture {
         let original = File::open("/proc/thread-self/ns/net").expect("own network namespace");
         // From here on, Drop removes the namespace whatever fails next.
         let mut fixture = Self::build(namespace, original, config, options);
+        fixture.table.set_kernel_paths(via_kernel);
         fixture.install();
         fixture
     }
@@ -307,6 +323,25 @@ impl Fixture {
                 ..TestRunOptions::default()
             })
             .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs one frame through the tc egress program, as if it were leaving an interface it is
+    /// attached to. The kernel makes an sk_buff of it (no partial checksum: a test run cannot
+    /// set one) and returns the frame as the program left it.
+    pub fn run_egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .dataplane
+            .egress_program()
+            .expect("egress program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN of the egress program");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }

@@ -1,27 +1,73 @@
-//! The demo topology: a client, the load balancer and two backends, each in its own namespace.
+//! The testbed's topologies: a client, the load balancer and its backends, each in its own
+//! namespace, wired in one of the four ways operators put backends (see [`Layout`]).
+//!
+//! Every layout shares the client side: the client's `eth0` at 10.200.1.2/24 talks to the VIP,
+//! 10.200.1.1, the lb namespace's address on `lbpub`, its default gateway. They differ in how
+//! the lb namespace reaches the backends:
 //!
 //! ```text
-//!  client ns            lb ns                                   backend ns
-//!  eth0 10.200.1.2 ---- lbpub 10.200.1.1 (the VIP)
-//!                       lbb1  10.200.11.1 ------------------- eth0 10.200.11.2  (backend1)
-//!                       lbb2  10.200.12.1 ------------------- eth0 10.200.12.2  (backend2)
-//!                      [lbb3  10.200.13.1 ------------------- eth0 10.200.13.2  (backend3)]
+//! point to point (Topology::demo)         each backend behind its own veth
+//!  client eth0 10.200.1.2 ---- lbpub 10.200.1.1 [lb]
+//!                              lbb1  10.200.11.1 ----------------- eth0 10.200.11.2  backend1
+//!                              lbb2  10.200.12.1 ----------------- eth0 10.200.12.2  backend2
+//!
+//! bridge (Topology::bridge)               Docker's default network, without Docker
+//!  client eth0 10.200.1.2 ---- lbpub 10.200.1.1 [lb]
+//!                              br0   10.200.20.1 -+- lbb1 ------- eth0 10.200.20.2  backend1
+//!                                                 +- lbb2 ------- eth0 10.200.20.3  backend2
+//!
+//! routed (Topology::routed)               backends one router away
+//!  client eth0 10.200.1.2 ---- lbpub 10.200.1.1 [lb]
+//!                              lbr0  10.200.30.1 --- eth0 10.200.30.2 [router]
+//!                                                    br0  10.200.31.1 -+- rb1 --- eth0 .31.2
+//!                                                                      +- rb2 --- eth0 .31.3
+//!
+//! one-armed (Topology::one_armed)         everything on one switched segment
+//!  client eth0 10.200.1.2 ---- to-client -+
+//!  [lb] lbpub 10.200.1.1  ---- to-lb     -+- br0 [switch]
+//!             10.200.40.1                 +- to-backend1 ---- eth0 10.200.40.2  backend1
+//!                                         +- to-backend2 ---- eth0 10.200.40.3  backend2
 //! ```
 //!
-//! A third backend (and more) can be wired with [`Topology::add_backend`], for tests that add a
-//! backend to a running balancer.
+//! Every backend's default route points at the load balancer (through the router, when there
+//! is one), so its replies come back through it; lb-user asks for nothing else of the backends.
 //!
-//! The client and the backends route everything through the lb namespace, which forwards
-//! between its interfaces; so without XDP the backends are still reachable through kernel
-//! forwarding, and with XDP the load balancer's replies come back the same way.
+//! Offloads, set only where a veth stands in for something a physical wire does differently:
+//!
+//! - Transmit checksum offload goes off on the device whose frames XDP receives, so that XDP
+//!   sees complete checksums as it would from a wire (a veth otherwise hands over the
+//!   pseudo-header sum only, which nothing completes after XDP_REDIRECT or XDP_TX; issue 5).
+//!   That is the client's `eth0` (point to point, bridge, routed), the router's `eth0`
+//!   (routed), the switch's `to-lb` (one-armed), and the backends' `eth0` only point to point.
+//!   A partial checksum survives forwarding over veths and bridges, so in the routed and
+//!   one-armed layouts it is the last hop before XDP that must complete it, not the backend.
+//! - A veth that XDP_REDIRECT sends into needs GRO (or an XDP program) on its peer: the
+//!   client's `eth0` (point to point, routed), the router's `eth0` (routed), the backends'
+//!   `eth0` (point to point).
+//! - A veth that XDP_TX sends out of needs an XDP program on its peer; GRO is not enough (see
+//!   [`crate::xdp_pass`]): the switch's `to-lb` (one-armed) carries an XDP_PASS program.
+//! - Bridge: nothing. XDP translates the client's packets and hands them to the kernel, which
+//!   forwards them into the bridge; replies leave through the kernel and a tc egress program,
+//!   both of which handle partial checksums. The backends keep every default, as a container
+//!   does.
+//!
+//! Bridge backends get MAC addresses derived from their IPv4 address (02:42 and the four bytes,
+//! Docker's scheme): a backend whose link is recreated (a container restart) keeps its MAC, so
+//! the load balancer's neighbour entry stays right. With a fresh MAC, and the bridge still up
+//! through its other ports, the kernel keeps sending to the old one until its neighbour entry
+//! expires, 30 to 45 s.
+//!
+//! More backends can be wired with [`Topology::add_backend`], for tests that add a backend to a
+//! running balancer.
 
 use std::net::Ipv4Addr;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 use crate::config::{HealthCheck, ServiceConfig};
 use crate::netns::{Netns, NetnsName};
 use crate::process::unique_name;
+use crate::xdp_pass::XdpPass;
 
 /// The load balancer's public interface, in the lb namespace.
 pub const PUBLIC_INTERFACE: &str = "lbpub";
@@ -34,7 +80,53 @@ pub const SERVICE_PORT: u16 = 80;
 /// The port of the stand-in for the operator's SSH, on the VIP, not a service.
 pub const SSH_PORT: u16 = 22;
 
-/// One backend: its namespace, its address, and the lb namespace's side of the link to it.
+/// The bridge in the lb namespace (bridge layout), the router (routed) or the switch (one-armed).
+const BRIDGE: &str = "br0";
+/// The bridge's own MAC address, set explicitly as Docker does for docker0: a bridge left to
+/// itself takes its lowest port's address, and changes it when that port goes.
+const BRIDGE_MAC: &str = "02:42:0a:c8:14:01";
+/// The bridge layout's backend network, br0's address on it, and the prefix length.
+const BRIDGE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 20, 1);
+/// The routed layout: the lb namespace's link to the router, and the router's end of it.
+const ROUTER_LINK: &str = "lbr0";
+const LB_ROUTER_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 30, 1);
+const ROUTER_LB_SIDE: Ipv4Addr = Ipv4Addr::new(10, 200, 30, 2);
+/// The routed layout's backend network behind the router, and the router's address on it.
+const ROUTED_NETWORK: &str = "10.200.31.0/24";
+const ROUTER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 31, 1);
+/// The one-armed layout: the lb's second address on `lbpub`, the backends' gateway.
+const ONE_ARMED_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 40, 1);
+/// The switch's port towards the load balancer (one-armed).
+const SWITCH_LB_PORT: &str = "to-lb";
+
+/// How the load balancer reaches its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Each backend behind its own veth from the lb namespace: XDP_REDIRECT into its link.
+    PointToPoint,
+    /// Backends on a Linux bridge in the lb namespace (Docker's default network): XDP
+    /// translates and the kernel forwards; a tc egress program translates the replies.
+    Bridge,
+    /// Backends one router away: XDP_REDIRECT into the link towards the router.
+    Routed,
+    /// Client, load balancer and backends on one switched segment: XDP_TX back out of
+    /// `lbpub`.
+    OneArmed,
+}
+
+impl Layout {
+    /// The name tests and the demo print: `point-to-point`, `bridge`, `routed`, `one-armed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PointToPoint => "point-to-point",
+            Self::Bridge => "bridge",
+            Self::Routed => "routed",
+            Self::OneArmed => "one-armed",
+        }
+    }
+}
+
+/// One backend: its namespace, its address, and how the load balancer reaches it.
 #[derive(Debug)]
 pub struct Backend {
     /// What the backend's nginx answers with, and what the tests call it: `backend1`.
@@ -42,78 +134,222 @@ pub struct Backend {
     pub netns: Netns,
     /// The backend's address on its `eth0`.
     pub address: Ipv4Addr,
-    /// The lb namespace's interface towards this backend: `lbb1`.
+    /// The lb namespace's interface the backend is routed through: `lbb1` (point to point),
+    /// `br0` (bridge), `lbr0` (routed), `lbpub` (one-armed).
     pub lb_interface: String,
-    /// The lb namespace's address on that interface, the source of its health probes and the
-    /// backend's default gateway.
+    /// The lb namespace's address on that interface: the source of its health probes.
     pub lb_address: Ipv4Addr,
+    /// The other end of the backend's `eth0`: `lbb1` in the lb namespace (point to point,
+    /// bridge), `rb1` in the router (routed), `to-backend1` in the switch (one-armed).
+    pub peer: String,
+    /// The namespace [`Backend::peer`] is in.
+    pub peer_netns: NetnsName,
+    number: u8,
 }
 
-/// The namespaces and links of the demo; deleting it deletes them all.
+/// The namespaces and links of one topology; deleting it deletes them all.
 #[derive(Debug)]
 pub struct Topology {
+    pub layout: Layout,
     pub client: Netns,
     pub lb: Netns,
+    /// The router between the lb namespace and the backends (routed layout only).
+    pub router: Option<Netns>,
+    /// The switch every namespace hangs off (one-armed layout only).
+    pub switch: Option<Netns>,
     pub backends: Vec<Backend>,
+    /// The XDP_PASS program on the switch's port towards `lbpub` (one-armed layout only).
+    switch_port_program: Option<XdpPass>,
     /// The unique prefix of every namespace name, for backends added later.
     prefix: String,
 }
 
 impl Topology {
-    /// Builds the demo topology in freshly named namespaces (`lbt<pid>x<n>c`, `...l`, `...b1`).
-    /// On error, whatever was already built is deleted.
+    /// The point-to-point topology with two backends (the demo's before it moved to the
+    /// bridge; kept under this name for the tests that use it).
     pub fn demo() -> anyhow::Result<Self> {
+        Self::build(Layout::PointToPoint)
+    }
+
+    /// Two backends behind a bridge in the lb namespace.
+    pub fn bridge() -> anyhow::Result<Self> {
+        Self::build(Layout::Bridge)
+    }
+
+    /// Two backends behind a router namespace.
+    pub fn routed() -> anyhow::Result<Self> {
+        Self::build(Layout::Routed)
+    }
+
+    /// Client, lb and two backends on one switched segment.
+    pub fn one_armed() -> anyhow::Result<Self> {
+        Self::build(Layout::OneArmed)
+    }
+
+    /// Builds `layout` with two backends in freshly named namespaces (`lbt<pid>x<n>c`, `...l`,
+    /// `...r`, `...s`, `...b1`). On error, whatever was already built is deleted.
+    pub fn build(layout: Layout) -> anyhow::Result<Self> {
         let prefix = unique_name();
         let client = Netns::create(&format!("{prefix}c"))?;
         let lb = Netns::create(&format!("{prefix}l"))?;
+        let router = match layout {
+            Layout::Routed => Some(Netns::create(&format!("{prefix}r"))?),
+            _ => None,
+        };
+        let switch = match layout {
+            Layout::OneArmed => Some(Netns::create(&format!("{prefix}s"))?),
+            _ => None,
+        };
         let mut topology = Self {
+            layout,
             client,
             lb,
+            router,
+            switch,
             backends: Vec::new(),
+            switch_port_program: None,
             prefix,
         };
         topology
             .connect_client()
             .context("connecting the client namespace")?;
+        topology
+            .build_backend_side()
+            .with_context(|| format!("building the {} backend side", layout.name()))?;
         for _ in 1..=2 {
             topology.add_backend()?;
         }
         topology
             .enable_forwarding()
-            .context("enabling forwarding in the lb namespace")?;
+            .context("enabling forwarding")?;
         Ok(topology)
     }
 
-    fn connect_client(&self) -> anyhow::Result<()> {
+    /// The client's `eth0` and the lb's `lbpub`: a veth between them, or, one-armed, both
+    /// plugged into the switch.
+    fn connect_client(&mut self) -> anyhow::Result<()> {
+        if self.layout == Layout::OneArmed {
+            let switch = self.switch()?.name().clone();
+            switch.ip(["link", "add", BRIDGE, "type", "bridge"])?;
+            switch.ip(["link", "set", BRIDGE, "up"])?;
+            plug_into_switch(&switch, self.client.name(), "eth0", "to-client")?;
+            self.configure_client()?;
+        }
+        self.link_public()
+    }
+
+    /// Creates `lbpub` and configures it: one end of a veth whose other end is the client's
+    /// `eth0` (configured too), or, one-armed, a port of the switch.
+    fn link_public(&mut self) -> anyhow::Result<()> {
+        let vip = format!("{VIP}/24");
+        if self.layout == Layout::OneArmed {
+            let switch = self.switch()?.name().clone();
+            plug_into_switch(&switch, self.lb.name(), PUBLIC_INTERFACE, SWITCH_LB_PORT)?;
+            let gateway = format!("{ONE_ARMED_GATEWAY}/24");
+            self.lb
+                .ip(["address", "add", &vip, "dev", PUBLIC_INTERFACE])?;
+            self.lb
+                .ip(["address", "add", &gateway, "dev", PUBLIC_INTERFACE])?;
+            self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
+            // XDP on lbpub sees whatever to-lb transmits, and XDP_TX sends back into it.
+            ethtool(&switch, SWITCH_LB_PORT, &["tx", "off"])?;
+            self.switch_port_program = Some(XdpPass::attach(&switch, SWITCH_LB_PORT)?);
+            return Ok(());
+        }
         let lb = self.lb.name().as_str();
-        self.client.ip(veth_pair(PUBLIC_INTERFACE, lb))?;
-        self.lb.ip([
-            "address",
-            "add",
-            &format!("{VIP}/24"),
-            "dev",
-            PUBLIC_INTERFACE,
-        ])?;
+        self.client
+            .ip(veth_pair("eth0", None, PUBLIC_INTERFACE, lb))?;
+        self.lb
+            .ip(["address", "add", &vip, "dev", PUBLIC_INTERFACE])?;
         self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
-        self.client.ip([
-            "address",
-            "add",
-            &format!("{CLIENT_ADDRESS}/24"),
-            "dev",
-            "eth0",
-        ])?;
+        self.configure_client()?;
+        // Replies are redirected into lbpub unless they leave through the kernel (bridge).
+        let offloads: &[&str] = match self.layout {
+            Layout::Bridge => &["tx", "off"],
+            _ => &["gro", "on", "tx", "off"],
+        };
+        ethtool(self.client.name(), "eth0", offloads)
+    }
+
+    fn configure_client(&self) -> anyhow::Result<()> {
+        let client_address = format!("{CLIENT_ADDRESS}/24");
+        self.client
+            .ip(["address", "add", &client_address, "dev", "eth0"])?;
         self.client.ip(["link", "set", "eth0", "up"])?;
         self.client
             .ip(["route", "add", "default", "via", &VIP.to_string()])?;
-        set_offloads(&self.client)?;
         Ok(())
     }
 
-    /// Wires one more backend: `backend3` in namespace `...b3`, behind `lbb3`, at 10.200.13.2
-    /// with the lb namespace at 10.200.13.1, and so on. Adding it to a running lb-user's
-    /// configuration is up to the caller (rewrite the file, then reload).
+    /// Deletes `lbpub` and creates it again under the same name, as recreating the load
+    /// balancer's container link (or reloading a NIC driver) does.
+    pub fn restart_public_link(&mut self) -> anyhow::Result<()> {
+        // Its interface goes with lbpub (one-armed).
+        self.switch_port_program = None;
+        self.lb
+            .ip(["link", "delete", PUBLIC_INTERFACE])
+            .context("deleting lbpub")?;
+        self.link_public().context("recreating lbpub")
+    }
+
+    /// What the backends hang off, before any backend: br0 in the lb namespace (bridge), or
+    /// the router with its link to the lb namespace and its own bridge (routed).
+    fn build_backend_side(&self) -> anyhow::Result<()> {
+        match self.layout {
+            Layout::PointToPoint | Layout::OneArmed => Ok(()),
+            Layout::Bridge => {
+                self.lb.ip([
+                    "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+                ])?;
+                let gateway = format!("{BRIDGE_GATEWAY}/24");
+                self.lb.ip(["address", "add", &gateway, "dev", BRIDGE])?;
+                self.lb.ip(["link", "set", BRIDGE, "up"])?;
+                Ok(())
+            }
+            Layout::Routed => {
+                let router = self.router()?;
+                let lb = self.lb.name().as_str();
+                router.ip(veth_pair("eth0", None, ROUTER_LINK, lb))?;
+                let lb_side = format!("{LB_ROUTER_SIDE}/24");
+                self.lb
+                    .ip(["address", "add", &lb_side, "dev", ROUTER_LINK])?;
+                self.lb.ip(["link", "set", ROUTER_LINK, "up"])?;
+                let router_side = format!("{ROUTER_LB_SIDE}/24");
+                router.ip(["address", "add", &router_side, "dev", "eth0"])?;
+                router.ip(["link", "set", "eth0", "up"])?;
+                // Forwards are redirected into lbr0; XDP on lbr0 sees what eth0 transmits.
+                ethtool(router.name(), "eth0", &["gro", "on", "tx", "off"])?;
+                router.ip(["link", "add", BRIDGE, "type", "bridge"])?;
+                let gateway = format!("{ROUTER_GATEWAY}/24");
+                router.ip(["address", "add", &gateway, "dev", BRIDGE])?;
+                router.ip(["link", "set", BRIDGE, "up"])?;
+                // Replies to clients go back through the load balancer.
+                router.ip([
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &LB_ROUTER_SIDE.to_string(),
+                ])?;
+                self.lb.ip([
+                    "route",
+                    "add",
+                    ROUTED_NETWORK,
+                    "via",
+                    &ROUTER_LB_SIDE.to_string(),
+                ])?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Wires one more backend, `backend<n>` in namespace `...b<n>`, with the next address of
+    /// the layout's backend network (point to point: a network of its own, 10.200.(10+n).0/24).
+    /// Adding it to a running lb-user's configuration is up to the caller (rewrite the file,
+    /// then reload).
     pub fn add_backend(&mut self) -> anyhow::Result<&Backend> {
-        // Backend n lives in 10.200.(10 + n).0/24; 245 keeps the third octet within a byte.
+        // Point to point uses 10.200.(10 + n).0/24, the others 10.200.x.(1 + n): 245 keeps
+        // both within a byte.
         let number = u8::try_from(self.backends.len() + 1)
             .ok()
             .filter(|&number| number <= 245)
@@ -127,58 +363,148 @@ impl Topology {
 
     fn connect_backend(&self, number: u8) -> anyhow::Result<Backend> {
         let netns = Netns::create(&format!("{}b{number}", self.prefix))?;
-        let lb_interface = format!("lbb{number}");
-        let address = Ipv4Addr::new(10, 200, 10 + number, 2);
-        let lb_address = Ipv4Addr::new(10, 200, 10 + number, 1);
-        let lb = self.lb.name().as_str();
-        netns.ip(veth_pair(&lb_interface, lb))?;
-        self.lb.ip([
-            "address",
-            "add",
-            &format!("{lb_address}/24"),
-            "dev",
-            &lb_interface,
-        ])?;
-        self.lb.ip(["link", "set", &lb_interface, "up"])?;
-        netns.ip(["address", "add", &format!("{address}/24"), "dev", "eth0"])?;
-        netns.ip(["link", "set", "eth0", "up"])?;
-        netns.ip(["route", "add", "default", "via", &lb_address.to_string()])?;
-        set_offloads(&netns)?;
+        let plan = self.plan(number)?;
+        self.link_backend(&netns, &plan)?;
         Ok(Backend {
             name: format!("backend{number}"),
             netns,
-            address,
-            lb_interface,
-            lb_address,
+            address: plan.address,
+            lb_interface: plan.lb_interface,
+            lb_address: plan.lb_address,
+            peer: plan.peer,
+            peer_netns: plan.peer_netns,
+            number,
         })
     }
 
-    fn enable_forwarding(&self) -> anyhow::Result<()> {
-        self.lb.sysctl("net.ipv4.ip_forward", "1")?;
-        self.lb.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+    /// Where backend `number` goes in this layout.
+    fn plan(&self, number: u8) -> anyhow::Result<BackendPlan> {
+        let plan = match self.layout {
+            Layout::PointToPoint => BackendPlan {
+                address: Ipv4Addr::new(10, 200, 10 + number, 2),
+                gateway: Ipv4Addr::new(10, 200, 10 + number, 1),
+                lb_interface: format!("lbb{number}"),
+                lb_address: Ipv4Addr::new(10, 200, 10 + number, 1),
+                peer: format!("lbb{number}"),
+                peer_netns: self.lb.name().clone(),
+            },
+            Layout::Bridge => BackendPlan {
+                address: Ipv4Addr::new(10, 200, 20, 1 + number),
+                gateway: BRIDGE_GATEWAY,
+                lb_interface: BRIDGE.to_string(),
+                lb_address: BRIDGE_GATEWAY,
+                peer: format!("lbb{number}"),
+                peer_netns: self.lb.name().clone(),
+            },
+            Layout::Routed => BackendPlan {
+                address: Ipv4Addr::new(10, 200, 31, 1 + number),
+                gateway: ROUTER_GATEWAY,
+                lb_interface: ROUTER_LINK.to_string(),
+                lb_address: LB_ROUTER_SIDE,
+                peer: format!("rb{number}"),
+                peer_netns: self.router()?.name().clone(),
+            },
+            Layout::OneArmed => BackendPlan {
+                address: Ipv4Addr::new(10, 200, 40, 1 + number),
+                gateway: ONE_ARMED_GATEWAY,
+                lb_interface: PUBLIC_INTERFACE.to_string(),
+                lb_address: ONE_ARMED_GATEWAY,
+                peer: format!("to-backend{number}"),
+                peer_netns: self.switch()?.name().clone(),
+            },
+        };
+        Ok(plan)
+    }
+
+    /// Creates the backend's `eth0` and its peer, and configures both ends.
+    fn link_backend(&self, netns: &Netns, plan: &BackendPlan) -> anyhow::Result<()> {
+        let mac = (self.layout == Layout::Bridge).then(|| docker_mac(plan.address));
+        netns.ip(veth_pair(
+            "eth0",
+            mac.as_deref(),
+            &plan.peer,
+            plan.peer_netns.as_str(),
+        ))?;
+        let peer_netns = &plan.peer_netns;
+        match self.layout {
+            Layout::PointToPoint => {
+                let lb_side = format!("{}/24", plan.lb_address);
+                peer_netns.ip(["address", "add", &lb_side, "dev", &plan.peer])?;
+            }
+            Layout::Bridge | Layout::Routed | Layout::OneArmed => {
+                peer_netns.ip(["link", "set", &plan.peer, "master", BRIDGE])?;
+            }
+        }
+        peer_netns.ip(["link", "set", &plan.peer, "up"])?;
+        let address = format!("{}/24", plan.address);
+        netns.ip(["address", "add", &address, "dev", "eth0"])?;
+        netns.ip(["link", "set", "eth0", "up"])?;
+        netns.ip(["route", "add", "default", "via", &plan.gateway.to_string()])?;
+        if self.layout == Layout::PointToPoint {
+            // XDP redirects into lbbN, and sees what eth0 transmits.
+            ethtool(netns.name(), "eth0", &["gro", "on", "tx", "off"])?;
+        }
         Ok(())
     }
 
-    /// The lb namespace's interfaces lb-user attaches to: the public one, then one per backend.
+    /// Deletes the backend's link and creates it again, as a container restart does with its
+    /// veth: the peer goes away with `eth0` and comes back under the same name (and, on the
+    /// bridge, the same MAC address, as Docker's are).
+    pub fn restart_backend_link(&self, name: &str) -> anyhow::Result<()> {
+        let backend = self.backend(name)?;
+        backend
+            .peer_netns
+            .ip(["link", "delete", &backend.peer])
+            .with_context(|| format!("deleting {}'s link", backend.name))?;
+        let plan = self.plan(backend.number)?;
+        self.link_backend(&backend.netns, &plan)
+            .with_context(|| format!("recreating {}'s link", backend.name))
+    }
+
+    fn enable_forwarding(&self) -> anyhow::Result<()> {
+        for netns in std::iter::once(&self.lb).chain(&self.router) {
+            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            netns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+        }
+        Ok(())
+    }
+
+    fn router(&self) -> anyhow::Result<&Netns> {
+        self.router
+            .as_ref()
+            .context("this topology has no router namespace")
+    }
+
+    fn switch(&self) -> anyhow::Result<&Netns> {
+        self.switch
+            .as_ref()
+            .context("this topology has no switch namespace")
+    }
+
+    /// The lb namespace's interfaces lb-user attaches XDP to: the public one, then those
+    /// backends are routed through unless they are bridges (which get no XDP program).
     pub fn lb_interfaces(&self) -> Vec<String> {
-        let backends = self
-            .backends
-            .iter()
-            .map(|backend| backend.lb_interface.clone());
-        std::iter::once(PUBLIC_INTERFACE.to_string())
-            .chain(backends)
-            .collect()
+        let mut interfaces = vec![PUBLIC_INTERFACE.to_string()];
+        if self.layout == Layout::Bridge {
+            return interfaces;
+        }
+        for backend in &self.backends {
+            if !interfaces.contains(&backend.lb_interface) {
+                interfaces.push(backend.lb_interface.clone());
+            }
+        }
+        interfaces
     }
 
     /// The names of every namespace of the topology.
     pub fn netns_names(&self) -> Vec<NetnsName> {
-        let backends = self
-            .backends
-            .iter()
-            .map(|backend| backend.netns.name().clone());
-        [self.client.name().clone(), self.lb.name().clone()]
+        let middle = self.router.iter().chain(&self.switch);
+        let backends = self.backends.iter().map(|backend| &backend.netns);
+        [&self.client, &self.lb]
             .into_iter()
+            .chain(middle)
             .chain(backends)
+            .map(|netns| netns.name().clone())
             .collect()
     }
 
@@ -189,7 +515,7 @@ impl Topology {
             .with_context(|| format!("the topology has no backend called {name}"))
     }
 
-    /// The demo's service: HTTP on the VIP, port 80, balanced over both backends, with health
+    /// The demo's service: HTTP on the VIP, port 80, balanced over every backend, with health
     /// checks fast enough for tests (every 500 ms, rise 2, fall 2).
     pub fn demo_service(&self) -> ServiceConfig {
         ServiceConfig {
@@ -216,11 +542,75 @@ impl Topology {
                 .any(|word| word.starts_with("xdp")))
     }
 
-    /// Deletes every namespace (and with them the veth pairs), reporting all errors.
+    /// One line per namespace: its role, its name and its addresses, for the demo.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "{:<9} {:<14} eth0 {CLIENT_ADDRESS}/24, default via {VIP}",
+            "client",
+            self.client.name().as_str()
+        )];
+        let lb = match self.layout {
+            Layout::PointToPoint => {
+                let links: Vec<String> = self
+                    .backends
+                    .iter()
+                    .map(|backend| format!("{} {}/24", backend.lb_interface, backend.lb_address))
+                    .collect();
+                format!("lbpub {VIP}/24 (the VIP), {}", links.join(", "))
+            }
+            Layout::Bridge => {
+                let ports: Vec<&str> = self.backends.iter().map(|b| b.peer.as_str()).collect();
+                format!(
+                    "lbpub {VIP}/24 (the VIP), {BRIDGE} {BRIDGE_GATEWAY}/24 (a bridge; ports {})",
+                    ports.join(", ")
+                )
+            }
+            Layout::Routed => format!(
+                "lbpub {VIP}/24 (the VIP), {ROUTER_LINK} {LB_ROUTER_SIDE}/24, \
+                 route {ROUTED_NETWORK} via {ROUTER_LB_SIDE}"
+            ),
+            Layout::OneArmed => {
+                format!("lbpub {VIP}/24 (the VIP) and {ONE_ARMED_GATEWAY}/24, on the switch")
+            }
+        };
+        lines.push(format!("{:<9} {:<14} {lb}", "lb", self.lb.name().as_str()));
+        if let Some(router) = &self.router {
+            lines.push(format!(
+                "{:<9} {:<14} eth0 {ROUTER_LB_SIDE}/24, {BRIDGE} {ROUTER_GATEWAY}/24, \
+                 default via {LB_ROUTER_SIDE}",
+                "router",
+                router.name().as_str()
+            ));
+        }
+        if let Some(switch) = &self.switch {
+            lines.push(format!(
+                "{:<9} {:<14} {BRIDGE} with ports to-client, {SWITCH_LB_PORT}, to-backend<n>",
+                "switch",
+                switch.name().as_str()
+            ));
+        }
+        for backend in &self.backends {
+            let (name, netns) = (&backend.name, backend.netns.name().as_str());
+            let gateway = match self.plan(backend.number) {
+                Ok(plan) => plan.gateway.to_string(),
+                Err(error) => format!("({error})"),
+            };
+            lines.push(format!(
+                "{name:<9} {netns:<14} eth0 {}/24, default via {gateway}",
+                backend.address
+            ));
+        }
+        lines
+    }
+
+    /// Deletes every namespace (and with them the links and programs), reporting all errors.
     pub fn shutdown(self) -> anyhow::Result<()> {
+        drop(self.switch_port_program);
         let mut errors = Vec::new();
         let namespaces = [self.client, self.lb]
             .into_iter()
+            .chain(self.router)
+            .chain(self.switch)
             .chain(self.backends.into_iter().map(|backend| backend.netns));
         for netns in namespaces {
             if let Err(error) = netns.shutdown() {
@@ -230,34 +620,81 @@ impl Topology {
         if errors.is_empty() {
             Ok(())
         } else {
-            anyhow::bail!("tearing down the topology: {}", errors.join("; "))
+            bail!("tearing down the topology: {}", errors.join("; "))
         }
     }
 }
 
-/// Arguments for `ip -n A` creating `eth0` in A with its peer `peer` directly in namespace
-/// `peer_netns`: neither end ever exists in the host namespace.
-fn veth_pair<'a>(peer: &'a str, peer_netns: &'a str) -> [&'a str; 10] {
-    [
-        "link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns", peer_netns,
-    ]
+/// Where one backend goes: its addresses, and the far end of its `eth0`.
+struct BackendPlan {
+    address: Ipv4Addr,
+    gateway: Ipv4Addr,
+    lb_interface: String,
+    lb_address: Ipv4Addr,
+    peer: String,
+    peer_netns: NetnsName,
 }
 
-/// Frames that XDP redirects or transmits into a veth are delivered only if the receiving peer
-/// has an XDP program or GRO on; otherwise they vanish while the sender counts them as sent.
-///
-/// Transmit checksum offload goes off too, so that hosts send complete checksums as a packet
-/// from a physical wire has. With it on, a veth hands XDP a partial checksum (the pseudo-header
-/// sum only) that nothing completes after XDP_REDIRECT.
-/// FIXME(#5): handle partial checksums in the datapath and run these tests with offload on.
-fn set_offloads(netns: &Netns) -> anyhow::Result<()> {
-    netns
-        .exec(["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])
-        .with_context(|| {
-            format!(
-                "enabling GRO, disabling tx offload on eth0 in {}",
-                netns.name()
-            )
-        })?;
+/// Arguments for `ip -n A` creating `name` (with `mac`, if given) in A and its peer `peer`
+/// directly in namespace `peer_netns`: neither end ever exists in the host namespace.
+fn veth_pair(name: &str, mac: Option<&str>, peer: &str, peer_netns: &str) -> Vec<String> {
+    let mut args = vec!["link", "add", name];
+    if let Some(mac) = mac {
+        args.extend(["address", mac]);
+    }
+    args.extend(["type", "veth", "peer", "name", peer, "netns", peer_netns]);
+    args.into_iter().map(str::to_string).collect()
+}
+
+/// Creates `interface` in `netns` with its peer `port` in the switch, enslaved to its bridge.
+fn plug_into_switch(
+    switch: &NetnsName,
+    netns: &NetnsName,
+    interface: &str,
+    port: &str,
+) -> anyhow::Result<()> {
+    netns.ip(veth_pair(interface, None, port, switch.as_str()))?;
+    switch.ip(["link", "set", port, "master", BRIDGE])?;
+    switch.ip(["link", "set", port, "up"])?;
     Ok(())
+}
+
+/// The MAC address Docker derives from a container's IPv4 address: 02:42 and the four bytes.
+fn docker_mac(address: Ipv4Addr) -> String {
+    let [a, b, c, d] = address.octets();
+    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// `ethtool -K interface settings...` inside `netns`. Call it once both ends of the veth are
+/// up: GRO turned on while a veth is down enables its receive queue when it comes up, but does
+/// not always mark its peer as able to take redirected frames (seen on 6.18, depending on the
+/// order the two ends came up), and every XDP_REDIRECT into the peer then fails.
+fn ethtool(netns: &NetnsName, interface: &str, settings: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["ethtool", "-K", interface];
+    args.extend_from_slice(settings);
+    netns
+        .exec(&args)
+        .with_context(|| format!("ethtool -K {interface} {} in {netns}", settings.join(" ")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_macs_follow_the_address() {
+        assert_eq!(
+            docker_mac(Ipv4Addr::new(10, 200, 20, 2)),
+            "02:42:0a:c8:14:02"
+        );
+    }
+
+    #[test]
+    fn veth_pairs_are_created_straight_into_the_peer_namespace() {
+        assert_eq!(
+            veth_pair("eth0", Some("02:42:0a:c8:14:02"), "lbb1", "lbt1x0l").join(" "),
+            "link add eth0 address 02:42:0a:c8:14:02 type veth peer name lbb1 netns lbt1x0l"
+        );
+    }
 }

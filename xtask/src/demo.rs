@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: the load balancer end to end, narrated.
 //!
-//! Builds the demo topology (client, lb, two backends, each in a namespace), starts nginx on
-//! the backends and lb-user in the lb namespace, then sends requests to the VIP while taking
-//! backend2 down and bringing it back. Everything it made is removed at the end, also after an
-//! error or Ctrl-C (checked between steps).
+//! Builds the bridge topology (a client, the load balancer and two backends, each in a
+//! namespace; the backends on a bridge in the lb namespace, as Docker's containers are on
+//! docker0), starts nginx on the backends and lb-user in the lb namespace, then sends requests
+//! to the VIP while taking backend2 down and bringing it back. Everything it made is removed at
+//! the end, also after an error or Ctrl-C (checked between steps).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -35,9 +36,14 @@ pub fn run() -> anyhow::Result<()> {
     build_lb_user()?;
     check_interrupted()?;
 
-    narrate("building the topology: client, lb and two backends, each in its own namespace");
-    let topology = Topology::demo()?;
-    print_topology(&topology);
+    narrate(
+        "building the topology: client, lb and two backends, each in its own namespace; the \
+         backends sit on a bridge in the lb namespace, like containers on Docker's docker0",
+    );
+    let topology = Topology::bridge()?;
+    for line in topology.describe() {
+        println!("  {line}");
+    }
     let mut demo = Demo {
         lb: None,
         backends: Vec::new(),
@@ -99,6 +105,13 @@ impl Demo {
             .insert(LoadBalancer::start(&self.topology.lb, &config)?);
         narrate("waiting for both backends to pass their health checks");
         lb.wait_backends_up(2, STATE_TIMEOUT)?;
+        narrate("lb-user worked out from the routing table how to reach the backends:");
+        for line in lb.log().lines().filter(|line| is_attachment(line)) {
+            println!(
+                "  {}",
+                line.split_once(": ").map_or(line, |(_, message)| message)
+            );
+        }
         check_interrupted()?;
 
         narrate(&format!(
@@ -146,7 +159,7 @@ impl Demo {
         narrate("lb-user stats:");
         println!("{}", self.lb()?.stats_text()?);
 
-        narrate("stopping lb-user (SIGTERM): it detaches its XDP programs and exits 0");
+        narrate("stopping lb-user (SIGTERM): it detaches its XDP and tc programs and exits 0");
         if let Some(mut lb) = self.lb.take() {
             lb.stop()?;
         }
@@ -199,19 +212,9 @@ impl Demo {
     }
 }
 
-fn print_topology(topology: &Topology) {
-    let lb = "lbpub 10.200.1.1/24 (the VIP), lbb1 10.200.11.1/24, lbb2 10.200.12.1/24";
-    println!(
-        "  {:<9} {:<14} eth0 10.200.1.2/24, default via the VIP",
-        "client",
-        topology.client.name()
-    );
-    println!("  {:<9} {:<14} {lb}", "lb", topology.lb.name());
-    for backend in &topology.backends {
-        let (name, netns) = (&backend.name, backend.netns.name());
-        let (address, gateway) = (backend.address, backend.lb_address);
-        println!("  {name:<9} {netns:<14} eth0 {address}/24, default via {gateway}");
-    }
+/// The lines of lb-user's log that say what it attached where, and why.
+fn is_attachment(line: &str) -> bool {
+    line.contains("attached XDP program") || line.contains("tc egress program")
 }
 
 fn narrate(step: &str) {

@@ -5,6 +5,7 @@
 //! - `test`: runs every test suite the way CI does (the namespace tests must not skip), then a
 //!   smoke run of the benchmarks.
 //! - `bench`: the kernel-level and end-to-end benchmarks, and `docs/benchmarks.md`.
+//! - `fuzz`: the long run of the datapath fuzzer ([`lb_tests::fuzz`]).
 //!
 //! All need root: they install packages, load XDP programs and create namespaces.
 
@@ -22,6 +23,9 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   demo   build lb-user and run the load balancer demo in network namespaces (root)
   test   install dependencies, build, and run all tests with privileged tests required (root)
+  fuzz [--seed N] [--count N]
+         random and mutated packets through the datapath, every output checked (root);
+         default: a seed from the clock, 1000000 packets
   bench [--quick] [--output DIR]
          both benchmarks below, then DIR/benchmarks.md and its chart (DIR: docs/) (root)
   bench kernel [--quick]
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     {
         ["demo"] => demo::run(),
         ["test"] => suite::run(),
+        ["fuzz", rest @ ..] => fuzz(rest),
         ["bench", rest @ ..] => bench::run(rest),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
@@ -104,4 +109,36 @@ fn install_deps() -> anyhow::Result<()> {
 
 fn build_lb_user() -> anyhow::Result<()> {
     run_streaming(cargo().args(["build", "-p", "lb-user"]))
+}
+
+/// `cargo xtask fuzz [--seed N] [--count N]`: prints the run's report; fails on a violation.
+fn fuzz(args: &[&str]) -> anyhow::Result<()> {
+    let mut seed = None;
+    let mut count = lb_tests::fuzz::DEFAULT_COUNT;
+    let mut rest = args;
+    while let [flag, value, tail @ ..] = rest {
+        let number = || {
+            value
+                .parse::<u64>()
+                .with_context(|| format!("fuzz: {flag} wants a decimal number, not {value:?}"))
+        };
+        match *flag {
+            "--seed" => seed = Some(number()?),
+            "--count" => count = number()?,
+            _ => break,
+        }
+        rest = tail;
+    }
+    if let [unexpected, ..] = rest {
+        bail!("fuzz: unexpected argument {unexpected:?} (see `cargo xtask help`)");
+    }
+    require_root("cargo xtask fuzz")?;
+    let seed = seed.unwrap_or_else(lb_tests::fuzz::seed_from_clock);
+    println!("xtask: fuzzing the datapath: seed {seed}, {count} packets");
+    let report = lb_tests::fuzz::run(seed, count);
+    println!("{report}");
+    if !report.passed() {
+        bail!("the fuzzer found violations (seed {seed}, {count} packets): see above");
+    }
+    Ok(())
 }

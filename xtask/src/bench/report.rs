@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use lb_tests::bench_e2e::{E2eReport, HttpRun, Mode, Setup, UdpRun};
-use lb_tests::bench_kernel::{CaseResult, KernelReport, Spread, NOT_A_SERVICE};
+use lb_tests::bench_kernel::{CaseResult, KernelReport, Spread, FLOOR, NOT_A_SERVICE};
 
 /// What the numbers were measured on.
 pub struct Machine {
@@ -118,6 +118,10 @@ pub fn kernel_markdown(report: &KernelReport) -> String {
 }
 
 fn verdict_against_katran(case: &CaseResult) -> &'static str {
+    if case.name == FLOOR {
+        // Not a goal: it shows that both sides were measured the same way.
+        return "–";
+    }
     match case.katran_ns {
         Some(katran) if case.wrapped.median <= katran => "yes",
         Some(_) => "**no**",
@@ -238,6 +242,20 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
             );
         }
     }
+    let new_connection_rate = |setup| {
+        median(
+            runs_of(report, setup, Mode::NewConnection)
+                .iter()
+                .map(|run| run.requests_per_second),
+        )
+    };
+    let direct = new_connection_rate(Setup::Direct);
+    if Setup::ALL
+        .into_iter()
+        .any(|setup| new_connection_rate(setup) > direct)
+    {
+        let _ = writeln!(text, "\n{DIRECT_NOT_AN_UPPER_BOUND}");
+    }
     let _ = writeln!(
         text,
         "\nUDP packet rate: {UDP_PAYLOAD_NOTE}, {} s floods, {} round(s); packets counted by an \
@@ -246,9 +264,10 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
     );
     let _ = writeln!(
         text,
-        "| setup | sent pps | delivered pps | lost | lost % | softirq CPU % |"
+        "| setup | sent pps | delivered pps | lost | lost % | of which interfaces dropped | \
+         softirq CPU % |"
     );
-    let _ = writeln!(text, "| --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(text, "| --- | --- | --- | --- | --- | --- | --- |");
     for setup in [Setup::XdpLb, Setup::NftDnat] {
         let runs: Vec<&UdpRun> = report.udp.iter().filter(|run| run.setup == setup).collect();
         if runs.is_empty() {
@@ -259,7 +278,7 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
         let lost: u64 = runs.iter().map(|run| run.lost()).sum();
         let _ = writeln!(
             text,
-            "| {} | {:.0} | {:.0} ({:.0}–{:.0}) | {} | {:.1} | {:.0} |",
+            "| {} | {:.0} | {:.0} ({:.0}–{:.0}) | {} | {:.1} | {} | {:.0} |",
             setup.name(),
             median(runs.iter().map(|run| run.sent_pps())),
             delivered.median,
@@ -267,14 +286,49 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
             delivered.max,
             lost,
             lost as f64 / sent.max(1) as f64 * 100.0,
+            runs.iter().map(|run| run.interface_drops).sum::<u64>(),
             median(runs.iter().map(|run| run.softirq_percent)),
         );
+    }
+    let mut sites: Vec<(String, u64)> = Vec::new();
+    for run in &report.udp {
+        for (site, dropped) in &run.drop_sites {
+            let site = format!("{}: {site}", run.setup.name());
+            match sites.iter_mut().find(|(known, _)| *known == site) {
+                Some((_, total)) => *total += dropped,
+                None => sites.push((site, *dropped)),
+            }
+        }
+    }
+    if !sites.is_empty() {
+        let list: Vec<String> = sites
+            .iter()
+            .map(|(site, dropped)| format!("{site} ({dropped})"))
+            .collect();
+        let _ = writeln!(
+            text,
+            "\nInterfaces that dropped packets (setup: namespace interface (packets, all \
+             rounds)): {}.",
+            list.join("; ")
+        );
+        if sites
+            .iter()
+            .any(|(site, _)| site.starts_with(Setup::XdpLb.name()) && site.ends_with("client eth0"))
+        {
+            let _ = writeln!(text, "\n{CLIENT_VETH_DROPS}");
+        }
     }
     text
 }
 
+const CLIENT_VETH_DROPS: &str = "The client's own veth dropped those of xdp-lb's packets it \
+lost, before the balancer saw them: with an XDP program attached to its peer (the balancer's \
+public interface), a veth hands packets to a ring of 256 that the peer drains in NAPI polls, \
+and drops when the senders outrun it; without one (nftables), it queues them on the kernel's \
+backlog instead. A physical NIC has its own, larger rings; this loss belongs to the test bed.";
+
 const UDP_PAYLOAD_NOTE: &str = "60-byte frames (18-byte payload) over 16 flows from one sending \
-                                thread in the client namespace";
+                                thread per core in the client namespace";
 
 /// The whole `benchmarks.md`: the machine, the commands, every table, the chart.
 pub fn document(
@@ -368,7 +422,9 @@ const KERNEL_READING: &str = "The sweeps time the same cases with the flow table
 1, 16 and 256 backends behind the service, and with 1 and 1,000 services configured. Under the \
 loop method, the established-flow case visits up to 4,096 flows spread over the whole table in \
 turn, so a large table shows its cache misses there; the wrapper repeats one flow, whose \
-entry stays in cache.";
+entry stays in cache. The full-table point fills a smaller table to its capacity first, so \
+that every new flow evicts the least recently used one: the steady state of a balancer busy \
+enough to fill its table.";
 
 const E2E_METHOD: &str = "The demo topology: a client, the load balancer and two backends, \
 each a network namespace, joined by veth pairs (GRO on and transmit checksum offload off on \
@@ -399,3 +455,8 @@ delivered: packets dropped anywhere on the way (a full veth ring, the balancer).
 machine the senders, the balancer and the receivers all run on the same two cores, in the \
 senders' own system calls and softirq, so the delivered rate measures the whole path's cost \
 per packet rather than the balancer's alone.";
+
+const DIRECT_NOT_AN_UPPER_BOUND: &str = "**direct** with a new connection per request is no \
+upper bound in this run: all its connections go to one nginx, and wrk stays far from saturating \
+a core, so the limit is not CPU; likely the backend's TIME_WAIT sockets meeting reused client \
+ports (behind a balancer, each of the two backends sees half as many).";
