@@ -120,12 +120,12 @@ fn ip(bytes: [u8; 4]) -> String {
 /// A namespace with two veth pairs (`pub` towards clients, `back` towards backends), the
 /// loaded datapath, and the test thread inside the namespace.
 pub struct Fixture {
-    namespace: String,
-    original: File,
     pub dataplane: XdpDataplane,
     pub table: ServiceTable,
     pub pub_ifindex: u32,
     pub back_ifindex: u32,
+    /// Held for its Drop, and last, so the namespace goes after everything that lives in it.
+    _namespace: NamespaceGuard,
 }
 
 impl Fixture {
@@ -157,17 +157,23 @@ impl Fixture {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run(&["ip", "netns", "add", &namespace]);
         let original = File::open("/proc/thread-self/ns/net").expect("own network namespace");
-        // From here on, Drop removes the namespace whatever fails next.
-        let mut fixture = Self::build(namespace, original, config, options);
+        run(&["ip", "netns", "add", &namespace]);
+        // From here on the guard removes the namespace, and puts the thread back, whatever
+        // fails next: a panic while building must not leak it.
+        let guard = NamespaceGuard {
+            name: namespace,
+            original,
+        };
+        let mut fixture = Self::build(guard, config, options);
         fixture.table.set_kernel_paths(via_kernel);
         fixture.install();
         fixture
     }
 
-    fn build(namespace: String, original: File, config: &str, options: &LoadOptions) -> Self {
-        let ns = namespace.as_str();
+    fn build(namespace: NamespaceGuard, config: &str, options: &LoadOptions) -> Self {
+        let ns = namespace.name.clone();
+        let ns = ns.as_str();
         let pub_peer = [0x02, 0, 0, 0, 0x01, 0xfe];
         let back_peer = [0x02, 0, 0, 0, 0x02, 0xfe];
         run(&[
@@ -275,8 +281,7 @@ impl Fixture {
         Self {
             pub_ifindex: ifindex("pub"),
             back_ifindex: ifindex("back"),
-            namespace,
-            original,
+            _namespace: namespace,
             dataplane,
             table,
         }
@@ -351,15 +356,21 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
+/// The fixture's namespace: deleted, with the thread moved back to where it started, on drop.
+struct NamespaceGuard {
+    name: String,
+    original: File,
+}
+
+impl Drop for NamespaceGuard {
     fn drop(&mut self) {
-        // SAFETY: back to the namespace this thread started in.
+        // SAFETY: back to the namespace this thread started in (harmless if never left).
         unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
         let status = Command::new("ip")
-            .args(["netns", "del", &self.namespace])
+            .args(["netns", "del", &self.name])
             .status();
         if !matches!(status, Ok(status) if status.success()) {
-            eprintln!("could not delete namespace {}: {status:?}", self.namespace);
+            eprintln!("could not delete namespace {}: {status:?}", self.name);
         }
     }
 }
