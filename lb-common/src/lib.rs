@@ -16,6 +16,8 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 256;
 /// Entries in the flow table and in the reverse-translation table (LRU hash maps).
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Words of the `PORTS` bitmap: one bit for each of the 65536 ports.
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 /// Default entries of the shared scheduling table (`SCHEDULE`); `lb-user` sizes it at load.
 pub const SCHEDULE_SIZE: u32 = 1 << 20;
 

@@ -21,7 +21,7 @@ mod route;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::xdp,
     programs::XdpContext,
 };
@@ -36,8 +36,8 @@ use crate::{
         ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
     },
     maps::{
-        count, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SCHEDULE, SERVICES,
-        SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
+        count, port_in_use, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SCHEDULE,
+        SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
     route::{Route, SendCounters},
 };
@@ -156,6 +156,12 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         }
         return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
     };
+
+    // Neither for a service nor from a backend: the host's own traffic, passed at once.
+    if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
+    {
+        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+    }
 
     let tuple = FlowKey {
         src_addr: unsafe { (*ip).src },
@@ -352,7 +358,8 @@ fn select_backend(
     service: &Service,
     tcp_flags: u8,
 ) -> Result<(u32, Backend), Drop> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse (jiffies) time: timeouts are seconds long, and the precise clock costs ~25 ns.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = tuple.protocol == protocol::TCP;
     let syn = is_tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = is_tcp && tcp_flags & (TCP_FIN | TCP_RST) != 0;

@@ -1,13 +1,13 @@
 //! The datapath's maps. Their layouts live in `lb-common`; `lb-user` finds them by these names.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, Settings, TrafficStats,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, SCHEDULE_SIZE,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -33,14 +33,17 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Client-to-service 5-tuple to the backend serving that flow.
+/// Client-to-service 5-tuple to the backend serving that flow. Both flow tables keep an LRU
+/// list per CPU (`BPF_F_NO_COMMON_LRU`): a new flow's insert takes no global lock, which is
+/// most of a new flow's cost with a common list.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Backend-to-client 5-tuple to the service the reply must appear to come from.
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
 /// flows each CPU's rotation is even, so the sum is too.
@@ -55,6 +58,13 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// One bit per port number: set for every service port and every backend port. A TCP or UDP
+/// packet whose destination and source ports are both clear is neither for a service nor a
+/// backend's reply, and passes without a hash lookup: the cost of the operator's SSH and
+/// everything else on the host.
+#[map]
+pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
 /// Global verdict and event counters, indexed by `lb_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -64,5 +74,16 @@ pub fn count(index: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other program touches it while this one runs.
         unsafe { *value += 1 };
+    }
+}
+
+/// Whether `port` (network order) is a service's or a backend's port.
+#[inline(always)]
+pub fn port_in_use(port: [u8; 2]) -> bool {
+    let port = u16::from_be_bytes(port);
+    match PORTS.get(u32::from(port >> 6)) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        // Cannot happen (the array covers every port); be safe and look further.
+        None => true,
     }
 }

@@ -4,7 +4,12 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibLookup, helpers::bpf_fib_lookup, programs::XdpContext,
+    bindings::{
+        bpf_fib_lookup as FibLookup, bpf_fib_lookup__bindgen_ty_1, bpf_fib_lookup__bindgen_ty_2,
+        bpf_fib_lookup__bindgen_ty_3, bpf_fib_lookup__bindgen_ty_4, bpf_fib_lookup__bindgen_ty_5,
+    },
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
     EbpfContext,
 };
 use lb_common::counter;
@@ -48,17 +53,12 @@ pub fn send(
     counters: &SendCounters,
 ) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = route.protocol;
     // The helper takes ports and addresses in network order: keep the wire bytes as they are.
+    let mut params = fib_params(ingress, route.src, route.dst);
+    params.l4_protocol = route.protocol;
     params.sport = u16::from_ne_bytes(route.src_port);
     params.dport = u16::from_ne_bytes(route.dst_port);
     params.__bindgen_anon_1.tot_len = route.total_len;
-    params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(route.src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(route.dst);
 
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
     let result =
@@ -92,14 +92,33 @@ pub fn send(
 #[inline(always)]
 pub fn arrives_on_its_route(ctx: &XdpContext, client: [u8; 4], local: [u8; 4]) -> bool {
     let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(local);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(client);
+    let mut params = fib_params(ingress, local, client);
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
     let result =
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
     (result == FIB_SUCCESS || result == FIB_NO_NEIGHBOUR) && params.ifindex == ingress
+}
+
+/// A route request with every field written out: `core::mem::zeroed()` here becomes a call to
+/// an out-of-line memset subprogram, which costs more than the stores.
+#[inline(always)]
+fn fib_params(ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> FibLookup {
+    FibLookup {
+        family: AF_INET,
+        l4_protocol: 0,
+        sport: 0,
+        dport: 0,
+        __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 { tot_len: 0 },
+        ifindex,
+        __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 { flowinfo: 0 },
+        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
+            ipv6_src: [u32::from_ne_bytes(src), 0, 0, 0],
+        },
+        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
+            ipv6_dst: [u32::from_ne_bytes(dst), 0, 0, 0],
+        },
+        __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
+        smac: [0; 6],
+        dmac: [0; 6],
+    }
 }

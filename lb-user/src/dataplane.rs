@@ -68,6 +68,9 @@ pub trait Dataplane {
     /// Writes `entries` into `SCHEDULE` from `offset` on.
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError>;
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError>;
+    /// Replaces the bitmap of service and backend ports (`lb_common::PORT_BITMAP_WORDS`
+    /// words; bit `p % 64` of word `p / 64` is port `p`).
+    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError>;
     fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
@@ -85,6 +88,7 @@ pub struct XdpDataplane {
     backends: Array<MapData, Backend>,
     schedule: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
+    ports: Array<MapData, u64>,
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -130,6 +134,7 @@ impl XdpDataplane {
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
             schedule: take_map(&mut ebpf, "SCHEDULE", Array::try_from)?,
             settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
+            ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
@@ -180,7 +185,10 @@ impl XdpDataplane {
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(EGRESS_PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing { kind: "program", name: EGRESS_PROGRAM_NAME })?
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name: EGRESS_PROGRAM_NAME,
+            })?
             .try_into()
             .map_err(DataplaneError::Program)?;
         if program.fd().is_err() {
@@ -390,6 +398,18 @@ impl Dataplane for XdpDataplane {
         Ok(())
     }
 
+    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError> {
+        for (index, word) in bitmap.iter().enumerate() {
+            self.ports
+                .set(index as u32, word, 0)
+                .map_err(|cause| DataplaneError::Map {
+                    map: "PORTS",
+                    cause,
+                })?;
+        }
+        Ok(())
+    }
+
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
         self.settings
             .set(0, settings, 0)
@@ -477,6 +497,7 @@ pub struct MemoryDataplane {
     pub services: StdHashMap<ServiceKey, Service>,
     pub schedule: StdHashMap<u32, u32>,
     pub settings: Option<Settings>,
+    pub ports: Vec<u64>,
     pub backends: StdHashMap<u32, Backend>,
     pub vip_addresses: Vec<[u8; 4]>,
     /// How many writes happened, to check that unchanged state is not rewritten.
@@ -505,6 +526,12 @@ impl Dataplane for MemoryDataplane {
         for (position, id) in entries.iter().enumerate() {
             self.schedule.insert(offset + position as u32, *id);
         }
+        Ok(())
+    }
+
+    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.ports = bitmap.to_vec();
         Ok(())
     }
 

@@ -175,6 +175,7 @@ impl ServiceTable {
     /// datapath.
     pub fn install(&mut self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
         dataplane.set_settings(&settings(&self.flows))?;
+        dataplane.set_ports(&port_bitmap(&self.services))?;
         for index in 0..self.services.len() {
             let service = &self.services[index];
             for backend in &service.backends {
@@ -376,6 +377,7 @@ impl ServiceTable {
             dataplane.add_vip_address(service.config.vip.octets())?;
             next.publish(index, dataplane)?;
         }
+        dataplane.set_ports(&port_bitmap(&next.services))?;
         for old in &old_services {
             let vip = old.config.vip;
             if !next
@@ -496,6 +498,19 @@ impl ServiceTable {
             via_kernel: self.kernel_paths.contains(addr.ip()),
         })
     }
+}
+
+/// Every service port and every backend port, as the datapath's `PORTS` bitmap.
+pub fn port_bitmap(services: &[ServiceState]) -> Vec<u64> {
+    let mut bitmap = vec![0u64; lb_common::PORT_BITMAP_WORDS as usize];
+    let mut set = |port: u16| bitmap[usize::from(port / 64)] |= 1u64 << (port % 64);
+    for service in services {
+        set(service.config.port);
+        for backend in &service.backends {
+            set(backend.addr.port());
+        }
+    }
+    bitmap
 }
 
 fn free_service_id(old: &[ServiceState], new: &[ServiceState]) -> Result<u32, TableError> {
@@ -676,6 +691,12 @@ mod tests {
         assert_eq!(dns.scheduler, scheduler::MAGLEV);
         assert_eq!(dataplane.vip_addresses, vec![[10, 200, 1, 1]]);
         let settings = dataplane.settings.expect("settings written");
+        let bit = |port: u16| dataplane.ports[usize::from(port / 64)] & (1u64 << (port % 64)) != 0;
+        assert!(
+            bit(80) && bit(8080) && bit(53),
+            "service and backend ports are in the bitmap"
+        );
+        assert!(!bit(22) && !bit(443));
         assert_eq!(settings.tcp_timeout_ns, 15 * 60 * 1_000_000_000);
     }
 
