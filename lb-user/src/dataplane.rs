@@ -94,8 +94,10 @@ pub struct XdpDataplane {
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     attached: Vec<Attachment>,
-    /// Interfaces with the tc egress program, and its links.
-    egress: Vec<(String, aya::programs::tc::SchedClassifierLinkId)>,
+    /// Interfaces with the tc egress program, their index then, and its links.
+    egress: Vec<(String, u32, aya::programs::tc::SchedClassifierLinkId)>,
+    /// Interfaces the tc egress program belongs on but could not be attached to yet.
+    egress_wanted: Vec<String>,
 }
 
 impl XdpDataplane {
@@ -142,6 +144,7 @@ impl XdpDataplane {
             ebpf,
             attached: Vec::new(),
             egress: Vec::new(),
+            egress_wanted: Vec::new(),
         })
     }
 
@@ -164,9 +167,10 @@ impl XdpDataplane {
     /// (6.6 and later) aya attaches through TCX, a BPF link owned by this process, which the
     /// kernel removes when the process exits, like the XDP links. Does nothing if it is there.
     pub fn attach_egress(&mut self, interface: &str) -> Result<(), ProgramError> {
-        if self.egress.iter().any(|(name, _)| name == interface) {
+        if self.egress.iter().any(|(name, _, _)| name == interface) {
             return Ok(());
         }
+        let ifindex = interface_index(interface);
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(EGRESS_PROGRAM_NAME)
@@ -176,7 +180,7 @@ impl XdpDataplane {
             program.load()?;
         }
         let link = program.attach(interface, TcAttachType::Egress)?;
-        self.egress.push((interface.to_string(), link));
+        self.egress.push((interface.to_string(), ifindex, link));
         Ok(())
     }
 
@@ -199,7 +203,10 @@ impl XdpDataplane {
 
     /// Interfaces the tc egress program is attached to.
     pub fn egress_interfaces(&self) -> Vec<String> {
-        self.egress.iter().map(|(name, _)| name.clone()).collect()
+        self.egress
+            .iter()
+            .map(|(name, _, _)| name.clone())
+            .collect()
     }
 
     /// Interfaces the program is attached to, in attach order.
@@ -245,6 +252,69 @@ impl XdpDataplane {
                 Err(error) => changes.push(format!("attaching XDP to {interface} failed: {error}")),
             }
         }
+        changes.extend(self.reconcile_egress());
+        changes
+    }
+
+    /// Re-attaches the tc egress program where its interface was deleted and created again:
+    /// the program went with the old device. An interface that is gone for now is retried on
+    /// the next call.
+    fn reconcile_egress(&mut self) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut position = 0;
+        while position < self.egress.len() {
+            let (name, ifindex, _) = &self.egress[position];
+            let current = interface_index(name);
+            if current == *ifindex {
+                position += 1;
+                continue;
+            }
+            let (interface, _, link) = self.egress.remove(position);
+            if let Some(program) = self.ebpf.program_mut(EGRESS_PROGRAM_NAME) {
+                if let Ok(program) = <&mut SchedClassifier>::try_from(program) {
+                    if let Err(error) = program.detach(link) {
+                        tracing::debug!("dropping the stale tc link of {interface}: {error}");
+                    }
+                }
+            }
+            if current == 0 {
+                changes.push(format!(
+                    "interface {interface} is gone; replies of backends behind a bridge are not \
+                     translated until it returns"
+                ));
+                self.egress_wanted.push(interface);
+                continue;
+            }
+            match self.attach_egress(&interface) {
+                Ok(()) => changes.push(format!("re-attached the tc egress program to {interface}")),
+                Err(error) => {
+                    changes.push(format!(
+                        "re-attaching tc egress to {interface} failed: {error}"
+                    ));
+                    self.egress_wanted.push(interface);
+                }
+            }
+            // `remove` moved the next entry to `position`; the re-attached one went to the end,
+            // where its fresh index will match.
+        }
+        // Interfaces that were gone: attach as soon as they are back.
+        for interface in std::mem::take(&mut self.egress_wanted) {
+            if interface_index(&interface) == 0 {
+                self.egress_wanted.push(interface);
+                continue;
+            }
+            match self.attach_egress(&interface) {
+                Ok(()) => changes.push(format!(
+                    "attached the tc egress program to {interface} again"
+                )),
+                Err(error) => {
+                    changes.push(format!(
+                        "attaching tc egress to {interface} failed: {error}"
+                    ));
+                    self.egress_wanted.push(interface);
+                }
+            }
+        }
         changes
     }
 
@@ -252,7 +322,7 @@ impl XdpDataplane {
     /// not be detached (the kernel still drops the link when the process exits).
     pub fn detach_all(&mut self) -> Vec<(String, ProgramError)> {
         let mut failures = Vec::new();
-        while let Some((interface, link)) = self.egress.pop() {
+        while let Some((interface, _, link)) = self.egress.pop() {
             let result = self
                 .ebpf
                 .program_mut(EGRESS_PROGRAM_NAME)

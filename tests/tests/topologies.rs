@@ -372,13 +372,10 @@ fn one_armed_backends_are_reached_back_out_of_the_public_interface() -> anyhow::
     Ok(())
 }
 
-/// Reproduces a bug in lb-user: when the public interface is deleted and created again, the
-/// reconciler re-attaches XDP within 3 s but not the tc egress program, which died with the old
-/// interface; `lb-user stats` still lists it. Every reply from a bridge backend then leaves
-/// untranslated (from the backend's address) and no request gets an answer.
-/// FIXME(lb-user): re-attach the egress program in `reconcile_interfaces` as XDP is.
+/// When the public interface is deleted and created again, the tc egress program dies with
+/// the old device: lb-user's reconciler must attach it again (as it does XDP), or every reply
+/// from a bridge backend leaves untranslated and no request gets an answer.
 #[test]
-#[ignore = "lb-user does not re-attach its tc egress program to a recreated public interface"]
 fn bridge_replies_survive_a_recreated_public_interface() -> anyhow::Result<()> {
     if !skip_unless_privileged("bridge_replies_survive_a_recreated_public_interface") {
         return Ok(());
