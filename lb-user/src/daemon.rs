@@ -25,6 +25,7 @@ use crate::{
     control::{self, Call, FlowEntry, Request, Response},
     dataplane::{LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
+    netdev,
     services::ServiceTable,
     stats::Snapshot,
     topology,
@@ -55,6 +56,8 @@ struct Daemon {
     /// Health checker per backend id.
     checkers: HashMap<u32, JoinHandle<()>>,
     events: mpsc::Sender<HealthEvent>,
+    /// Redirect targets that could not take redirects at the last check (warned about once).
+    unready_targets: BTreeSet<String>,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -64,6 +67,12 @@ pub async fn run(options: Options) -> Result<()> {
     let paths = paths_for(&options.interface, &config)?;
     for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
         topology::check_forwarding(interface)?;
+    }
+    if options.mode == XdpMode::Driver {
+        let unready = unready_redirect_targets(&paths.xdp_interfaces);
+        if let Some(interface) = unready.first() {
+            anyhow::bail!("{}", redirect_advice(interface));
+        }
     }
     let interfaces = paths.xdp_interfaces.clone();
     let schedule_size = ServiceTable::schedule_size_for(&config);
@@ -97,8 +106,14 @@ pub async fn run(options: Options) -> Result<()> {
     for interface in interfaces.iter().rev() {
         if let Err(error) = dataplane.attach(interface, options.mode) {
             let hint = attach_hint(&error, interface, options.mode);
+            let serving = match paths.backends_via.get(interface) {
+                Some(backends) => {
+                    format!(" (backends {} are routed through it)", backends.join(", "))
+                }
+                None => " (the public interface)".to_string(),
+            };
             return Err(anyhow::Error::new(error).context(format!(
-                "attaching XDP to {interface} in {} mode{hint}",
+                "attaching XDP to {interface}{serving} in {} mode{hint}",
                 mode_name(options.mode)
             )));
         }
@@ -123,6 +138,7 @@ pub async fn run(options: Options) -> Result<()> {
         dataplane,
         checkers: HashMap::new(),
         events,
+        unready_targets: BTreeSet::new(),
     };
     daemon.restart_checkers(&HashMap::new());
 
@@ -191,6 +207,16 @@ impl Daemon {
         };
         for change in self.dataplane.reconcile(&wanted, self.mode) {
             tracing::warn!("{change}");
+        }
+        if self.mode == XdpMode::Driver {
+            let unready: BTreeSet<String> = unready_redirect_targets(&wanted).into_iter().collect();
+            for interface in unready.difference(&self.unready_targets) {
+                tracing::warn!("{}", redirect_advice(interface));
+            }
+            for interface in self.unready_targets.difference(&unready) {
+                tracing::info!("interface {interface} takes XDP redirects again");
+            }
+            self.unready_targets = unready;
         }
     }
 
@@ -456,18 +482,34 @@ struct Paths {
     bridges: Vec<String>,
     /// Backends behind a bridge: the kernel forwards to them, tc egress translates replies.
     kernel_paths: BTreeSet<Ipv4Addr>,
+    /// The backends routed through each device, for messages about that device.
+    backends_via: HashMap<String, Vec<String>>,
 }
 
 fn paths_for(public: &str, config: &Config) -> Result<Paths> {
     topology::check_interface(public)?;
+    topology::check_ethernet(public).context("the public interface")?;
     let mut paths = Paths {
         xdp_interfaces: vec![public.to_string()],
         bridges: Vec::new(),
         kernel_paths: BTreeSet::new(),
+        backends_via: HashMap::new(),
     };
     for service in &config.services {
         for backend in &service.backends {
             let device = topology::route_device(*backend.addr.ip())?;
+            topology::check_ethernet(&device).with_context(|| {
+                format!(
+                    "backend {} of service {} is routed through {device}; route it through an \
+                     Ethernet interface (or a bridge) instead",
+                    backend.addr, service.name
+                )
+            })?;
+            paths
+                .backends_via
+                .entry(device.clone())
+                .or_default()
+                .push(format!("{} of {}", backend.addr, service.name));
             if topology::is_bridge(&device) {
                 paths.kernel_paths.insert(*backend.addr.ip());
                 if !paths.bridges.contains(&device) {
@@ -479,6 +521,49 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
         }
     }
     Ok(paths)
+}
+
+/// The interfaces XDP_REDIRECT will send into that cannot take redirects now: every
+/// backend-facing interface, and the public one when replies are redirected into it (some
+/// backend is elsewhere). A kernel without the netdev netlink family is not checked.
+fn unready_redirect_targets(xdp_interfaces: &[String]) -> Vec<String> {
+    // Only the public interface: one-armed, XDP_TX only, no redirect target.
+    if xdp_interfaces.len() < 2 {
+        return Vec::new();
+    }
+    let mut unready = Vec::new();
+    for interface in xdp_interfaces {
+        let index = interface_index(interface);
+        if index == 0 {
+            continue; // gone for the moment; the reconciler deals with it
+        }
+        match netdev::xdp_features(index) {
+            Ok(features) if features & netdev::XDP_ACT_NDO_XMIT == 0 => {
+                unready.push(interface.clone());
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!("not checking {interface}'s XDP features: {error}"),
+        }
+    }
+    unready
+}
+
+fn redirect_advice(interface: &str) -> String {
+    format!(
+        "interface {interface} cannot take XDP redirects now (the kernel reports no ndo-xmit \
+         among its XDP features): frames redirected into it would be dropped without a trace. \
+         If it is a veth, its peer (inside the container or namespace) needs GRO on or an XDP \
+         program: `ethtool -K eth0 gro on` there, after the link is up (if it was set while the \
+         link was down, turn it off and on again). Or run with --xdp-mode skb."
+    )
+}
+
+fn interface_index(interface: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(interface) else {
+        return 0;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when there is none.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 /// Puts the reply-translating tc program on the public interface, for backends behind a

@@ -24,6 +24,11 @@ pub enum TopologyError {
          `sysctl -w {setting}=1`), or persist it in /etc/sysctl.d/"
     )]
     ForwardingDisabled { setting: String, value: String },
+    #[error(
+        "{device} is not an Ethernet device (ARPHRD type {kind}): the load balancer rewrites \
+         and forwards Ethernet frames"
+    )]
+    NotEthernet { device: String, kind: String },
     #[error("reading {path}: {cause}")]
     Read { path: String, cause: std::io::Error },
 }
@@ -69,6 +74,25 @@ pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
         return Err(TopologyError::LocalBackend { backend, device });
     }
     Ok(device)
+}
+
+/// Fails unless `device` carries Ethernet frames (ARPHRD_ETHER): XDP here rewrites and sends
+/// Ethernet frames, which a layer-3 device (tun, a tunnel) or loopback does not have.
+pub fn check_ethernet(device: &str) -> Result<(), TopologyError> {
+    let path = format!("/sys/class/net/{device}/type");
+    let kind = std::fs::read_to_string(&path).map_err(|cause| TopologyError::Read {
+        path: path.clone(),
+        cause,
+    })?;
+    let kind = kind.trim();
+    if kind == "1" {
+        Ok(())
+    } else {
+        Err(TopologyError::NotEthernet {
+            device: device.to_string(),
+            kind: kind.to_string(),
+        })
+    }
 }
 
 /// Whether `device` is a Linux bridge: XDP cannot redirect into one, so backends behind it are
