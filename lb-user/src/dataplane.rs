@@ -166,20 +166,15 @@ impl XdpDataplane {
     /// Attaches the reply-translating tc program to `interface`'s egress. On this kernel
     /// (6.6 and later) aya attaches through TCX, a BPF link owned by this process, which the
     /// kernel removes when the process exits, like the XDP links. Does nothing if it is there.
-    pub fn attach_egress(&mut self, interface: &str) -> Result<(), ProgramError> {
+    pub fn attach_egress(&mut self, interface: &str) -> Result<(), DataplaneError> {
         if self.egress.iter().any(|(name, _, _)| name == interface) {
             return Ok(());
         }
         let ifindex = interface_index(interface);
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(EGRESS_PROGRAM_NAME)
-            .ok_or(ProgramError::NotLoaded)?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
-        let link = program.attach(interface, TcAttachType::Egress)?;
+        let link = self
+            .egress_program()?
+            .attach(interface, TcAttachType::Egress)
+            .map_err(DataplaneError::Program)?;
         self.egress.push((interface.to_string(), ifindex, link));
         Ok(())
     }
