@@ -168,6 +168,28 @@ pub struct ReverseNat {
     pub backend_id: u32,
 }
 
+/// A backend's next hop as `bpf_fib_lookup` last gave it, cached per CPU for a short time so
+/// that an established flow's packet needs no route lookup. Written only by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The egress interface.
+    pub ifindex: u32,
+    /// The interface the lookup was made for: a packet from another one looks up afresh.
+    pub ingress_ifindex: u32,
+    /// Coarse `bpf_ktime` after which the entry is stale.
+    pub expires_ns: u64,
+    /// The destination looked up: a backend id given to another address misses.
+    pub addr: [u8; 4],
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// The largest IPv4 total length the lookup accepted (its MTU check): a longer packet looks
+    /// up afresh, so the kernel still gets oversized packets.
+    pub ok_len: u16,
+    /// Zero; keeps the size a multiple of 8.
+    pub _pad: [u8; 6],
+}
+
 /// Per-CPU traffic counters of one service or one backend. Bytes are whole frames as XDP sees
 /// them (Ethernet header included).
 #[repr(C)]
@@ -343,6 +365,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for NextHop {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
@@ -355,6 +378,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
 
 #[cfg(test)]
@@ -390,6 +414,11 @@ mod tests {
         assert_eq!(offset_of!(ReverseNat, service_id), 8);
         assert_eq!(offset_of!(ReverseNat, backend_id), 12);
         assert_eq!(offset_of!(TrafficStats, new_flows), 16);
+        assert_eq!(offset_of!(NextHop, expires_ns), 8);
+        assert_eq!(offset_of!(NextHop, addr), 16);
+        assert_eq!(offset_of!(NextHop, smac), 20);
+        assert_eq!(offset_of!(NextHop, dmac), 26);
+        assert_eq!(offset_of!(NextHop, ok_len), 32);
         assert_eq!(offset_of!(TrafficStats, rescheduled), 40);
     }
 

@@ -130,7 +130,7 @@ pub fn translate_error(
                 transmit: counter::FORWARD_TX,
                 redirect: counter::FORWARD_REDIRECT,
             };
-            return route::send(ctx, ethernet, &route, &counters);
+            return route::send(ctx, ethernet, &route, &counters, None);
         }
     }
     if let Some(nat) = unsafe { REVERSE_FLOWS.get(&key) } {
@@ -160,7 +160,7 @@ pub fn translate_error(
                 transmit: counter::REPLY_TX,
                 redirect: counter::REPLY_REDIRECT,
             };
-            return route::send(ctx, ethernet, &route, &counters);
+            return route::send(ctx, ethernet, &route, &counters, None);
         }
     }
     not_ours

@@ -36,8 +36,8 @@ use crate::{
         ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, BACKENDS, BACKEND_STATS, FLOWS, REVERSE_FLOWS, RR_CURSORS, SCHEDULE,
-        SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
+        count, port_in_use, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS, RR_CURSORS,
+        SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
     route::{Route, SendCounters},
 };
@@ -276,7 +276,13 @@ fn forward(
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
-    Ok(route::send(ctx, ethernet, &route, &counters))
+    Ok(route::send(
+        ctx,
+        ethernet,
+        &route,
+        &counters,
+        NEXT_HOPS.get_ptr_mut(backend_id),
+    ))
 }
 
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
@@ -319,7 +325,7 @@ fn reply(
         transmit: counter::REPLY_TX,
         redirect: counter::REPLY_REDIRECT,
     };
-    route::send(ctx, ethernet, &route, &counters)
+    route::send(ctx, ethernet, &route, &counters, None)
 }
 
 const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();

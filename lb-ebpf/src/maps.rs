@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, Settings, TrafficStats,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Flow, FlowKey, NextHop, ReverseNat, Service, ServiceKey, Settings,
+    TrafficStats, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -49,6 +49,10 @@ pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
 /// flows each CPU's rotation is even, so the sum is too.
 #[map]
 pub static RR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Each backend's next hop, per CPU (no torn reads of the MAC addresses, no shared writes).
+#[map]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> =

@@ -8,15 +8,19 @@ use aya_ebpf::{
         bpf_fib_lookup as FibLookup, bpf_fib_lookup__bindgen_ty_1, bpf_fib_lookup__bindgen_ty_2,
         bpf_fib_lookup__bindgen_ty_3, bpf_fib_lookup__bindgen_ty_4, bpf_fib_lookup__bindgen_ty_5,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::counter;
+use lb_common::{counter, NextHop};
 
 use crate::{headers::EthernetHeader, Verdict};
 
 const AF_INET: u8 = 2;
+
+/// How long a backend's cached next hop is used before the routing and neighbour tables are
+/// asked again: a route or MAC change takes effect within this time.
+const NEXT_HOP_TTL_NS: u64 = 500_000_000;
 
 // Return codes of bpf_fib_lookup (enum in include/uapi/linux/bpf.h).
 const FIB_SUCCESS: i64 = 0;
@@ -51,8 +55,18 @@ pub fn send(
     ethernet: *mut EthernetHeader,
     route: &Route,
     counters: &SendCounters,
+    cache: Option<*mut NextHop>,
 ) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(hop) = cache {
+        // SAFETY: a per-CPU map slot; only this program run touches it.
+        let hop = unsafe { &*hop };
+        if hop.expires_ns > now && hop.ingress_ifindex == ingress && route.total_len <= hop.ok_len {
+            return deliver(ethernet, hop.ifindex, hop.smac, hop.dmac, ingress, counters);
+        }
+    }
+
     // The helper takes ports and addresses in network order: keep the wire bytes as they are.
     let mut params = fib_params(ingress, route.src, route.dst);
     params.l4_protocol = route.protocol;
@@ -65,22 +79,70 @@ pub fn send(
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
     match result {
         FIB_SUCCESS => {
-            // SAFETY: the caller bounds-checked the Ethernet header before translating.
-            unsafe {
-                (*ethernet).dst = params.dmac;
-                (*ethernet).src = params.smac;
+            if let Some(hop) = cache {
+                // SAFETY: as above.
+                let hop = unsafe { &mut *hop };
+                let fresh = hop.expires_ns > now
+                    && hop.ingress_ifindex == ingress
+                    && hop.addr == route.dst
+                    && hop.ifindex == params.ifindex
+                    && hop.dmac == params.dmac;
+                *hop = NextHop {
+                    ifindex: params.ifindex,
+                    ingress_ifindex: ingress,
+                    expires_ns: if fresh {
+                        hop.expires_ns
+                    } else {
+                        now + NEXT_HOP_TTL_NS
+                    },
+                    addr: route.dst,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                    ok_len: if fresh {
+                        hop.ok_len.max(route.total_len)
+                    } else {
+                        route.total_len
+                    },
+                    _pad: [0; 6],
+                };
             }
-            if params.ifindex == ingress {
-                Verdict::Transmit(counters.transmit)
-            } else {
-                Verdict::Redirect(params.ifindex, counters.redirect)
-            }
+            deliver(
+                ethernet,
+                params.ifindex,
+                params.smac,
+                params.dmac,
+                ingress,
+                counters,
+            )
         }
         FIB_NO_NEIGHBOUR => Verdict::Pass(counter::PASS_NEIGH_UNRESOLVED),
         FIB_FORWARDING_DISABLED => Verdict::Pass(counter::PASS_FORWARDING_DISABLED),
         FIB_FRAGMENTATION_NEEDED => Verdict::Pass(counter::PASS_FRAG_NEEDED),
         // Blackhole, unreachable, prohibit, not forwarded, unsupported tunnel, or a helper error.
         _ => Verdict::Pass(counter::PASS_NO_ROUTE),
+    }
+}
+
+/// Writes the next hop's Ethernet addresses and picks XDP_TX (out of the interface the packet
+/// came in on) or XDP_REDIRECT.
+#[inline(always)]
+fn deliver(
+    ethernet: *mut EthernetHeader,
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    ingress: u32,
+    counters: &SendCounters,
+) -> Verdict {
+    // SAFETY: the caller bounds-checked the Ethernet header before translating.
+    unsafe {
+        (*ethernet).dst = dmac;
+        (*ethernet).src = smac;
+    }
+    if ifindex == ingress {
+        Verdict::Transmit(counters.transmit)
+    } else {
+        Verdict::Redirect(ifindex, counters.redirect)
     }
 }
 

@@ -464,3 +464,38 @@ fn a_backend_on_the_client_interface_is_reached_with_xdp_tx() {
     assert_frames_equal(&out, &expected, "SYN to a one-armed backend");
     assert_eq!(fixture.counter(counter::FORWARD_TX), 1);
 }
+
+#[test]
+fn a_cached_next_hop_never_skips_the_mtu_check() {
+    if !skip_unless_privileged("a_cached_next_hop_never_skips_the_mtu_check") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    // The first packet caches backend A's next hop for small packets.
+    let (verdict, _) = fixture.run(&Tcp::from_client(80, 40100).frame(), fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    // A segment larger than `back`'s MTU (1500) must still reach the kernel's MTU handling.
+    static BIG: [u8; 1560] = [0x5a; 1560];
+    let big = Tcp {
+        syn: false,
+        payload: &BIG,
+        ..Tcp::from_client(80, 40100)
+    }
+    .frame();
+    let (verdict, _) = fixture.run(&big, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(fixture.counter(counter::PASS_FRAG_NEEDED), 1);
+    // And a small one afterwards still takes the cached path.
+    let small = Tcp {
+        syn: false,
+        ..Tcp::from_client(80, 40100)
+    }
+    .frame();
+    let (verdict, out) = fixture.run(&small, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_frames_equal(
+        &out,
+        &expected_forward(&small, BACK_MAC, BACKEND_A_MAC, BACKEND_A, 8080),
+        "after the oversized one",
+    );
+}
