@@ -42,6 +42,9 @@ pub mod backend_flags {
     /// translated in XDP and handed to the kernel to forward; the replies come back through the
     /// kernel too and are translated by the tc egress program on the public interface.
     pub const VIA_KERNEL: u8 = 1;
+    /// Its address and port serve more than one service: replies cannot be told apart by the
+    /// backend endpoint alone, so each of its flows keeps a reverse-translation entry.
+    pub const SHARED_ENDPOINT: u8 = 2;
 }
 
 /// Values of [`Service::scheduler`]: how a new flow picks its backend from the service's
@@ -154,6 +157,32 @@ pub struct Settings {
     pub tcp_closing_timeout_ns: u64,
     /// Idle timeout of a UDP flow.
     pub udp_timeout_ns: u64,
+}
+
+/// A backend endpoint: its address, port and protocol. Keys `ENDPOINTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub protocol: u8,
+    /// Zero; see [`ServiceKey::_pad`].
+    pub _pad: u8,
+}
+
+/// The service a backend endpoint answers for. A reply from an endpoint that serves one
+/// service is translated by finding the client's flow in the flow table (the reply's
+/// destination is the client, the service is this), so a new flow needs no reverse entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub service_addr: [u8; 4],
+    pub service_port: [u8; 2],
+    /// 1 when the endpoint serves several services: look in `REVERSE_FLOWS` instead.
+    pub shared: u8,
+    /// Zero; alignment of the next field.
+    pub _pad: u8,
+    pub service_id: u32,
 }
 
 /// How to translate a backend's reply back to the service it answers for.
@@ -365,6 +394,8 @@ mod pod {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for NextHop {}
 }
 
@@ -379,6 +410,8 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 12);
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
 
 #[cfg(test)]
@@ -415,6 +448,9 @@ mod tests {
         assert_eq!(offset_of!(ReverseNat, backend_id), 12);
         assert_eq!(offset_of!(TrafficStats, new_flows), 16);
         assert_eq!(offset_of!(NextHop, expires_ns), 8);
+        assert_eq!(offset_of!(EndpointKey, protocol), 6);
+        assert_eq!(offset_of!(Endpoint, shared), 6);
+        assert_eq!(offset_of!(Endpoint, service_id), 8);
         assert_eq!(offset_of!(NextHop, addr), 16);
         assert_eq!(offset_of!(NextHop, smac), 20);
         assert_eq!(offset_of!(NextHop, dmac), 26);

@@ -17,7 +17,7 @@ use lb_common::{counter, protocol, FlowKey};
 use crate::{
     add_traffic,
     headers::{EthernetHeader, Ipv4Header, ETHERNET_LEN, ETHER_TYPE_IPV4, IPV4_FRAGMENT_MASK},
-    maps::{count, REVERSE_FLOWS},
+    maps::{count, reverse_nat},
     note_reply_flags,
 };
 
@@ -63,8 +63,7 @@ fn translate_reply(ctx: &TcContext) -> Result<(), ()> {
         protocol: ip.protocol,
         _pad: [0; 3],
     };
-    // SAFETY: map values stay valid for the whole program run (RCU).
-    let nat = *unsafe { REVERSE_FLOWS.get(&tuple) }.ok_or(())?;
+    let nat = reverse_nat(&tuple).ok_or(())?;
 
     let is_udp = ip.protocol == protocol::UDP;
     let tcp_flags: u8 = if is_udp {

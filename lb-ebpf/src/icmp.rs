@@ -18,7 +18,7 @@ use lb_common::{backend_state, counter, protocol, FlowKey};
 use crate::{
     checksum,
     headers::{ptr_at, EthernetHeader, Ipv4Header},
-    maps::{count, BACKENDS, FLOWS, REVERSE_FLOWS},
+    maps::{count, reverse_nat, BACKENDS, FLOWS},
     route::{self, Route, SendCounters},
     Verdict,
 };
@@ -133,7 +133,7 @@ pub fn translate_error(
             return route::send(ctx, ethernet, &route, &counters, None);
         }
     }
-    if let Some(nat) = unsafe { REVERSE_FLOWS.get(&key) } {
+    if let Some(nat) = reverse_nat(&key) {
         let (addr, port) = (nat.service_addr, nat.service_port);
         unsafe {
             let client = (*ip).dst;

@@ -36,8 +36,8 @@ use crate::{
         ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS, RR_CURSORS,
-        SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
+        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS,
+        RR_CURSORS, SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
     route::{Route, SendCounters},
 };
@@ -181,8 +181,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     if let Some(service) = unsafe { SERVICES.get(&service_key) } {
         return forward(ctx, ethernet, ip, &transport, &tuple, service);
     }
-    if let Some(nat) = unsafe { REVERSE_FLOWS.get(&tuple) } {
-        let nat = *nat;
+    if let Some(nat) = reverse_nat(&tuple) {
         return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
     }
     Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
@@ -444,8 +443,10 @@ fn select_backend(
         backend_id,
     };
     // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
+    // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
+    let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
     if FLOWS.insert(tuple, &flow, 0).is_err()
-        || REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_err()
+        || (shared && REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_err())
     {
         count(counter::FLOW_INSERT_FAILED);
     }

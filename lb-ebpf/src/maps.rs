@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Flow, FlowKey, NextHop, ReverseNat, Service, ServiceKey, Settings,
-    TrafficStats, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, NextHop, ReverseNat, Service,
+    ServiceKey, Settings, TrafficStats, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -40,7 +41,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/// Backend-to-client 5-tuple to the service the reply must appear to come from.
+/// Backend endpoints to the service they answer for (see `lb_common::Endpoint`).
+#[map]
+pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Backend-to-client 5-tuple to the service the reply must appear to come from: only for
+/// backends whose endpoint serves several services (`backend_flags::SHARED_ENDPOINT`).
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
@@ -90,4 +97,45 @@ pub fn port_in_use(port: [u8; 2]) -> bool {
         // Cannot happen (the array covers every port); be safe and look further.
         None => true,
     }
+}
+
+/// The translation for a packet from a backend to a client, if it is a reply of a balanced
+/// flow: through the flow table when the backend endpoint serves one service, through the
+/// reverse table when it serves several. `None` for anything else (the backend's own traffic,
+/// lb-user's health probes, a flow that was moved to another backend).
+#[inline(always)]
+pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
+    let endpoint_key = EndpointKey {
+        addr: tuple.src_addr,
+        port: tuple.src_port,
+        protocol: tuple.protocol,
+        _pad: 0,
+    };
+    // SAFETY: map values stay valid for the whole program run (RCU).
+    let endpoint = unsafe { ENDPOINTS.get(&endpoint_key) }?;
+    if endpoint.shared != 0 {
+        return unsafe { REVERSE_FLOWS.get(tuple) }.copied();
+    }
+    let forward_key = FlowKey {
+        src_addr: tuple.dst_addr,
+        dst_addr: endpoint.service_addr,
+        src_port: tuple.dst_port,
+        dst_port: endpoint.service_port,
+        protocol: tuple.protocol,
+        _pad: [0; 3],
+    };
+    let flow = unsafe { FLOWS.get(&forward_key) }?;
+    let backend = BACKENDS.get(flow.backend_id)?;
+    // The client's flow must be on this very backend: replies from one it was moved away
+    // from are not translated.
+    if backend.addr != tuple.src_addr || backend.port != tuple.src_port {
+        return None;
+    }
+    Some(ReverseNat {
+        service_addr: endpoint.service_addr,
+        service_port: endpoint.service_port,
+        _pad: [0; 2],
+        service_id: flow.service_id,
+        backend_id: flow.backend_id,
+    })
 }

@@ -8,7 +8,10 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use lb_common::{counter, Backend, Flow, FlowKey, Service, ServiceKey, Settings, TrafficStats};
+use lb_common::{
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Service, ServiceKey, Settings,
+    TrafficStats,
+};
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -68,6 +71,9 @@ pub trait Dataplane {
     /// Writes `entries` into `SCHEDULE` from `offset` on.
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError>;
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError>;
+    fn set_endpoint(&mut self, key: EndpointKey, endpoint: &Endpoint)
+        -> Result<(), DataplaneError>;
+    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError>;
     /// Replaces the bitmap of service and backend ports (`lb_common::PORT_BITMAP_WORDS`
     /// words; bit `p % 64` of word `p / 64` is port `p`).
     fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError>;
@@ -89,6 +95,7 @@ pub struct XdpDataplane {
     schedule: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
     ports: Array<MapData, u64>,
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     flows: HashMap<MapData, FlowKey, Flow>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -137,6 +144,7 @@ impl XdpDataplane {
             schedule: take_map(&mut ebpf, "SCHEDULE", Array::try_from)?,
             settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
+            endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
@@ -441,6 +449,29 @@ fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
 }
 
 impl Dataplane for XdpDataplane {
+    fn set_endpoint(
+        &mut self,
+        key: EndpointKey,
+        endpoint: &Endpoint,
+    ) -> Result<(), DataplaneError> {
+        self.endpoints
+            .insert(key, endpoint, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "ENDPOINTS",
+                cause,
+            })
+    }
+
+    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
+        match self.endpoints.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "ENDPOINTS",
+                cause,
+            }),
+        }
+    }
+
     fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
         match self.services.remove(&key) {
             Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
@@ -563,6 +594,7 @@ pub struct MemoryDataplane {
     pub schedule: StdHashMap<u32, u32>,
     pub settings: Option<Settings>,
     pub ports: Vec<u64>,
+    pub endpoints: StdHashMap<EndpointKey, Endpoint>,
     pub backends: StdHashMap<u32, Backend>,
     pub vip_addresses: Vec<[u8; 4]>,
     /// How many writes happened, to check that unchanged state is not rewritten.
@@ -580,6 +612,22 @@ impl MemoryDataplane {
 }
 
 impl Dataplane for MemoryDataplane {
+    fn set_endpoint(
+        &mut self,
+        key: EndpointKey,
+        endpoint: &Endpoint,
+    ) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.endpoints.insert(key, *endpoint);
+        Ok(())
+    }
+
+    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.endpoints.remove(&key);
+        Ok(())
+    }
+
     fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.remove(&key);

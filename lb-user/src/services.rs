@@ -11,11 +11,15 @@
 //! region not in use, then the service entry is switched to it in one map update: the datapath
 //! never sees a half-written table.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    time::Duration,
+};
 
 use lb_common::{
-    backend_flags, backend_state, scheduler, Backend, Service, ServiceKey, Settings, MAX_BACKENDS,
-    MAX_SERVICES,
+    backend_flags, backend_state, scheduler, Backend, Endpoint, EndpointKey, Service, ServiceKey,
+    Settings, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::{
@@ -57,6 +61,8 @@ pub struct BackendState {
     pub generation: u32,
     /// Reached through the kernel's forwarding (behind a bridge), not XDP_REDIRECT.
     pub via_kernel: bool,
+    /// Its address and port also serve another service (see `backend_flags::SHARED_ENDPOINT`).
+    pub shared_endpoint: bool,
 }
 
 impl BackendState {
@@ -174,8 +180,12 @@ impl ServiceTable {
     /// Writes the settings, every backend, service and VIP address to a freshly loaded
     /// datapath.
     pub fn install(&mut self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
+        mark_shared_endpoints(&mut self.services);
         dataplane.set_settings(&settings(&self.flows))?;
         dataplane.set_ports(&port_bitmap(&self.services))?;
+        for (key, endpoint) in endpoints(&self.services) {
+            dataplane.set_endpoint(key, &endpoint)?;
+        }
         for index in 0..self.services.len() {
             let service = &self.services[index];
             for backend in &service.backends {
@@ -351,6 +361,7 @@ impl ServiceTable {
         }
         next.services = services;
 
+        mark_shared_endpoints(&mut next.services);
         // Nothing below can fail for a reason of ours; a map update error leaves the
         // datapath partly updated, which the error reports.
         for old in &old_services {
@@ -369,6 +380,10 @@ impl ServiceTable {
                 dataplane.remove_service(service_key(&old.config))?;
             }
         }
+        let new_endpoints = endpoints(&next.services);
+        for (key, endpoint) in &new_endpoints {
+            dataplane.set_endpoint(*key, endpoint)?;
+        }
         for index in 0..next.services.len() {
             let service = &next.services[index];
             for backend in &service.backends {
@@ -378,6 +393,13 @@ impl ServiceTable {
             next.publish(index, dataplane)?;
         }
         dataplane.set_ports(&port_bitmap(&next.services))?;
+        let old_endpoints = endpoints(&old_services);
+        for key in old_endpoints
+            .keys()
+            .filter(|key| !new_endpoints.contains_key(key))
+        {
+            dataplane.remove_endpoint(*key)?;
+        }
         for old in &old_services {
             let vip = old.config.vip;
             if !next
@@ -462,6 +484,7 @@ impl ServiceTable {
             drained: false,
             generation: FIRST_GENERATION,
             via_kernel: self.kernel_paths.contains(addr.ip()),
+            shared_endpoint: false,
         })
     }
 
@@ -496,7 +519,56 @@ impl ServiceTable {
             drained: false,
             generation,
             via_kernel: self.kernel_paths.contains(addr.ip()),
+            shared_endpoint: false,
         })
+    }
+}
+
+fn endpoint_key(service: &ServiceConfig, addr: SocketAddrV4) -> EndpointKey {
+    EndpointKey {
+        addr: addr.ip().octets(),
+        port: addr.port().to_be_bytes(),
+        protocol: service.protocol.number(),
+        _pad: 0,
+    }
+}
+
+/// Every backend endpoint and the service it answers for (`shared` when several).
+pub fn endpoints(services: &[ServiceState]) -> BTreeMap<EndpointKey, Endpoint> {
+    let mut endpoints: BTreeMap<EndpointKey, Endpoint> = BTreeMap::new();
+    for service in services {
+        for backend in &service.backends {
+            let key = endpoint_key(&service.config, backend.addr);
+            let value = Endpoint {
+                service_addr: service.config.vip.octets(),
+                service_port: service.config.port.to_be_bytes(),
+                shared: 0,
+                _pad: 0,
+                service_id: service.id,
+            };
+            endpoints
+                .entry(key)
+                .and_modify(|known| {
+                    if known.service_id != service.id {
+                        known.shared = 1;
+                    }
+                })
+                .or_insert(value);
+        }
+    }
+    endpoints
+}
+
+/// Marks the backends whose endpoint serves several services: they need reverse entries.
+fn mark_shared_endpoints(services: &mut [ServiceState]) {
+    let endpoints = endpoints(services);
+    for service in services.iter_mut() {
+        let config = service.config.clone();
+        for backend in &mut service.backends {
+            backend.shared_endpoint = endpoints
+                .get(&endpoint_key(&config, backend.addr))
+                .is_some_and(|endpoint| endpoint.shared != 0);
+        }
     }
 }
 
@@ -589,6 +661,10 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
         },
         flags: if backend.via_kernel {
             backend_flags::VIA_KERNEL
+        } else {
+            0
+        } | if backend.shared_endpoint {
+            backend_flags::SHARED_ENDPOINT
         } else {
             0
         },

@@ -2010,6 +2010,19 @@ impl Model {
                 return (false, finding);
             }
             _ => {
+                // Replies are translated through the client's flow, so once the flow moves to
+                // another backend, the old backend's replies are no longer ours.
+                if let Some(old) = self.flows.get(&tuple).filter(|old| old.backend != backend) {
+                    let stale = Tuple {
+                        src: old.backend.0,
+                        dst: tuple.src,
+                        src_port: old.backend.1,
+                        dst_port: tuple.src_port,
+                        protocol: tuple.protocol,
+                    };
+                    self.reverse.remove(&stale);
+                    self.replies.retain(|reply| *reply != stale);
+                }
                 self.flows.insert(tuple, Flow { backend, closing });
                 let reply = Tuple {
                     src: backend.0,

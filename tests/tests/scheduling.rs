@@ -68,6 +68,16 @@ kind = "none"
 [[service.backend]]
 address = "10.200.2.10"
 port = 8084
+
+[[service]]
+name = "same-endpoint"
+vip = "10.200.1.1"
+port = 84
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "10.200.2.10"
+port = 8084
 "#;
 
 fn fixture() -> Fixture {
@@ -406,4 +416,42 @@ fn a_new_flow_from_a_forged_source_is_dropped() {
         0,
         "no entry was created"
     );
+}
+
+#[test]
+fn one_backend_endpoint_serving_two_services_keeps_replies_apart() {
+    if !skip_unless_privileged("one_backend_endpoint_serving_two_services_keeps_replies_apart") {
+        return;
+    }
+    let mut fixture = fixture();
+    // 10.200.2.10:8084 serves VIP:83 and VIP:84: replies cannot be told apart by the endpoint,
+    // so each flow keeps a reverse entry (as long as the client ports differ, as they must for
+    // the backend to tell the connections apart itself).
+    for (client_port, service_port) in [(26000u16, 83u16), (26001, 84)] {
+        let (_, out) = fixture.run(
+            &Tcp::from_client(service_port, client_port).frame(),
+            fixture.pub_ifindex,
+        );
+        assert_eq!(destination(&out), (BACKEND_A, 8084));
+    }
+    for (client_port, service_port) in [(26001u16, 84u16), (26000, 83)] {
+        let reply = Tcp {
+            src_mac: BACKEND_A_MAC,
+            dst_mac: BACK_MAC,
+            src: BACKEND_A,
+            dst: CLIENT,
+            src_port: 8084,
+            dst_port: client_port,
+            syn: false,
+            payload: b"reply",
+        }
+        .frame();
+        let (verdict, out) = fixture.run(&reply, fixture.back_ifindex);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            u16::from_be_bytes([out[34], out[35]]),
+            service_port,
+            "client port {client_port}"
+        );
+    }
 }
