@@ -19,15 +19,17 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// HTTP `GET /` expecting 200, every 500 ms with a 300 ms timeout, rise 2, fall 2: short
-    /// enough that failover tests finish in seconds.
+    /// HTTP `GET /` expecting 200, every 500 ms with a 450 ms timeout, rise 2, fall 2: short
+    /// enough that failover tests finish in seconds. The timeout is generous because on two
+    /// busy cores a probe can wait a few hundred milliseconds for a CPU, and two slow probes in
+    /// a row would take a healthy backend out (resetting its connections mid-test).
     pub fn fast_http() -> Self {
         Self {
             kind: "http".to_string(),
             path: "/".to_string(),
             expect_status: 200,
             interval_ms: 500,
-            timeout_ms: 300,
+            timeout_ms: 450,
             rise: 2,
             fall: 2,
         }
@@ -130,7 +132,7 @@ kind = "http"
 path = "/"
 expect_status = 200
 interval = "500ms"
-timeout = "300ms"
+timeout = "450ms"
 rise = 2
 fall = 2
 
