@@ -71,7 +71,7 @@ pub async fn run(options: Options) -> Result<()> {
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
         if let Some(interface) = unready.first() {
-            anyhow::bail!("{}", redirect_advice(interface));
+            anyhow::bail!("{}", redirect_advice(interface, &paths.backends_via));
         }
     }
     let interfaces = paths.xdp_interfaces.clone();
@@ -211,7 +211,7 @@ impl Daemon {
         if self.mode == XdpMode::Driver {
             let unready: BTreeSet<String> = unready_redirect_targets(&wanted).into_iter().collect();
             for interface in unready.difference(&self.unready_targets) {
-                tracing::warn!("{}", redirect_advice(interface));
+                tracing::warn!("{}", redirect_advice(interface, &HashMap::new()));
             }
             for interface in self.unready_targets.difference(&unready) {
                 tracing::info!("interface {interface} takes XDP redirects again");
@@ -548,9 +548,13 @@ fn unready_redirect_targets(xdp_interfaces: &[String]) -> Vec<String> {
     unready
 }
 
-fn redirect_advice(interface: &str) -> String {
+fn redirect_advice(interface: &str, backends_via: &HashMap<String, Vec<String>>) -> String {
+    let serving = match backends_via.get(interface) {
+        Some(backends) => format!(" (backends {} are routed through it)", backends.join(", ")),
+        None => String::new(),
+    };
     format!(
-        "interface {interface} cannot take XDP redirects now (the kernel reports no ndo-xmit \
+        "interface {interface}{serving} cannot take XDP redirects now (the kernel reports no ndo-xmit \
          among its XDP features): frames redirected into it would be dropped without a trace. \
          If it is a veth, its peer (inside the container or namespace) needs GRO on or an XDP \
          program: `ethtool -K eth0 gro on` there, after the link is up (if it was set while the \
