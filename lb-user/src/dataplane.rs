@@ -86,6 +86,25 @@ pub trait Dataplane {
     fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
 }
 
+/// The program `$name` of type `$kind` in `$ebpf`, loaded through the verifier on first use.
+/// A macro because each program type has its own inherent `load`.
+macro_rules! loaded_program {
+    ($ebpf:expr, $kind:ty, $name:expr) => {{
+        let program: &mut $kind = $ebpf
+            .program_mut($name)
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name: $name,
+            })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        if program.fd().is_err() {
+            program.load().map_err(DataplaneError::Program)?;
+        }
+        Ok(program)
+    }};
+}
+
 /// The loaded XDP program and its maps.
 pub struct XdpDataplane {
     ebpf: Ebpf,
@@ -189,19 +208,7 @@ impl XdpDataplane {
 
     /// The tc egress program, loaded on first use, for `BPF_PROG_TEST_RUN` in tests.
     pub fn egress_program(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(EGRESS_PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
-                kind: "program",
-                name: EGRESS_PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(DataplaneError::Program)?;
-        if program.fd().is_err() {
-            program.load().map_err(DataplaneError::Program)?;
-        }
-        Ok(program)
+        loaded_program!(self.ebpf, SchedClassifier, EGRESS_PROGRAM_NAME)
     }
 
     /// Interfaces the tc egress program is attached to.
@@ -359,19 +366,7 @@ impl XdpDataplane {
 
     /// The trivial XDP_TX program, loaded on first use, for benchmarks' floor.
     pub fn floor_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(FLOOR_PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
-                kind: "program",
-                name: FLOOR_PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(DataplaneError::Program)?;
-        if program.fd().is_err() {
-            program.load().map_err(DataplaneError::Program)?;
-        }
-        Ok(program)
+        loaded_program!(self.ebpf, Xdp, FLOOR_PROGRAM_NAME)
     }
 
     /// Every entry of the flow table, expired ones included. Entries that vanish while the
