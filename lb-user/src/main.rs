@@ -18,8 +18,10 @@ use lb_user::{
     about = "XDP layer-4 load balancer: runs the datapath on an interface, or queries it",
     override_usage = "lb-user --iface IFACE --config FILE [--xdp-mode native|skb] [--socket PATH]\n       \
                       lb-user stats [--json] [--socket PATH]\n       \
-                      lb-user drain|undrain --service NAME --backend ADDRESS:PORT\n       \
-                      lb-user reload | lb-user flows [--service NAME] [--backend ADDRESS:PORT] [--json]\n       \
+                      lb-user drain --service NAME --backend ADDRESS:PORT [--socket PATH]\n       \
+                      lb-user undrain --service NAME --backend ADDRESS:PORT [--socket PATH]\n       \
+                      lb-user reload [--socket PATH]\n       \
+                      lb-user flows [--service NAME] [--backend ADDRESS:PORT] [--json] [--socket PATH]\n       \
                       lb-user check-config --config FILE",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -87,7 +89,7 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// List the active flows: client, service, backend, idle time, TCP state.
+    /// List the active flows: client, service, backend, age, idle time, TCP state.
     Flows {
         /// Only this service's flows.
         #[arg(long)]
@@ -215,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let backends: usize = parsed.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "{}: {} services, {backends} backends: valid",
+                "{}: {} service(s), {backends} backend(s): valid",
                 config.display(),
                 parsed.services.len()
             );
