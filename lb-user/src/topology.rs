@@ -57,9 +57,13 @@ pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
         .output()
         .map_err(|error| route_error(format!("running `ip`: {error}")))?;
     if !output.status.success() {
-        return Err(route_error(
-            String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        ));
+        // The kernel's words for a blackhole, unreachable or prohibit route are terse
+        // ("Invalid argument", "Permission denied"): say what they mean here.
+        return Err(route_error(format!(
+            "{} (no usable route: check `ip route get {backend}`; blackhole, unreachable and \
+             prohibit routes answer like this)",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
     }
     let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
         .map_err(|error| route_error(format!("unreadable answer from `ip`: {error}")))?;
