@@ -533,7 +533,7 @@ fn unready_redirect_targets(xdp_interfaces: &[String]) -> Vec<String> {
     }
     let mut unready = Vec::new();
     for interface in xdp_interfaces {
-        let index = interface_index(interface);
+        let index = topology::interface_index(interface);
         if index == 0 {
             continue; // gone for the moment; the reconciler deals with it
         }
@@ -560,14 +560,6 @@ fn redirect_advice(interface: &str, backends_via: &HashMap<String, Vec<String>>)
          program: `ethtool -K eth0 gro on` there, after the link is up (if it was set while the \
          link was down, turn it off and on again). Or run with --xdp-mode skb."
     )
-}
-
-fn interface_index(interface: &str) -> u32 {
-    let Ok(name) = std::ffi::CString::new(interface) else {
-        return 0;
-    };
-    // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when there is none.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 /// Puts the reply-translating tc program on the public interface, for backends behind a

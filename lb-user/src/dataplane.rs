@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap as StdHashMap, path::Path};
 
+use crate::topology;
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
@@ -178,7 +179,7 @@ impl XdpDataplane {
     /// Attaches the program to `interface`. The link is a BPF link owned by this process: if
     /// the process dies, the kernel detaches the program and the interface works as before.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), ProgramError> {
-        let ifindex = interface_index(interface);
+        let ifindex = topology::interface_index(interface);
         let link = xdp_program(&mut self.ebpf)
             .map_err(|_| ProgramError::NotLoaded)?
             .attach(interface, mode)?;
@@ -197,7 +198,7 @@ impl XdpDataplane {
         if self.egress.iter().any(|(name, _, _)| name == interface) {
             return Ok(());
         }
-        let ifindex = interface_index(interface);
+        let ifindex = topology::interface_index(interface);
         let link = self
             .egress_program()?
             .attach(interface, TcAttachType::Egress)
@@ -235,7 +236,7 @@ impl XdpDataplane {
     pub fn reconcile(&mut self, wanted: &[String], mode: XdpMode) -> Vec<String> {
         let mut changes = Vec::new();
         for interface in wanted {
-            let current = interface_index(interface);
+            let current = topology::interface_index(interface);
             let position = self.attached.iter().position(|a| a.interface == *interface);
             if let Some(position) = position {
                 if self.attached[position].ifindex == current {
@@ -274,7 +275,7 @@ impl XdpDataplane {
         let mut position = 0;
         while position < self.egress.len() {
             let (name, ifindex, _) = &self.egress[position];
-            let current = interface_index(name);
+            let current = topology::interface_index(name);
             if current == *ifindex {
                 position += 1;
                 continue;
@@ -309,7 +310,7 @@ impl XdpDataplane {
         }
         // Interfaces that were gone: attach as soon as they are back.
         for interface in std::mem::take(&mut self.egress_wanted) {
-            if interface_index(&interface) == 0 {
+            if topology::interface_index(&interface) == 0 {
                 self.egress_wanted.push(interface);
                 continue;
             }
@@ -395,15 +396,6 @@ struct Attachment {
     /// The interface's index at attach time; a different index now means it was recreated.
     ifindex: u32,
     link: aya::programs::xdp::XdpLinkId,
-}
-
-/// The interface's index now, or 0 if there is no such interface.
-fn interface_index(interface: &str) -> u32 {
-    let Ok(name) = std::ffi::CString::new(interface) else {
-        return 0;
-    };
-    // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when there is none.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

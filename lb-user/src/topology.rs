@@ -33,6 +33,15 @@ pub enum TopologyError {
     Read { path: String, cause: std::io::Error },
 }
 
+/// The interface's index now, or 0 if there is no such interface.
+pub fn interface_index(interface: &str) -> u32 {
+    let Ok(name) = std::ffi::CString::new(interface) else {
+        return 0;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated string and returns 0 when there is none.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
+}
+
 /// Fails unless `interface` exists in this network namespace.
 pub fn check_interface(interface: &str) -> Result<(), TopologyError> {
     // A name, not a path: the kernel allows at most 15 bytes and no '/'.
