@@ -98,7 +98,7 @@ pub async fn run(options: Options) -> Result<()> {
     for service in &table.services {
         log_service(service);
     }
-    warn_shared_backends(&config);
+    warn_shared_backends(&table);
 
     // Backend-facing interfaces first, the public one last: by the time clients' packets are
     // translated, their replies are translated too. A failure drops `dataplane`, which
@@ -436,17 +436,25 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// Warns about backends (address and port) that serve more than one service: NAT keeps the
-/// client's address, so if one client uses the same source port towards both services, the
-/// backend sees one connection and the replies cannot be told apart.
-fn warn_shared_backends(config: &Config) {
-    let mut users: HashMap<SocketAddrV4, Vec<&str>> = HashMap::new();
-    for service in &config.services {
-        for backend in &service.backends {
-            users.entry(backend.addr).or_default().push(&service.name);
+/// Warns about backend endpoints that serve more than one service (as the table marked them
+/// when it was installed): NAT keeps the client's address, so if one client uses the same
+/// source port towards both services, the backend sees one connection and the replies cannot
+/// be told apart.
+fn warn_shared_backends(table: &ServiceTable) {
+    let mut users: std::collections::BTreeMap<SocketAddrV4, Vec<&str>> = Default::default();
+    for service in &table.services {
+        for backend in service
+            .backends
+            .iter()
+            .filter(|backend| backend.shared_endpoint)
+        {
+            users
+                .entry(backend.addr)
+                .or_default()
+                .push(&service.config.name);
         }
     }
-    for (addr, services) in users.iter().filter(|(_, services)| services.len() > 1) {
+    for (addr, services) in &users {
         tracing::warn!(
             "backend {addr} serves services {}: a client using one source port for both would \
              look like one connection to it; give each service its own backend port",
