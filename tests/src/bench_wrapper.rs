@@ -20,10 +20,11 @@
 //! not those of the new frame; the datapath updates checksums incrementally and never checks
 //! them, so the work per packet is the same).
 
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, Context};
+
+use crate::bpf_syscall::{bpf, load_xdp_program, owned_fd};
 
 /// The largest frame the template holds.
 pub const MAX_FRAME: usize = 256;
@@ -32,15 +33,10 @@ const COUNTER_OFFSET: i16 = MAX_FRAME as i16;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-/// `enum bpf_attach_type`'s BPF_XDP, which aya also loads XDP programs with: a tail call
-/// requires caller and callee to agree on it.
-const BPF_XDP: u32 = 37;
 const BPF_FUNC_TAIL_CALL: i32 = 12;
 const XDP_ABORTED: i32 = 0;
 
@@ -140,7 +136,8 @@ impl Wrapper {
             targets.as_raw_fd(),
             new_flow_each_time,
         );
-        let program = load_program(&instructions).context("loading the restoring wrapper")?;
+        let program = load_xdp_program("bench_restore", &instructions)
+            .context("loading the restoring wrapper")?;
         update_map(targets.as_fd(), &target.as_raw_fd().to_ne_bytes())
             .context("putting the program under test into the wrapper's program array")?;
         Ok(Self {
@@ -276,24 +273,6 @@ struct MapElemAttr {
     flags: u64,
 }
 
-/// The prefix of `union bpf_attr` that BPF_PROG_LOAD reads, up to `expected_attach_type`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
 /// The prefix of `union bpf_attr` for BPF_PROG_TEST_RUN, up to `batch_size`.
 #[repr(C)]
 #[derive(Default)]
@@ -316,24 +295,6 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-/// `bpf(2)` with `attr` as the attribute union; returns the (non-negative) result.
-///
-/// # Safety
-/// `attr` must be a valid prefix of `union bpf_attr` for `command`, and every pointer in it
-/// must be valid for what the kernel reads or writes there during the call.
-unsafe fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<i64> {
-    let result = libc::syscall(
-        libc::SYS_bpf,
-        command,
-        attr as *mut T,
-        std::mem::size_of::<T>() as libc::c_uint,
-    );
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(result)
-}
-
 /// A one-entry map with 4-byte keys.
 fn create_map(map_type: u32, value_size: u32) -> anyhow::Result<OwnedFd> {
     let mut attr = MapCreateAttr {
@@ -345,8 +306,7 @@ fn create_map(map_type: u32, value_size: u32) -> anyhow::Result<OwnedFd> {
     };
     // SAFETY: a BPF_MAP_CREATE attr without pointers.
     let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(owned_fd(fd)?)
 }
 
 /// Writes `value` at key 0.
@@ -362,37 +322,6 @@ fn update_map(map: BorrowedFd<'_>, value: &[u8]) -> anyhow::Result<()> {
     // SAFETY: key and value point to live buffers of the map's key and value sizes.
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }?;
     Ok(())
-}
-
-fn load_program(instructions: &[Instruction]) -> anyhow::Result<OwnedFd> {
-    let license = c"GPL";
-    let mut log = vec![0u8; 64 * 1024];
-    let mut name = [0u8; 16];
-    name[..13].copy_from_slice(b"bench_restore");
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: instructions.len() as u32,
-        insns: instructions.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        prog_name: name,
-        expected_attach_type: BPF_XDP,
-        ..ProgLoadAttr::default()
-    };
-    // SAFETY: the instructions, license and log buffer outlive the call, with the sizes given.
-    match unsafe { bpf(BPF_PROG_LOAD, &mut attr) } {
-        // SAFETY: a descriptor the kernel just returned to us.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
-        Err(error) => {
-            let end = log.iter().position(|&byte| byte == 0).unwrap_or(log.len());
-            bail!(
-                "the verifier refused it ({error}): {}",
-                String::from_utf8_lossy(&log[..end]).trim()
-            )
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::io::Write as _;
 pub mod bench_e2e;
 pub mod bench_kernel;
 pub mod bench_wrapper;
+mod bpf_syscall;
 pub mod client;
 pub mod config;
 pub mod fuzz;

@@ -13,44 +13,21 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use anyhow::Context as _;
 
+use crate::bpf_syscall::{bpf, load_xdp_program, owned_fd, BPF_XDP};
 use crate::netns::NetnsName;
 
-/// bpf(2) commands (`enum bpf_cmd`).
-const BPF_PROG_LOAD: libc::c_long = 5;
+/// `enum bpf_cmd`.
 const BPF_LINK_CREATE: libc::c_long = 28;
-/// `enum bpf_prog_type`.
-const BPF_PROG_TYPE_XDP: u32 = 6;
-/// `enum bpf_attach_type`.
-const BPF_XDP: u32 = 37;
 
 /// `r0 = 2 (XDP_PASS); exit`, as `struct bpf_insn` bytes: opcode, registers, offset, immediate.
 const PROGRAM: [[u8; 8]; 2] = [
     [0xb7, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00],
     [0x95, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00],
 ];
-const LICENSE: &[u8] = b"GPL\0";
-
-/// The leading fields of `union bpf_attr` for BPF_PROG_LOAD; the kernel zero-fills the rest.
-#[repr(C)]
-#[derive(Default)]
-struct ProgramLoad {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
 
 /// The leading fields of `union bpf_attr` for BPF_LINK_CREATE.
 #[repr(C)]
@@ -79,7 +56,8 @@ impl XdpPass {
             if ifindex == 0 {
                 return Err(io::Error::last_os_error()).context("looking up the interface");
             }
-            let program = load_program().context("loading the program (BPF_PROG_LOAD)")?;
+            let program = load_xdp_program("xdp_pass", &PROGRAM)
+                .context("loading the program (BPF_PROG_LOAD)")?;
             create_link(&program, ifindex).context("attaching it (BPF_LINK_CREATE)")
         })?;
         let link = thread
@@ -90,48 +68,14 @@ impl XdpPass {
     }
 }
 
-fn load_program() -> io::Result<OwnedFd> {
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(b"xdp_pass");
-    let attributes = ProgramLoad {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: PROGRAM.len() as u32,
-        insns: PROGRAM.as_ptr() as u64,
-        license: LICENSE.as_ptr() as u64,
-        prog_name: name,
-        expected_attach_type: BPF_XDP,
-        ..ProgramLoad::default()
-    };
-    bpf(BPF_PROG_LOAD, &attributes)
-}
-
 fn create_link(program: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
     use std::os::fd::AsRawFd as _;
-    let attributes = LinkCreate {
+    let mut attributes = LinkCreate {
         prog_fd: program.as_raw_fd() as u32,
         target_ifindex: ifindex,
         attach_type: BPF_XDP,
         flags: 0,
     };
-    bpf(BPF_LINK_CREATE, &attributes)
-}
-
-/// bpf(2) with `attributes` as its `union bpf_attr`; returns the new file descriptor.
-fn bpf<T>(command: libc::c_long, attributes: &T) -> io::Result<OwnedFd> {
-    // SAFETY: `attributes` is a live #[repr(C)] prefix of union bpf_attr of the size passed;
-    // every pointer inside it refers to a 'static constant.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attributes as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(result).map_err(|_| io::Error::other("bpf(2) returned no fd"))?;
-    // SAFETY: a successful BPF_PROG_LOAD or BPF_LINK_CREATE returns a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: a BPF_LINK_CREATE prefix without pointers.
+    owned_fd(unsafe { bpf(BPF_LINK_CREATE, &mut attributes) }?)
 }
