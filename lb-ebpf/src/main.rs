@@ -427,6 +427,21 @@ fn select_backend(
         last_seen_ns: now,
         created_ns: now,
     };
+    // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
+    // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
+    let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
+    if FLOWS.insert(tuple, &flow, 0).is_err()
+        || (shared && !insert_reverse(tuple, &backend, service.id, backend_id))
+    {
+        count(counter::FLOW_INSERT_FAILED);
+    }
+    Ok((backend_id, backend))
+}
+
+/// Records how to translate the replies of a new flow on a shared backend endpoint; false if
+/// the reverse table refused the entry.
+#[inline(always)]
+fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_id: u32) -> bool {
     let reverse_key = FlowKey {
         src_addr: backend.addr,
         dst_addr: tuple.src_addr,
@@ -439,18 +454,10 @@ fn select_backend(
         service_addr: tuple.dst_addr,
         service_port: tuple.dst_port,
         _pad: [0; 2],
-        service_id: service.id,
+        service_id,
         backend_id,
     };
-    // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
-    // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
-    let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
-    if FLOWS.insert(tuple, &flow, 0).is_err()
-        || (shared && REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_err())
-    {
-        count(counter::FLOW_INSERT_FAILED);
-    }
-    Ok((backend_id, backend))
+    REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_ok()
 }
 
 /// The entry's backend, if the entry belongs to this service, has not timed out, and its
