@@ -5,6 +5,12 @@
 //! Fields that hold network data keep network byte order as byte arrays (`[u8; 4]` addresses,
 //! `[u8; 2]` ports): the datapath copies them straight from and into packets, and userspace
 //! converts once, at its boundary.
+//!
+//! Both address families share one layout per type: the keys are generic over the address
+//! (`[u8; 4]` for IPv4, the default, `[u8; 16]` for IPv6), and each family has its own maps
+//! (`SERVICES` and `SERVICES6`, `FLOWS` and `FLOWS6`, ...), so an IPv4 lookup hashes a 16-byte
+//! key, not a 40-byte one. Values that name a backend (`Backend`, `NextHop`) hold 16 bytes
+//! for either family: an IPv4 address sits in the first four, the rest zero.
 #![no_std]
 
 /// Most services one datapath holds (the `SERVICES` hash map and per-service arrays).
@@ -45,6 +51,48 @@ pub mod backend_flags {
     /// Its address and port serve more than one service: replies cannot be told apart by the
     /// backend endpoint alone, so each of its flows keeps a reverse-translation entry.
     pub const SHARED_ENDPOINT: u8 = 2;
+    /// An IPv6 backend: all 16 bytes of [`Backend::addr`] are its address.
+    pub const IPV6: u8 = 4;
+}
+
+/// An IPv4 or IPv6 address as the wire carries it. Implemented for `[u8; 4]` and `[u8; 16]`
+/// only; the types below are generic over it so each family keys its own maps.
+pub trait Address: Copy + Eq + 'static {
+    /// The address in the 16 bytes of [`Backend::addr`] and [`NextHop::addr`]: IPv4 in the
+    /// first four, the rest zero.
+    fn widen(self) -> [u8; 16];
+    /// Mixes the address into a [`flow_hash`] state, 32 bits at a time.
+    fn mix_into(self, hash: u32) -> u32;
+}
+
+impl Address for [u8; 4] {
+    #[inline(always)]
+    fn widen(self) -> [u8; 16] {
+        [
+            self[0], self[1], self[2], self[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]
+    }
+
+    #[inline(always)]
+    fn mix_into(self, hash: u32) -> u32 {
+        mix_word(hash, u32::from_be_bytes(self))
+    }
+}
+
+impl Address for [u8; 16] {
+    #[inline(always)]
+    fn widen(self) -> [u8; 16] {
+        self
+    }
+
+    #[inline(always)]
+    fn mix_into(self, hash: u32) -> u32 {
+        let [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3] = self;
+        let hash = mix_word(hash, u32::from_be_bytes([a0, a1, a2, a3]));
+        let hash = mix_word(hash, u32::from_be_bytes([b0, b1, b2, b3]));
+        let hash = mix_word(hash, u32::from_be_bytes([c0, c1, c2, c3]));
+        mix_word(hash, u32::from_be_bytes([d0, d1, d2, d3]))
+    }
 }
 
 /// Values of [`Service::scheduler`]: how a new flow picks its backend from the service's
@@ -70,8 +118,8 @@ pub mod flow_state {
 /// Identifies a service: the packet's destination address, port and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ServiceKey {
-    pub addr: [u8; 4],
+pub struct ServiceKey<A = [u8; 4]> {
+    pub addr: A,
     pub port: [u8; 2],
     pub protocol: u8,
     /// Zero; keeps the key free of uninitialised bytes, which hash lookups would compare.
@@ -103,7 +151,8 @@ pub struct Service {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub addr: [u8; 4],
+    /// IPv4 in the first four bytes (the rest zero), or IPv6 with [`backend_flags::IPV6`].
+    pub addr: [u8; 16],
     pub port: [u8; 2],
     /// One of [`backend_state`].
     pub state: u8,
@@ -119,9 +168,9 @@ pub struct Backend {
 /// service) and the reverse-translation table (backend to client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+pub struct FlowKey<A = [u8; 4]> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub protocol: u8,
@@ -162,8 +211,8 @@ pub struct Settings {
 /// A backend endpoint: its address, port and protocol. Keys `ENDPOINTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointKey {
-    pub addr: [u8; 4],
+pub struct EndpointKey<A = [u8; 4]> {
+    pub addr: A,
     pub port: [u8; 2],
     pub protocol: u8,
     /// Zero; see [`ServiceKey::_pad`].
@@ -175,8 +224,8 @@ pub struct EndpointKey {
 /// destination is the client, the service is this), so a new flow needs no reverse entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub service_addr: [u8; 4],
+pub struct Endpoint<A = [u8; 4]> {
+    pub service_addr: A,
     pub service_port: [u8; 2],
     /// 1 when the endpoint serves several services: look in `REVERSE_FLOWS` instead.
     pub shared: u8,
@@ -188,8 +237,8 @@ pub struct Endpoint {
 /// How to translate a backend's reply back to the service it answers for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReverseNat {
-    pub service_addr: [u8; 4],
+pub struct ReverseNat<A = [u8; 4]> {
+    pub service_addr: A,
     pub service_port: [u8; 2],
     /// Zero; alignment of the next field.
     pub _pad: [u8; 2],
@@ -208,15 +257,17 @@ pub struct NextHop {
     pub ingress_ifindex: u32,
     /// Coarse `bpf_ktime` after which the entry is stale.
     pub expires_ns: u64,
-    /// The destination looked up: a backend id given to another address misses.
-    pub addr: [u8; 4],
+    /// The destination looked up (IPv4 in the first four bytes): a backend id given to
+    /// another address misses.
+    pub addr: [u8; 16],
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// The largest IPv4 total length the lookup accepted (its MTU check): a longer packet looks
-    /// up afresh, so the kernel still gets oversized packets.
+    /// The largest packet length (IPv4 total length, IPv6 header plus payload) the lookup
+    /// accepted (its MTU check): a longer packet looks up afresh, so the kernel still gets
+    /// oversized packets.
     pub ok_len: u16,
     /// Zero; keeps the size a multiple of 8.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Per-CPU traffic counters of one service or one backend. Bytes are whole frames as XDP sees
@@ -241,9 +292,9 @@ pub struct TrafficStats {
 /// `PASS_*` and `DROP_*` count each packet's final verdict by reason; the others count events
 /// along the way and can overlap with a verdict.
 pub mod counter {
-    /// Not IPv4 (ARP, IPv6, ...): passed.
-    pub const PASS_NOT_IPV4: u32 = 0;
-    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP, ...): passed.
     pub const PASS_NOT_TCP_UDP: u32 = 1;
     /// TCP or UDP, but not for a service and not a reply of a balanced flow: passed.
     pub const PASS_NOT_SERVICE: u32 = 2;
@@ -307,12 +358,22 @@ pub mod counter {
     /// ICMP errors from a backend's side about a client's packet, sent on to the client.
     pub const ICMP_TO_CLIENT: u32 = 29;
 
+    /// IPv6 header truncated, or its payload length past the frame, or (for a VIP) an extension
+    /// header cut short: dropped.
+    pub const DROP_MALFORMED_IPV6: u32 = 30;
+    /// IPv6 packets whose extension headers the datapath does not translate through (a chain
+    /// longer than it walks, ESP, a routing header with segments left): passed untouched.
+    pub const PASS_IPV6_EXTENSION: u32 = 31;
+    /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
+    /// the kernel drops them too).
+    pub const DROP_UDP_ZERO_CHECKSUM: u32 = 32;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 33;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
-        "pass_not_ipv4",
+        "pass_not_ip",
         "pass_not_tcp_udp",
         "pass_not_service",
         "pass_fragment",
@@ -342,6 +403,9 @@ pub mod counter {
         "reply_egress",
         "icmp_to_backend",
         "icmp_to_client",
+        "drop_malformed_ipv6",
+        "pass_ipv6_extension",
+        "drop_udp_zero_checksum",
     ];
 }
 
@@ -350,16 +414,23 @@ pub mod counter {
 /// sends a flow to the same backend. Murmur3-style mixing of the 5-tuple's four words; no
 /// loops, no tables, nothing machine-dependent.
 #[inline(always)]
-pub fn flow_hash(key: &FlowKey) -> u32 {
+pub fn flow_hash<A: Address>(key: &FlowKey<A>) -> u32 {
     let ports =
         ((u16::from_be_bytes(key.src_port) as u32) << 16) | u16::from_be_bytes(key.dst_port) as u32;
     let mut hash = 0x4c42_5f31; // "LB_1": a fixed seed, part of the ABI
-    hash = mix_word(hash, u32::from_be_bytes(key.src_addr));
-    hash = mix_word(hash, u32::from_be_bytes(key.dst_addr));
+    hash = key.src_addr.mix_into(hash);
+    hash = key.dst_addr.mix_into(hash);
     hash = mix_word(hash, ports);
     hash = mix_word(hash, key.protocol as u32);
     finalize(hash ^ 16)
 }
+
+/// The IPv6 flavours of the generic map types, keying the `*6` maps.
+pub type ServiceKey6 = ServiceKey<[u8; 16]>;
+pub type FlowKey6 = FlowKey<[u8; 16]>;
+pub type EndpointKey6 = EndpointKey<[u8; 16]>;
+pub type Endpoint6 = Endpoint<[u8; 16]>;
+pub type ReverseNat6 = ReverseNat<[u8; 16]>;
 
 #[inline(always)]
 fn mix_word(hash: u32, word: u32) -> u32 {
@@ -387,29 +458,39 @@ mod pod {
     use super::*;
 
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for ReverseNat6 {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointKey6 {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Endpoint6 {}
     unsafe impl aya::Pod for NextHop {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
 // Each equals the sum of its fields, so no type has implicit padding.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
-const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<EndpointKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<Endpoint6>() == 24);
+const _: () = assert!(core::mem::size_of::<ReverseNat6>() == 28);
 const _: () = assert!(core::mem::size_of::<Flow>() == 32);
 const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 48);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 12);
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
@@ -428,11 +509,18 @@ mod tests {
         assert_eq!(offset_of!(Service, scheduler), 4);
         assert_eq!(offset_of!(Service, table_offset), 8);
         assert_eq!(offset_of!(Service, table_len), 12);
-        assert_eq!(offset_of!(Backend, port), 4);
-        assert_eq!(offset_of!(Backend, state), 6);
-        assert_eq!(offset_of!(Backend, flags), 7);
-        assert_eq!(offset_of!(Backend, service_id), 8);
-        assert_eq!(offset_of!(Backend, generation), 12);
+        assert_eq!(offset_of!(Backend, port), 16);
+        assert_eq!(offset_of!(Backend, state), 18);
+        assert_eq!(offset_of!(Backend, flags), 19);
+        assert_eq!(offset_of!(Backend, service_id), 20);
+        assert_eq!(offset_of!(Backend, generation), 24);
+        assert_eq!(offset_of!(FlowKey6, dst_addr), 16);
+        assert_eq!(offset_of!(FlowKey6, src_port), 32);
+        assert_eq!(offset_of!(FlowKey6, protocol), 36);
+        assert_eq!(offset_of!(ServiceKey6, port), 16);
+        assert_eq!(offset_of!(Endpoint6, shared), 18);
+        assert_eq!(offset_of!(Endpoint6, service_id), 20);
+        assert_eq!(offset_of!(ReverseNat6, service_id), 20);
         assert_eq!(offset_of!(FlowKey, dst_addr), 4);
         assert_eq!(offset_of!(FlowKey, src_port), 8);
         assert_eq!(offset_of!(FlowKey, dst_port), 10);
@@ -452,9 +540,9 @@ mod tests {
         assert_eq!(offset_of!(Endpoint, shared), 6);
         assert_eq!(offset_of!(Endpoint, service_id), 8);
         assert_eq!(offset_of!(NextHop, addr), 16);
-        assert_eq!(offset_of!(NextHop, smac), 20);
-        assert_eq!(offset_of!(NextHop, dmac), 26);
-        assert_eq!(offset_of!(NextHop, ok_len), 32);
+        assert_eq!(offset_of!(NextHop, smac), 32);
+        assert_eq!(offset_of!(NextHop, dmac), 38);
+        assert_eq!(offset_of!(NextHop, ok_len), 44);
         assert_eq!(offset_of!(TrafficStats, rescheduled), 40);
     }
 

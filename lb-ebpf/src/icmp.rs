@@ -112,7 +112,7 @@ pub fn translate_error(
         if backend.state != backend_state::UP || backend.generation != flow.generation {
             return not_ours;
         }
-        let (addr, port) = (backend.addr, backend.port);
+        let (addr, port) = (crate::ipv4_of(backend.addr), backend.port);
         unsafe {
             let outer_src = (*ip).src;
             replace_outer(ip, OuterSide::Destination, addr);

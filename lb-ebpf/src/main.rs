@@ -93,7 +93,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     // that the whole header lies inside the packet.
     let (l3_offset, ether_type) = skip_vlan_tags(ctx, unsafe { (*ethernet).ether_type })?;
     if ether_type != ETHER_TYPE_IPV4 {
-        return Ok(Verdict::Pass(counter::PASS_NOT_IPV4));
+        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
     }
 
     let ip: *mut Ipv4Header = ptr_at(ctx, l3_offset).ok_or(Drop(counter::DROP_MALFORMED_IPV4))?;
@@ -252,7 +252,7 @@ fn forward(
 
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
-        rewrite(ip, transport, Side::Destination, backend.addr, backend.port);
+        rewrite(ip, transport, Side::Destination, ipv4_of(backend.addr), backend.port);
     }
     add_traffic(service.id, backend_id, |stats| {
         stats.packets += 1;
@@ -265,7 +265,7 @@ fn forward(
 
     let route = Route {
         src: tuple.src_addr,
-        dst: backend.addr,
+        dst: ipv4_of(backend.addr),
         protocol: tuple.protocol,
         src_port: tuple.src_port,
         dst_port: backend.port,
@@ -443,7 +443,7 @@ fn select_backend(
 #[inline(always)]
 fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_id: u32) -> bool {
     let reverse_key = FlowKey {
-        src_addr: backend.addr,
+        src_addr: ipv4_of(backend.addr),
         dst_addr: tuple.src_addr,
         src_port: backend.port,
         dst_port: tuple.src_port,
@@ -594,6 +594,12 @@ pub(crate) fn add_traffic(service_id: u32, backend_id: u32, update: impl Fn(&mut
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         update(unsafe { &mut *stats });
     }
+}
+
+/// The IPv4 address in a backend's 16 address bytes (the first four).
+#[inline(always)]
+pub(crate) fn ipv4_of(addr: [u8; 16]) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
 }
 
 #[cfg(not(test))]

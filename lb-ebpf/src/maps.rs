@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, NextHop, ReverseNat, Service,
-    ServiceKey, Settings, TrafficStats, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
-    PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
+    NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -50,6 +50,29 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
 /// backends whose endpoint serves several services (`backend_flags::SHARED_ENDPOINT`).
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+// The IPv6 twins of the maps above, same roles and flags, keyed by 16-byte addresses. Services,
+// backends, schedules, cursors, counters and settings are shared by both families: a service
+// id or a backend id means the same thing in either.
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, Service> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static VIP_ADDRESSES6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, Flow> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map]
+pub static ENDPOINTS6: HashMap<EndpointKey6, Endpoint6> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
@@ -128,7 +151,7 @@ pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
     let backend = BACKENDS.get(flow.backend_id)?;
     // The client's flow must be on this very backend: replies from one it was moved away
     // from are not translated.
-    if backend.addr != tuple.src_addr || backend.port != tuple.src_port {
+    if crate::ipv4_of(backend.addr) != tuple.src_addr || backend.port != tuple.src_port {
         return None;
     }
     Some(ReverseNat {

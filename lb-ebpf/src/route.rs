@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{counter, NextHop};
+use lb_common::{counter, Address as _, NextHop};
 
 use crate::{headers::EthernetHeader, Verdict};
 
@@ -84,7 +84,7 @@ pub fn send(
                 let hop = unsafe { &mut *hop };
                 let fresh = hop.expires_ns > now
                     && hop.ingress_ifindex == ingress
-                    && hop.addr == route.dst
+                    && hop.addr == route.dst.widen()
                     && hop.ifindex == params.ifindex
                     && hop.dmac == params.dmac;
                 *hop = NextHop {
@@ -95,7 +95,7 @@ pub fn send(
                     } else {
                         now + NEXT_HOP_TTL_NS
                     },
-                    addr: route.dst,
+                    addr: route.dst.widen(),
                     smac: params.smac,
                     dmac: params.dmac,
                     ok_len: if fresh {
@@ -103,7 +103,7 @@ pub fn send(
                     } else {
                         route.total_len
                     },
-                    _pad: [0; 6],
+                    _pad: [0; 2],
                 };
             }
             deliver(

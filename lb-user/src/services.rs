@@ -652,7 +652,7 @@ pub fn service_key(config: &ServiceConfig) -> ServiceKey {
 
 pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
     Backend {
-        addr: backend.addr.ip().octets(),
+        addr: lb_common::Address::widen(backend.addr.ip().octets()),
         port: backend.addr.port().to_be_bytes(),
         state: if backend.up {
             backend_state::UP
@@ -756,7 +756,7 @@ mod tests {
             .values()
             .all(|b| b.state == backend_state::DOWN));
         let backend = dataplane.backends[&1];
-        assert_eq!(backend.addr, [10, 200, 12, 2]);
+        assert_eq!(backend.addr[..4], [10, 200, 12, 2]);
         assert_eq!(backend.port, 8080u16.to_be_bytes());
         assert_eq!(
             (backend.service_id, backend.generation),
@@ -921,7 +921,7 @@ mod tests {
         // of a new generation, so flows pinned to the old backend move.
         assert_eq!(added.id, 0);
         assert_eq!(dataplane.backends[&0].state, backend_state::DOWN);
-        assert_eq!(dataplane.backends[&0].addr, [10, 200, 13, 2]);
+        assert_eq!(dataplane.backends[&0].addr[..4], [10, 200, 13, 2]);
     }
 
     #[test]

@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn verdict_totals_sum_each_verdicts_reasons_and_skip_events() {
         let mut values = vec![0u64; counter::COUNT as usize];
-        values[counter::PASS_NOT_IPV4 as usize] = 3;
+        values[counter::PASS_NOT_IP as usize] = 3;
         values[counter::PASS_NOT_SERVICE as usize] = 4;
         values[counter::DROP_NO_BACKEND as usize] = 5;
         values[counter::FORWARD_TX as usize] = 6;

@@ -187,8 +187,8 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
             udp_frame(54, 50002, false),
             counter::PASS_NOT_SERVICE,
         ),
-        ("ARP request for the VIP", arp, counter::PASS_NOT_IPV4),
-        ("IPv6 TCP to port 80", ipv6, counter::PASS_NOT_IPV4),
+        ("ARP request for the VIP", arp, counter::PASS_NOT_IP),
+        ("IPv6 TCP to port 80", ipv6, counter::PASS_NOT_IP),
         ("ICMP echo to the VIP", icmp, counter::PASS_NOT_TCP_UDP),
     ];
     for (what, frame, reason) in cases {

@@ -94,7 +94,7 @@ fn odd_tag_stacks_pass_or_drop_untouched() {
         (XDP_PASS, &three),
         "three tags: not ours, passed"
     );
-    assert_eq!(fixture.counter(counter::PASS_NOT_IPV4), 1);
+    assert_eq!(fixture.counter(counter::PASS_NOT_IP), 1);
 
     let cut = tagged(&syn, &[(DOT1Q, 7)])[..16].to_vec();
     let (verdict, out) = fixture.run(&cut, fixture.pub_ifindex);
