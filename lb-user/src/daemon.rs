@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     config::{self, Config},
     control::{self, Call, FlowEntry, Request, Response},
-    dataplane::{LoadOptions, XdpDataplane},
+    dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     netdev,
     services::ServiceTable,
@@ -439,18 +439,6 @@ impl Daemon {
         });
         Ok(entries)
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
-    // CLOCK_MONOTONIC.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Warns about backend endpoints that serve more than one service (as the table marked them

@@ -472,6 +472,19 @@ fn take_map<T>(
     })
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads (and the coarse variant
+/// the datapath's timestamps come from, a jiffy behind at most).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
+    // CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
     values
         .iter()
