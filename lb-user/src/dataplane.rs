@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Service, ServiceKey, Settings,
-    TrafficStats,
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, Service,
+    ServiceKey, Settings, TrafficStats, VipProtocol,
 };
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
@@ -29,6 +29,8 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 pub struct LoadOptions {
     /// Entries in the flow table and in the reverse-translation table.
     pub flow_table_size: u32,
+    /// Entries in the fragment table.
+    pub fragment_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
     pub schedule_size: u32,
 }
@@ -37,6 +39,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            fragment_table_size: lb_common::FRAGMENT_TABLE_SIZE,
             schedule_size: lb_common::SCHEDULE_SIZE,
         }
     }
@@ -81,6 +84,13 @@ pub trait Dataplane {
     fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol).
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError>;
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
@@ -117,6 +127,8 @@ pub struct XdpDataplane {
     ports: Array<MapData, u64>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    fragments: HashMap<MapData, FragmentKey, Fragment>,
+    three_tuple_services: HashMap<MapData, VipProtocol, ServiceKey>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -139,6 +151,7 @@ impl XdpDataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .map_max_entries("FRAGMENTS", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
@@ -166,6 +179,8 @@ impl XdpDataplane {
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            fragments: take_map(&mut ebpf, "FRAGMENTS", HashMap::try_from)?,
+            three_tuple_services: take_map(&mut ebpf, "THREE_TUPLE_SERVICES", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
@@ -376,6 +391,41 @@ impl XdpDataplane {
         Ok(self.flows.iter().filter_map(Result::ok).collect())
     }
 
+    /// Removes the fragment-table entries older than `timeout_ns` at `now_ns` (the datapath's
+    /// coarse CLOCK_MONOTONIC): a later fragment could no longer use them, and the table is a
+    /// plain hash that does not evict, so without this it fills up. Returns how many went.
+    pub fn sweep_fragments(
+        &mut self,
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> Result<usize, DataplaneError> {
+        let expired: Vec<FragmentKey> = self
+            .fragments
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) > timeout_ns)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &expired {
+            match self.fragments.remove(key) {
+                // Replaced or removed meanwhile: a new first fragment's entry stays anyway.
+                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
+                Err(cause) => {
+                    return Err(DataplaneError::Map {
+                        map: "FRAGMENTS",
+                        cause,
+                    })
+                }
+            }
+        }
+        Ok(expired.len())
+    }
+
+    /// Every entry of the fragment table, for tests.
+    pub fn fragments(&self) -> Vec<(FragmentKey, Fragment)> {
+        self.fragments.iter().filter_map(Result::ok).collect()
+    }
+
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
     pub fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
         self.ebpf.map_mut(name)
@@ -420,6 +470,19 @@ fn take_map<T>(
         map: name,
         cause: source,
     })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads (and the coarse variant
+/// the datapath's timestamps come from, a jiffy behind at most).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
+    // CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
@@ -539,6 +602,29 @@ impl Dataplane for XdpDataplane {
             })
     }
 
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.three_tuple_services
+            .insert(key, service, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            })
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        match self.three_tuple_services.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            }),
+        }
+    }
+
     fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
         (0..counter::COUNT)
             .map(|index| {
@@ -584,6 +670,7 @@ pub struct MemoryDataplane {
     pub endpoints: StdHashMap<EndpointKey, Endpoint>,
     pub backends: StdHashMap<u32, Backend>,
     pub vip_addresses: Vec<[u8; 4]>,
+    pub three_tuple_services: StdHashMap<VipProtocol, ServiceKey>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
@@ -664,6 +751,22 @@ impl Dataplane for MemoryDataplane {
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);
         }
+        Ok(())
+    }
+
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.insert(key, *service);
+        Ok(())
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.remove(&key);
         Ok(())
     }
 
