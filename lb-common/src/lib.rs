@@ -355,9 +355,9 @@ pub struct TrafficStats {
 /// `PASS_*` and `DROP_*` count each packet's final verdict by reason; the others count events
 /// along the way and can overlap with a verdict.
 pub mod counter {
-    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed.
+    /// Not IPv4 (ARP, LLDP, and IPv6 until its datapath lands): passed.
     pub const PASS_NOT_IP: u32 = 0;
-    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP, ...): passed.
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
     pub const PASS_NOT_TCP_UDP: u32 = 1;
     /// TCP or UDP, but not for a service and not a reply of a balanced flow: passed.
     pub const PASS_NOT_SERVICE: u32 = 2;
@@ -444,18 +444,8 @@ pub mod counter {
     /// tiny fragments; no real stack sends them): dropped.
     pub const DROP_FRAGMENT_TINY_FIRST: u32 = 37;
 
-    /// IPv6 header truncated, or its payload length past the frame, or (for a VIP) an extension
-    /// header cut short: dropped.
-    pub const DROP_MALFORMED_IPV6: u32 = 38;
-    /// IPv6 packets whose extension headers the datapath does not translate through (a chain
-    /// longer than it walks, ESP, a routing header with segments left): passed untouched.
-    pub const PASS_IPV6_EXTENSION: u32 = 39;
-    /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
-    /// the kernel drops them too).
-    pub const DROP_UDP_ZERO_CHECKSUM: u32 = 40;
-
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 41;
+    pub const COUNT: u32 = 38;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -497,9 +487,6 @@ pub mod counter {
         "drop_fragment_timed_out",
         "drop_fragment_backend_gone",
         "drop_fragment_tiny_first",
-        "drop_malformed_ipv6",
-        "pass_ipv6_extension",
-        "drop_udp_zero_checksum",
     ];
 }
 

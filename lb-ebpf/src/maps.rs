@@ -6,10 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Fragment, FragmentKey, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6,
-    Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, NextHop,
+    ReverseNat, Service, ServiceKey, Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE,
+    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -66,29 +65,6 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
 /// backends whose endpoint serves several services (`backend_flags::SHARED_ENDPOINT`).
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-
-// The IPv6 twins of the maps above, same roles and flags, keyed by 16-byte addresses. Services,
-// backends, schedules, cursors, counters and settings are shared by both families: a service
-// id or a backend id means the same thing in either.
-
-#[map]
-pub static SERVICES6: HashMap<ServiceKey6, Service> =
-    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-#[map]
-pub static VIP_ADDRESSES6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
-
-#[map]
-pub static FLOWS6: LruHashMap<FlowKey6, Flow> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-
-#[map]
-pub static ENDPOINTS6: HashMap<EndpointKey6, Endpoint6> =
-    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
-
-#[map]
-pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
