@@ -307,8 +307,15 @@ pub mod counter {
     /// ICMP errors from a backend's side about a client's packet, sent on to the client.
     pub const ICMP_TO_CLIENT: u32 = 29;
 
+    /// Transport checksums a sender left partial (a veth with transmit offload) that XDP
+    /// completed before XDP_TX or XDP_REDIRECT, which would otherwise lose them.
+    pub const CHECKSUM_COMPLETED: u32 = 30;
+    /// Translated packets with a partial checksum too long for XDP to complete: passed to the
+    /// kernel, which completes it on its forwarding path.
+    pub const PASS_CHECKSUM_NOT_COMPLETED: u32 = 31;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -342,6 +349,8 @@ pub mod counter {
         "reply_egress",
         "icmp_to_backend",
         "icmp_to_client",
+        "checksum_completed",
+        "pass_checksum_not_completed",
     ];
 }
 

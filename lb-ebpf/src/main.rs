@@ -17,6 +17,7 @@ mod egress;
 mod headers;
 mod icmp;
 mod maps;
+mod partial;
 mod route;
 
 use aya_ebpf::{
@@ -39,6 +40,7 @@ use crate::{
         count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS,
         RR_CURSORS, SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
+    partial::Partial,
     route::{Route, SendCounters},
 };
 
@@ -61,6 +63,9 @@ struct Transport {
     is_udp: bool,
     /// TCP flags (FIN, SYN, RST, ACK, ...); zero for UDP.
     tcp_flags: u8,
+    /// Where the header starts in the frame, and the segment's length (header and payload).
+    offset: usize,
+    segment_len: usize,
 }
 
 #[xdp]
@@ -144,7 +149,8 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         UDP_HEADER_LEN
     };
     let transport = if header_len + transport_len <= total_len {
-        transport_at(ctx, l3_offset + header_len, ip_protocol)
+        let segment_len = total_len - header_len;
+        transport_at(ctx, l3_offset + header_len, segment_len, ip_protocol)
     } else {
         None
     };
@@ -210,7 +216,12 @@ fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 
 
 /// Finds the TCP or UDP header at `offset`, or `None` if it is truncated.
 #[inline(always)]
-fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Transport> {
+fn transport_at(
+    ctx: &XdpContext,
+    offset: usize,
+    segment_len: usize,
+    ip_protocol: u8,
+) -> Option<Transport> {
     if ip_protocol == protocol::TCP {
         let tcp: *mut TcpHeader = ptr_at(ctx, offset)?;
         // SAFETY: only field addresses are taken here; ptr_at checked the whole header.
@@ -221,6 +232,8 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
                 check: &raw mut (*tcp).check,
                 is_udp: false,
                 tcp_flags: (*tcp).offset_flags[1],
+                offset,
+                segment_len,
             }
         });
     }
@@ -232,6 +245,8 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
             check: &raw mut (*udp).check,
             is_udp: true,
             tcp_flags: 0,
+            offset,
+            segment_len,
         }
     })
 }
@@ -251,16 +266,18 @@ fn forward(
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
 
     // SAFETY: ip and transport point into the bounds-checked packet.
-    unsafe {
-        rewrite(ip, transport, Side::Destination, backend.addr, backend.port);
-    }
+    let partial = unsafe { rewrite(ip, transport, Side::Destination, backend.addr, backend.port) };
     add_traffic(service.id, backend_id, |stats| {
         stats.packets += 1;
         stats.bytes += frame_len;
     });
     if backend.flags & backend_flags::VIA_KERNEL != 0 {
-        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
+        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on (and
+        // completes a partial checksum, which `rewrite` left partial, on its way out).
         return Ok(Verdict::Pass(counter::PASS_KERNEL_FORWARD));
+    }
+    if let Some(pass) = partial.and_then(|partial| partial.too_long()) {
+        return Ok(pass);
     }
 
     let route = Route {
@@ -275,13 +292,14 @@ fn forward(
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
-    Ok(route::send(
+    let verdict = route::send(
         ctx,
         ethernet,
         &route,
         &counters,
         NEXT_HOPS.get_ptr_mut(backend_id),
-    ))
+    );
+    Ok(settle_checksum(ctx, partial, verdict))
 }
 
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
@@ -298,15 +316,15 @@ fn reply(
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     note_reply_flags(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
-    unsafe {
+    let partial = unsafe {
         rewrite(
             ip,
             transport,
             Side::Source,
             nat.service_addr,
             nat.service_port,
-        );
-    }
+        )
+    };
     add_traffic(nat.service_id, nat.backend_id, |stats| {
         stats.reply_packets += 1;
         stats.reply_bytes += frame_len;
@@ -324,7 +342,20 @@ fn reply(
         transmit: counter::REPLY_TX,
         redirect: counter::REPLY_REDIRECT,
     };
-    route::send(ctx, ethernet, &route, &counters, None)
+    if let Some(pass) = partial.and_then(|partial| partial.too_long()) {
+        return pass;
+    }
+    let verdict = route::send(ctx, ethernet, &route, &counters, None);
+    settle_checksum(ctx, partial, verdict)
+}
+
+/// Completes a partial transport checksum if the packet leaves XDP with it (see `partial`).
+#[inline(always)]
+fn settle_checksum(ctx: &XdpContext, partial: Option<Partial>, verdict: Verdict) -> Verdict {
+    match partial {
+        Some(partial) => partial.settle(ctx, verdict),
+        None => verdict,
+    }
 }
 
 const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
@@ -551,7 +582,8 @@ enum Side {
 }
 
 /// Replaces one side's address and port, updating the IP and transport checksums
-/// incrementally.
+/// incrementally. A transport checksum that is a sender's partial sum (see `partial`) becomes
+/// the partial sum of the new pseudo-header instead, and is returned for completion.
 ///
 /// # Safety
 /// `ip` and the transport pointers must point into the packet, bounds-checked.
@@ -562,7 +594,16 @@ unsafe fn rewrite(
     side: Side,
     addr: [u8; 4],
     port: [u8; 2],
-) {
+) -> Option<Partial> {
+    let ip_protocol = if transport.is_udp {
+        protocol::UDP
+    } else {
+        protocol::TCP
+    };
+    let segment_len = transport.segment_len as u32;
+    let arrived = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    let partial = checksum::is_partial(*transport.check, arrived);
+
     let (addr_field, port_field) = match side {
         Side::Source => (&raw mut (*ip).src, transport.src_port),
         Side::Destination => (&raw mut (*ip).dst, transport.dst_port),
@@ -582,6 +623,17 @@ unsafe fn rewrite(
     };
     *addr_field = addr;
     *port_field = port;
+    if !partial {
+        return None;
+    }
+    // The port is not in the pseudo-header: only the addresses move a partial sum.
+    *transport.check = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    Some(Partial {
+        segment_offset: transport.offset,
+        segment_len: transport.segment_len,
+        check_offset: transport.offset + if transport.is_udp { 6 } else { 16 },
+        is_udp: transport.is_udp,
+    })
 }
 
 /// Applies `update` to this CPU's counters of the service and of the backend.

@@ -85,6 +85,7 @@ pub async fn run(options: Options) -> Result<()> {
     let load_options = LoadOptions {
         flow_table_size: config.flows.table_size,
         schedule_size,
+        generic_xdp: options.mode == XdpMode::Skb,
     };
     let mut dataplane =
         XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
