@@ -18,6 +18,9 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = 256;
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
 /// Words of the `PORTS` bitmap: one bit for each of the 65536 ports.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+/// The longest TCP or UDP segment (header and payload) whose partial checksum the datapath
+/// completes before XDP_TX or XDP_REDIRECT; a longer one goes to the kernel translated.
+pub const MAX_COMPLETED_SEGMENT: usize = 3327;
 /// Default entries of the shared scheduling table (`SCHEDULE`); `lb-user` sizes it at load.
 pub const SCHEDULE_SIZE: u32 = 1 << 20;
 
