@@ -21,7 +21,9 @@
 //!   but the MAC addresses (the next hop's), those addresses and ports, and checksums differ
 //!   from the input, and TX means the egress interface is the ingress one;
 //! - the checksums of a translated packet, recomputed from scratch with etherparse, are valid
-//!   when the input's were, and otherwise exactly as wrong as the input's: the datapath updates
+//!   when the input's were or when its transport checksum field held the pseudo-header sum (a
+//!   veth sender's partial checksum, which the datapath completes; a fifth of the valid client
+//!   packets carry one), and otherwise exactly as wrong as the input's: the datapath updates
 //!   checksums incrementally and does not verify them, so a corrupted packet reaches its
 //!   receiver, which drops it (as the kernel's own NAT does); an IPv4 UDP checksum of 0 stays 0
 //!   and no other becomes 0;
@@ -671,6 +673,9 @@ struct Spec {
     tcp_options: Vec<u8>,
     window: u16,
     udp_checksum: bool,
+    /// The transport checksum left partial (the pseudo-header sum only), as a veth sender
+    /// with transmit offload hands it over.
+    partial_checksum: bool,
     payload: Vec<u8>,
     /// Padding up to the 60-byte Ethernet minimum, as a NIC delivers short frames; random
     /// bytes when Some(true), zeros when Some(false).
@@ -682,6 +687,9 @@ impl Spec {
         let mut frame = ethernet(self.dst_mac, self.src_mac, &self.vlan);
         frame.extend(self.ip_packet());
         refresh_checksums(&mut frame);
+        if self.partial_checksum {
+            make_partial(&mut frame);
+        }
         if let Some(random) = self.pad {
             while frame.len() < 60 {
                 frame.push(if random { rng.byte() } else { 0 });
@@ -1007,6 +1015,7 @@ impl Generator {
             tcp_options,
             window: rng.u16(),
             udp_checksum: rng.chance(80),
+            partial_checksum: rng.chance(20),
             payload: rng.bytes(payload_len),
             pad: match rng.below(10) {
                 0..=4 => Some(false),
@@ -1848,6 +1857,33 @@ fn l4_sum(frame: &[u8], packet: &Packet, zero_field: bool) -> Option<u16> {
     Some(wire_order(sum.ones_complement()))
 }
 
+/// Replaces a TCP or UDP checksum (not a UDP "none") with the pseudo-header sum.
+fn make_partial(frame: &mut [u8]) {
+    let Some(packet) = Packet::parse(frame) else {
+        return;
+    };
+    let check = packet.check_offset();
+    let is_ports = matches!(packet.layer4, Layer4::Ports { .. });
+    if !is_ports || (packet.protocol == protocol::UDP && frame[check..check + 2] == [0, 0]) {
+        return;
+    }
+    let sum = pseudo_header_sum(frame, &packet);
+    set_u16(frame, check, sum);
+}
+
+/// The folded pseudo-header sum (not complemented) of a TCP or UDP packet, its length from
+/// the IP header, as the field of a partial checksum holds it; in network order.
+fn pseudo_header_sum(frame: &[u8], packet: &Packet) -> u16 {
+    let l3 = packet.l3;
+    let len = packet.total_len.saturating_sub(packet.header_len) as u16;
+    let sum = Sum16BitWords::new()
+        .add_4bytes(frame[l3 + 12..l3 + 16].try_into().expect("4 bytes"))
+        .add_4bytes(frame[l3 + 16..l3 + 20].try_into().expect("4 bytes"))
+        .add_2bytes([0, packet.protocol])
+        .add_2bytes(len.to_be_bytes());
+    wire_order(!sum.ones_complement())
+}
+
 /// etherparse sums 16-bit words in the machine's byte order; this is the checksum as the
 /// header field reads in network order.
 fn wire_order(sum: u16) -> u16 {
@@ -2489,13 +2525,21 @@ fn check_checksums(
         }
     }
     if !(packet.protocol == protocol::UDP && check_in == 0) {
+        // A field holding the pseudo-header sum is a sender's partial checksum (veth transmit
+        // offload): the datapath completes it, so the output must be right whatever the input.
+        let partial = matches!(packet.layer4, Layer4::Ports { .. })
+            && check_in == pseudo_header_sum(input, packet);
         sums.push(Sums {
             what: match packet.protocol {
                 protocol::TCP => "TCP",
                 protocol::UDP => "UDP",
                 _ => "ICMP",
             },
-            before: l4_sum(input, packet, false),
+            before: if partial {
+                Some(0)
+            } else {
+                l4_sum(input, packet, false)
+            },
             after: l4_sum(output, packet, false),
             stored: check_out,
             right: l4_sum(output, packet, true),
