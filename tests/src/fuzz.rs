@@ -2922,7 +2922,10 @@ mod tests {
             }
             assert_eq!(residual(l4_sum(frame, &packet, false).expect("extent")), 0);
         }
-        assert!(partial > 50, "{partial} of 500 packets with a partial checksum");
+        assert!(
+            partial > 50,
+            "{partial} of 500 packets with a partial checksum"
+        );
     }
 
     #[test]
