@@ -28,6 +28,9 @@ pub const FLOW_TABLE_SIZE: u32 = 262_144;
 pub const FRAGMENT_TABLE_SIZE: u32 = 65_536;
 /// Words of the `PORTS` bitmap: one bit for each of the 65536 ports.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+/// The longest TCP or UDP segment (header and payload) whose partial checksum the datapath
+/// completes before XDP_TX or XDP_REDIRECT; a longer one goes to the kernel translated.
+pub const MAX_COMPLETED_SEGMENT: usize = 3327;
 /// Default entries of the shared scheduling table (`SCHEDULE`); `lb-user` sizes it at load.
 pub const SCHEDULE_SIZE: u32 = 1 << 20;
 
@@ -444,8 +447,15 @@ pub mod counter {
     /// tiny fragments; no real stack sends them): dropped.
     pub const DROP_FRAGMENT_TINY_FIRST: u32 = 37;
 
+    /// Transport checksums a sender left partial (a veth with transmit offload) that XDP
+    /// completed before XDP_TX or XDP_REDIRECT, which would otherwise lose them.
+    pub const CHECKSUM_COMPLETED: u32 = 38;
+    /// Translated packets with a partial checksum too long for XDP to complete: passed to the
+    /// kernel, which completes it on its forwarding path.
+    pub const PASS_CHECKSUM_NOT_COMPLETED: u32 = 39;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 40;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -487,6 +497,8 @@ pub mod counter {
         "drop_fragment_timed_out",
         "drop_fragment_backend_gone",
         "drop_fragment_tiny_first",
+        "checksum_completed",
+        "pass_checksum_not_completed",
     ];
 }
 

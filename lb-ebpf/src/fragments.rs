@@ -147,8 +147,9 @@ fn follow_ipv4(
         dst_port: [0; 2],
         total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
     };
+    // No transport header, so no checksum to complete.
     Ok(send_to_backend(
-        ctx, ethernet, &route, service_id, backend_id, &backend,
+        ctx, ethernet, &route, service_id, backend_id, &backend, None,
     ))
 }
 

@@ -18,6 +18,7 @@ mod fragments;
 mod headers;
 mod icmp;
 mod maps;
+mod partial;
 mod route;
 
 use aya_ebpf::{
@@ -41,6 +42,7 @@ use crate::{
         count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS,
         RR_CURSORS, SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
     },
+    partial::Partial,
     route::{Route, SendCounters},
 };
 
@@ -63,6 +65,9 @@ struct Transport {
     is_udp: bool,
     /// TCP flags (FIN, SYN, RST, ACK, ...); zero for UDP.
     tcp_flags: u8,
+    /// Where the header starts in the frame, and the segment's length (header and payload).
+    offset: usize,
+    segment_len: usize,
 }
 
 #[xdp]
@@ -153,7 +158,8 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         UDP_HEADER_LEN
     };
     let transport = if header_len + transport_len <= total_len {
-        transport_at(ctx, l3_offset + header_len, ip_protocol)
+        let segment_len = total_len - header_len;
+        transport_at(ctx, l3_offset + header_len, segment_len, ip_protocol)
     } else {
         None
     };
@@ -232,7 +238,12 @@ fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 
 
 /// Finds the TCP or UDP header at `offset`, or `None` if it is truncated.
 #[inline(always)]
-fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Transport> {
+fn transport_at(
+    ctx: &XdpContext,
+    offset: usize,
+    segment_len: usize,
+    ip_protocol: u8,
+) -> Option<Transport> {
     if ip_protocol == protocol::TCP {
         let tcp: *mut TcpHeader = ptr_at(ctx, offset)?;
         // SAFETY: only field addresses are taken here; ptr_at checked the whole header.
@@ -243,10 +254,21 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
                 check: &raw mut (*tcp).check,
                 is_udp: false,
                 tcp_flags: (*tcp).offset_flags[1],
+                offset,
+                segment_len,
             }
         });
     }
     let udp: *mut UdpHeader = ptr_at(ctx, offset)?;
+    // A UDP checksum covers the length its header states (the receiver trims IP payload past
+    // it as padding), so a partial one is completed over that. A length outside the packet
+    // leaves nothing to complete: 0 marks it (see `rewrite`).
+    let udp_len = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+    let segment_len = if udp_len >= UDP_HEADER_LEN && udp_len <= segment_len {
+        udp_len
+    } else {
+        0
+    };
     Some(unsafe {
         Transport {
             src_port: &raw mut (*udp).src_port,
@@ -254,6 +276,8 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
             check: &raw mut (*udp).check,
             is_udp: true,
             tcp_flags: 0,
+            offset,
+            segment_len,
         }
     })
 }
@@ -276,9 +300,20 @@ fn forward(
     }
 
     // SAFETY: ip and transport point into the bounds-checked packet.
-    unsafe {
-        rewrite(ip, transport, Side::Destination, ipv4_of(backend.addr), backend.port);
-    }
+    // A first fragment's checksum covers the whole datagram and is never partial (the kernel
+    // completes a checksum before it fragments); one that looks partial is a coincidence, and
+    // completing it over this fragment alone would break it.
+    let may_be_partial = first_fragment.is_none();
+    let partial = unsafe {
+        rewrite(
+            ip,
+            transport,
+            Side::Destination,
+            ipv4_of(backend.addr),
+            backend.port,
+            may_be_partial,
+        )
+    };
     let route = Route {
         src: tuple.src_addr,
         dst: ipv4_of(backend.addr),
@@ -288,12 +323,13 @@ fn forward(
         total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
     };
     Ok(send_to_backend(
-        ctx, ethernet, &route, service.id, backend_id, &backend,
+        ctx, ethernet, &route, service.id, backend_id, &backend, partial,
     ))
 }
 
 /// Counts a client packet translated towards `backend` and sends it there: through the
-/// kernel for a backend behind a bridge, else by `route::send`.
+/// kernel for a backend behind a bridge, else by `route::send`. `partial` is the translated
+/// packet's partial checksum, if it came with one (`rewrite`); later fragments have none.
 #[inline(always)]
 pub(crate) fn send_to_backend(
     ctx: &XdpContext,
@@ -302,6 +338,7 @@ pub(crate) fn send_to_backend(
     service_id: u32,
     backend_id: u32,
     backend: &Backend,
+    partial: Option<Partial>,
 ) -> Verdict {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     add_traffic(service_id, backend_id, |stats| {
@@ -309,20 +346,25 @@ pub(crate) fn send_to_backend(
         stats.bytes += frame_len;
     });
     if backend.flags & backend_flags::VIA_KERNEL != 0 {
-        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
+        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on (and
+        // completes a partial checksum, which `rewrite` left partial, on its way out).
         return Verdict::Pass(counter::PASS_KERNEL_FORWARD);
+    }
+    if let Some(pass) = partial.as_ref().and_then(|partial| partial.too_long()) {
+        return pass;
     }
     let counters = SendCounters {
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
-    route::send(
+    let verdict = route::send(
         ctx,
         ethernet,
         route,
         &counters,
         NEXT_HOPS.get_ptr_mut(backend_id),
-    )
+    );
+    settle_checksum(ctx, partial, verdict)
 }
 
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
@@ -339,15 +381,16 @@ fn reply(
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     note_reply_flags(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
-    unsafe {
+    let partial = unsafe {
         rewrite(
             ip,
             transport,
             Side::Source,
             nat.service_addr,
             nat.service_port,
-        );
-    }
+            true,
+        )
+    };
     add_traffic(nat.service_id, nat.backend_id, |stats| {
         stats.reply_packets += 1;
         stats.reply_bytes += frame_len;
@@ -365,7 +408,20 @@ fn reply(
         transmit: counter::REPLY_TX,
         redirect: counter::REPLY_REDIRECT,
     };
-    route::send(ctx, ethernet, &route, &counters, None)
+    if let Some(pass) = partial.and_then(|partial| partial.too_long()) {
+        return pass;
+    }
+    let verdict = route::send(ctx, ethernet, &route, &counters, None);
+    settle_checksum(ctx, partial, verdict)
+}
+
+/// Completes a partial transport checksum if the packet leaves XDP with it (see `partial`).
+#[inline(always)]
+fn settle_checksum(ctx: &XdpContext, partial: Option<Partial>, verdict: Verdict) -> Verdict {
+    match partial {
+        Some(partial) => partial.settle(ctx, verdict),
+        None => verdict,
+    }
 }
 
 const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
@@ -597,7 +653,8 @@ enum Side {
 }
 
 /// Replaces one side's address and port, updating the IP and transport checksums
-/// incrementally.
+/// incrementally. A transport checksum that is a sender's partial sum (see `partial`) becomes
+/// the partial sum of the new pseudo-header instead, and is returned for completion.
 ///
 /// # Safety
 /// `ip` and the transport pointers must point into the packet, bounds-checked.
@@ -608,7 +665,19 @@ unsafe fn rewrite(
     side: Side,
     addr: [u8; 4],
     port: [u8; 2],
-) {
+    may_be_partial: bool,
+) -> Option<Partial> {
+    let ip_protocol = if transport.is_udp {
+        protocol::UDP
+    } else {
+        protocol::TCP
+    };
+    let segment_len = transport.segment_len as u32;
+    let arrived = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    let partial = may_be_partial
+        && transport.segment_len != 0
+        && checksum::is_partial(*transport.check, arrived);
+
     let (addr_field, port_field) = match side {
         Side::Source => (&raw mut (*ip).src, transport.src_port),
         Side::Destination => (&raw mut (*ip).dst, transport.dst_port),
@@ -628,6 +697,17 @@ unsafe fn rewrite(
     };
     *addr_field = addr;
     *port_field = port;
+    if !partial {
+        return None;
+    }
+    // The port is not in the pseudo-header: only the addresses move a partial sum.
+    *transport.check = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    Some(Partial {
+        segment_offset: transport.offset,
+        segment_len: transport.segment_len,
+        check_offset: transport.offset + if transport.is_udp { 6 } else { 16 },
+        is_udp: transport.is_udp,
+    })
 }
 
 /// Applies `update` to this CPU's counters of the service and of the backend.

@@ -56,8 +56,15 @@ struct Daemon {
     /// Health checker per backend id.
     checkers: HashMap<u32, JoinHandle<()>>,
     events: mpsc::Sender<HealthEvent>,
-    /// Redirect targets that could not take redirects at the last check (warned about once).
+    /// Redirect targets that could not take redirects at the last check (warned about once);
+    /// the backends routed through them are reached through the kernel meanwhile.
     unready_targets: BTreeSet<String>,
+    /// Backends behind a bridge: always reached through the kernel.
+    bridge_paths: BTreeSet<Ipv4Addr>,
+    /// The backend addresses routed through each interface, and their names for messages, as
+    /// the routing table said last.
+    addresses_via: HashMap<String, BTreeSet<Ipv4Addr>>,
+    backends_via: HashMap<String, Vec<String>>,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -86,6 +93,7 @@ pub async fn run(options: Options) -> Result<()> {
         flow_table_size: config.flows.table_size,
         fragment_table_size: config.fragments.table_size,
         schedule_size,
+        generic_xdp: options.mode == XdpMode::Skb,
     };
     let mut dataplane =
         XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
@@ -142,6 +150,9 @@ pub async fn run(options: Options) -> Result<()> {
         checkers: HashMap::new(),
         events,
         unready_targets: BTreeSet::new(),
+        bridge_paths: paths.kernel_paths.clone(),
+        addresses_via: paths.addresses_via.clone(),
+        backends_via: paths.backends_via.clone(),
     };
     daemon.restart_checkers(&HashMap::new());
 
@@ -210,7 +221,11 @@ impl Daemon {
         let backends: usize = self.config.services.iter().map(|s| s.backends.len()).sum();
         // Each route lookup runs `ip`; past a few dozen backends, only watch what is attached.
         let routes = if backends <= MAX_ROUTE_CHECKS {
-            paths_for(&self.public_interface, &self.config).map(|paths| paths.xdp_interfaces)
+            paths_for(&self.public_interface, &self.config).map(|paths| {
+                self.addresses_via = paths.addresses_via;
+                self.backends_via = paths.backends_via;
+                paths.xdp_interfaces
+            })
         } else {
             Ok(self.dataplane.attached_interfaces())
         };
@@ -227,14 +242,52 @@ impl Daemon {
         }
         if self.mode == XdpMode::Driver {
             let unready: BTreeSet<String> = unready_redirect_targets(&wanted).into_iter().collect();
-            for interface in unready.difference(&self.unready_targets) {
-                tracing::warn!("{}", redirect_advice(interface, &HashMap::new()));
-            }
-            for interface in self.unready_targets.difference(&unready) {
-                tracing::info!("interface {interface} takes XDP redirects again");
-            }
-            self.unready_targets = unready;
+            self.follow_redirect_readiness(unready);
         }
+    }
+
+    /// Moves the backends routed through interfaces that cannot take XDP redirects now to the
+    /// kernel's forwarding (XDP translates and passes; their replies still come back through
+    /// XDP), and back once they can: XDP_REDIRECT into such an interface would lose every
+    /// frame without a trace. Logs each change once. The public interface cannot be helped
+    /// this way (replies are redirected into it): it only gets the warning.
+    fn follow_redirect_readiness(&mut self, unready: BTreeSet<String>) {
+        let kernel_paths: BTreeSet<Ipv4Addr> = unready
+            .iter()
+            .filter_map(|interface| self.addresses_via.get(interface))
+            .flatten()
+            .chain(&self.bridge_paths)
+            .copied()
+            .collect();
+        if let Err(error) = self
+            .table
+            .update_kernel_paths(kernel_paths, &mut self.dataplane)
+        {
+            tracing::error!("switching backends between XDP_REDIRECT and the kernel: {error}");
+        }
+        for interface in unready.difference(&self.unready_targets) {
+            match self.backends_via.get(interface) {
+                Some(backends) => tracing::warn!(
+                    "interface {interface} cannot take XDP redirects now (the kernel reports no \
+                     ndo-xmit among its XDP features): backends {} are reached through the \
+                     kernel's forwarding until it can. To redirect again, give its peer GRO \
+                     (`ethtool -K eth0 gro on` there, after the link is up) or an XDP program",
+                    backends.join(", ")
+                ),
+                None => tracing::warn!("{}", redirect_advice(interface, &self.backends_via)),
+            }
+        }
+        for interface in self.unready_targets.difference(&unready) {
+            match self.backends_via.get(interface) {
+                Some(backends) => tracing::info!(
+                    "interface {interface} takes XDP redirects again: backends {} are \
+                     redirected again",
+                    backends.join(", ")
+                ),
+                None => tracing::info!("interface {interface} takes XDP redirects again"),
+            }
+        }
+        self.unready_targets = unready;
     }
 
     fn handle(&mut self, request: Request) -> Response {
@@ -312,7 +365,16 @@ impl Daemon {
         if !paths.kernel_paths.is_empty() {
             attach_egress(&mut self.dataplane, &self.public_interface, &paths)?;
         }
-        self.table.set_kernel_paths(paths.kernel_paths);
+        // Backends behind unready interfaces stay on the kernel path; the reconcile below
+        // re-checks them.
+        let mut kernel_paths = paths.kernel_paths.clone();
+        for interface in &self.unready_targets {
+            kernel_paths.extend(paths.addresses_via.get(interface).into_iter().flatten());
+        }
+        self.table.set_kernel_paths(kernel_paths);
+        self.bridge_paths = paths.kernel_paths;
+        self.addresses_via = paths.addresses_via;
+        self.backends_via = paths.backends_via;
         let previous: HashMap<u32, bool> = self
             .table
             .services
@@ -497,6 +559,8 @@ struct Paths {
     kernel_paths: BTreeSet<Ipv4Addr>,
     /// The backends routed through each device, for messages about that device.
     backends_via: HashMap<String, Vec<String>>,
+    /// The backend addresses routed through each device that is not a bridge.
+    addresses_via: HashMap<String, BTreeSet<Ipv4Addr>>,
 }
 
 fn paths_for(public: &str, config: &Config) -> Result<Paths> {
@@ -507,6 +571,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
         bridges: Vec::new(),
         kernel_paths: BTreeSet::new(),
         backends_via: HashMap::new(),
+        addresses_via: HashMap::new(),
     };
     for service in &config.services {
         for backend in &service.backends {
@@ -528,8 +593,15 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
                 if !paths.bridges.contains(&device) {
                     paths.bridges.push(device);
                 }
-            } else if !paths.xdp_interfaces.contains(&device) {
-                paths.xdp_interfaces.push(device);
+            } else {
+                paths
+                    .addresses_via
+                    .entry(device.clone())
+                    .or_default()
+                    .insert(*backend.addr.ip());
+                if !paths.xdp_interfaces.contains(&device) {
+                    paths.xdp_interfaces.push(device);
+                }
             }
         }
     }

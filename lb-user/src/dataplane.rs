@@ -33,6 +33,10 @@ pub struct LoadOptions {
     pub fragment_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
     pub schedule_size: u32,
+    /// The program will be attached in generic (skb) mode, where the sk_buff and its checksum
+    /// state survive XDP_TX and XDP_REDIRECT: partial checksums are then left for the kernel
+    /// to complete instead of being completed in XDP (see lb-ebpf's `partial.rs`).
+    pub generic_xdp: bool,
 }
 
 impl Default for LoadOptions {
@@ -41,6 +45,7 @@ impl Default for LoadOptions {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
             fragment_table_size: lb_common::FRAGMENT_TABLE_SIZE,
             schedule_size: lb_common::SCHEDULE_SIZE,
+            generic_xdp: false,
         }
     }
 }
@@ -153,6 +158,7 @@ impl XdpDataplane {
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
             .map_max_entries("FRAGMENTS", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
+            .override_global("GENERIC_XDP", &u8::from(options.generic_xdp), true)
             .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
         if let Err(error) = program.load() {

@@ -179,6 +179,29 @@ impl ServiceTable {
         self.kernel_paths = addresses;
     }
 
+    /// Like [`Self::set_kernel_paths`] on a running datapath: also writes every backend whose
+    /// path changed. Returns those backends ("ADDRESS:PORT of SERVICE"), for the log; on an
+    /// error, the backends written before it keep their new path.
+    pub fn update_kernel_paths(
+        &mut self,
+        addresses: BTreeSet<std::net::Ipv4Addr>,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<Vec<String>, DataplaneError> {
+        let mut changed = Vec::new();
+        for service in &mut self.services {
+            for backend in &mut service.backends {
+                let via_kernel = addresses.contains(backend.addr.ip());
+                if backend.via_kernel != via_kernel {
+                    backend.via_kernel = via_kernel;
+                    dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
+                    changed.push(format!("{} of {}", backend.addr, service.config.name));
+                }
+            }
+        }
+        self.kernel_paths = addresses;
+        Ok(changed)
+    }
+
     /// Writes the settings, every backend, service and VIP address to a freshly loaded
     /// datapath.
     pub fn install(&mut self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
@@ -900,6 +923,44 @@ mod tests {
         assert!(
             matches!(error, Err(TableError::NoSuchService(_))),
             "{error:?}"
+        );
+    }
+
+    #[test]
+    fn kernel_paths_change_only_the_backends_that_move() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        all_up(&mut table, &mut dataplane);
+        let first = table.services[0].backends[0].clone();
+        let moved = BTreeSet::from([*first.addr.ip()]);
+        let changed = table
+            .update_kernel_paths(moved.clone(), &mut dataplane)
+            .expect("update");
+        let dns_backend = table.services[1].backends[0].addr;
+        assert_eq!(
+            changed,
+            [
+                format!("{} of web", first.addr),
+                format!("{dns_backend} of dns")
+            ],
+            "every service's backend at that address moves"
+        );
+        let written = dataplane.backends[&first.id];
+        assert_eq!(
+            written.flags & backend_flags::VIA_KERNEL,
+            backend_flags::VIA_KERNEL
+        );
+        assert_eq!(written.state, backend_state::UP, "health is kept");
+        let again = table
+            .update_kernel_paths(moved, &mut dataplane)
+            .expect("update");
+        assert!(again.is_empty(), "nothing moves twice: {again:?}");
+        let back = table
+            .update_kernel_paths(BTreeSet::new(), &mut dataplane)
+            .expect("update");
+        assert_eq!(back.len(), 2);
+        assert_eq!(
+            dataplane.backends[&first.id].flags & backend_flags::VIA_KERNEL,
+            0
         );
     }
 

@@ -24,7 +24,9 @@
 //!   but the MAC addresses (the next hop's), those addresses and ports, and checksums differ
 //!   from the input, and TX means the egress interface is the ingress one;
 //! - the checksums of a translated packet, recomputed from scratch with etherparse, are valid
-//!   when the input's were, and otherwise exactly as wrong as the input's: the datapath updates
+//!   when the input's were or when its transport checksum field held the pseudo-header sum (a
+//!   veth sender's partial checksum, which the datapath completes; a fifth of the valid client
+//!   packets carry one), and otherwise exactly as wrong as the input's: the datapath updates
 //!   checksums incrementally and does not verify them, so a corrupted packet reaches its
 //!   receiver, which drops it (as the kernel's own NAT does); an IPv4 UDP checksum of 0 stays 0
 //!   and no other becomes 0;
@@ -41,7 +43,7 @@
 //! dropped when it comes first for any other service.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt::{self, Write as _},
     io::Write as _,
     process::{Command, Stdio},
@@ -705,6 +707,9 @@ struct Spec {
     tcp_options: Vec<u8>,
     window: u16,
     udp_checksum: bool,
+    /// The transport checksum left partial (the pseudo-header sum only), as a veth sender
+    /// with transmit offload hands it over.
+    partial_checksum: bool,
     payload: Vec<u8>,
     /// Padding up to the 60-byte Ethernet minimum, as a NIC delivers short frames; random
     /// bytes when Some(true), zeros when Some(false).
@@ -716,6 +721,9 @@ impl Spec {
         let mut frame = ethernet(self.dst_mac, self.src_mac, &self.vlan);
         frame.extend(self.ip_packet());
         refresh_checksums(&mut frame);
+        if self.partial_checksum {
+            make_partial(&mut frame);
+        }
         if let Some(random) = self.pad {
             while frame.len() < 60 {
                 frame.push(if random { rng.byte() } else { 0 });
@@ -782,11 +790,12 @@ struct Generator {
     conversations: Vec<Tuple>,
     /// Cases made ahead (a truncation sweep).
     queued: VecDeque<Case>,
-    /// (source, destination, protocol, IP ID) of every fragmented datagram made so far. The
-    /// datapath tracks fragments by this key, so a datagram reusing one within the timeout is
-    /// indistinguishable from the earlier one (a later fragment arriving first would follow
-    /// it); real senders do not reuse an ID that soon, and neither does the generator.
-    fragment_keys: HashSet<([u8; 4], [u8; 4], u8, u16)>,
+    /// The next IP ID per (source, destination, protocol), counted up from a random start as
+    /// real stacks do. The datapath tracks fragments by (source, destination, protocol, ID),
+    /// so a datagram reusing a key within the timeout is indistinguishable from the earlier one
+    /// (a later fragment arriving first would follow it); a counter reuses one only after
+    /// 65536 packets of the same triple, far more than a run sends within the timeout.
+    ip_ids: HashMap<([u8; 4], [u8; 4], u8), u16>,
 }
 
 impl Generator {
@@ -795,7 +804,7 @@ impl Generator {
             rng: Rng(seed),
             conversations: Vec::new(),
             queued: VecDeque::new(),
-            fragment_keys: HashSet::new(),
+            ip_ids: HashMap::new(),
         }
     }
 
@@ -858,12 +867,6 @@ impl Generator {
         let mut spec = self.spec(tuple, neighbour_mac(tuple.src), PUB_MAC, flags);
         spec.dont_fragment = false;
         spec.pad = None;
-        while !self
-            .fragment_keys
-            .insert((tuple.src, tuple.dst, tuple.protocol, spec.id))
-        {
-            spec.id = self.rng.u16();
-        }
         if spec.payload.len() < 16 {
             let len = 16 + self.rng.below(512);
             spec.payload = self.rng.bytes(len);
@@ -1079,6 +1082,14 @@ impl Generator {
             8
         };
         let headers = 20 + ip_options.len() + transport_len;
+        // The next IP ID of the (source, destination, protocol), as a real stack counts: see
+        // `ip_ids`.
+        let next_id = self
+            .ip_ids
+            .entry((tuple.src, tuple.dst, tuple.protocol))
+            .or_insert_with(|| rng.u16());
+        let id = *next_id;
+        *next_id = id.wrapping_add(1);
         let payload_len = match rng.below(10) {
             0..=4 => 0,
             5..=7 => 1 + rng.below(64),
@@ -1093,7 +1104,7 @@ impl Generator {
             ip_options,
             tos: if rng.chance(80) { 0 } else { rng.byte() },
             ttl: if rng.chance(80) { 64 } else { rng.byte() },
-            id: rng.u16(),
+            id,
             dont_fragment: rng.chance(50),
             seq: rng.next() as u32,
             ack: if flags & TCP_ACK != 0 {
@@ -1105,6 +1116,7 @@ impl Generator {
             tcp_options,
             window: rng.u16(),
             udp_checksum: rng.chance(80),
+            partial_checksum: rng.chance(20),
             payload: rng.bytes(payload_len),
             pad: match rng.below(10) {
                 0..=4 => Some(false),
@@ -2008,6 +2020,44 @@ fn l4_sum(frame: &[u8], packet: &Packet, zero_field: bool) -> Option<u16> {
     Some(wire_order(sum.ones_complement()))
 }
 
+/// Replaces a TCP or UDP checksum (not a UDP "none") with the pseudo-header sum.
+fn make_partial(frame: &mut [u8]) {
+    let Some(packet) = Packet::parse(frame) else {
+        return;
+    };
+    let check = packet.check_offset();
+    let is_ports = matches!(packet.layer4, Layer4::Ports { .. });
+    if !is_ports || (packet.protocol == protocol::UDP && frame[check..check + 2] == [0, 0]) {
+        return;
+    }
+    if let Some(sum) = pseudo_header_sum(frame, &packet) {
+        set_u16(frame, check, sum);
+    }
+}
+
+/// The folded pseudo-header sum (not complemented) of a TCP or UDP packet, its length from
+/// the IP header, as the field of a partial checksum holds it; in network order.
+fn pseudo_header_sum(frame: &[u8], packet: &Packet) -> Option<u16> {
+    let l3 = packet.l3;
+    let mut len = packet.total_len.saturating_sub(packet.header_len) as u16;
+    if packet.protocol == protocol::UDP {
+        // UDP: the length the header states, if it lies inside the packet (else the datapath
+        // has no segment to complete and never takes the checksum for a partial one).
+        let l4 = l3 + packet.header_len;
+        let udp_len = u16::from_be_bytes(frame.get(l4 + 4..l4 + 6)?.try_into().ok()?);
+        if udp_len < 8 || udp_len > len {
+            return None;
+        }
+        len = udp_len;
+    }
+    let sum = Sum16BitWords::new()
+        .add_4bytes(frame[l3 + 12..l3 + 16].try_into().expect("4 bytes"))
+        .add_4bytes(frame[l3 + 16..l3 + 20].try_into().expect("4 bytes"))
+        .add_2bytes([0, packet.protocol])
+        .add_2bytes(len.to_be_bytes());
+    Some(wire_order(!sum.ones_complement()))
+}
+
 /// etherparse sums 16-bit words in the machine's byte order; this is the checksum as the
 /// header field reads in network order.
 fn wire_order(sum: u16) -> u16 {
@@ -2759,13 +2809,24 @@ fn check_checksums(
         }
     }
     if has_transport_header && !(packet.protocol == protocol::UDP && check_in == 0) {
+        // A field holding the pseudo-header sum is a sender's partial checksum (veth transmit
+        // offload): the datapath completes it, so the output must be right whatever the input.
+        // Not a first fragment: its checksum covers the whole datagram, and the datapath never
+        // takes it for a partial one.
+        let partial = matches!(packet.layer4, Layer4::Ports { .. })
+            && packet.fragment & 0x3fff == 0
+            && pseudo_header_sum(input, packet) == Some(check_in);
         sums.push(Sums {
             what: match packet.protocol {
                 protocol::TCP => "TCP",
                 protocol::UDP => "UDP",
                 _ => "ICMP",
             },
-            before: l4_sum(input, packet, false),
+            before: if partial {
+                Some(0)
+            } else {
+                l4_sum(input, packet, false)
+            },
             after: l4_sum(output, packet, false),
             stored: check_out,
             right: l4_sum(output, packet, true),
@@ -3113,6 +3174,7 @@ mod tests {
     fn generated_valid_packets_have_the_checksums_etherparse_computes() {
         let world = World::new();
         let mut generator = Generator::new(1);
+        let mut partial = 0;
         for _ in 0..500 {
             let case = generator.client(&world);
             let frame = &case.frame;
@@ -3124,6 +3186,12 @@ mod tests {
             let end = l3 + usize::from(ip.total_len);
             let packet = Packet::parse(frame).expect("parses");
             assert!(packet.malformation(frame.len()).is_none(), "{what}");
+            let check = packet.check_offset();
+            let stored = u16::from_be_bytes([frame[check], frame[check + 1]]);
+            if pseudo_header_sum(frame, &packet) == Some(stored) {
+                partial += 1; // a veth sender's partial checksum, as generated on purpose
+                continue;
+            }
             if ip.protocol == etherparse::IpNumber::TCP {
                 let (tcp, _) = TcpHeader::from_slice(&frame[l4..end]).expect("TCP");
                 let payload = &frame[l4 + tcp.header_len()..end];
@@ -3141,6 +3209,10 @@ mod tests {
             }
             assert_eq!(residual(l4_sum(frame, &packet, false).expect("extent")), 0);
         }
+        assert!(
+            partial > 50,
+            "{partial} of 500 packets with a partial checksum"
+        );
     }
 
     #[test]

@@ -68,9 +68,15 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     /// Writes `config`, starts lb-user and waits (bounded) until its control socket answers.
     pub fn start(netns: &Netns, config: &str) -> anyhow::Result<Self> {
+        Self::start_in_mode(netns, config, None)
+    }
+
+    /// [`LoadBalancer::start`] with `--xdp-mode MODE` (`native`, `skb`), whatever
+    /// `LB_XDP_MODE` says; `None` leaves it to `LB_XDP_MODE`.
+    pub fn start_in_mode(netns: &Netns, config: &str, mode: Option<&str>) -> anyhow::Result<Self> {
         let binary = lb_user_binary()?;
         let dir = TempDir::new(&format!("{}-lb", unique_name()))?;
-        let mut command = launch_command(netns.name(), &binary, dir.path(), config)?;
+        let mut command = launch_command(netns.name(), &binary, dir.path(), config, mode)?;
         let process = ChildProcess::spawn("lb-user", &mut command)?;
         let mut lb = Self {
             netns: netns.name().clone(),
@@ -93,7 +99,7 @@ impl LoadBalancer {
     ) -> anyhow::Result<(ExitStatus, String)> {
         let binary = lb_user_binary()?;
         let dir = TempDir::new(&format!("{}-lb", unique_name()))?;
-        let mut command = launch_command(netns.name(), &binary, dir.path(), config)?;
+        let mut command = launch_command(netns.name(), &binary, dir.path(), config, None)?;
         let mut process = ChildProcess::spawn("lb-user", &mut command)?;
         let status = process.wait_exit(timeout)?;
         let log =
@@ -310,6 +316,7 @@ fn launch_command(
     binary: &Path,
     dir: &Path,
     config: &str,
+    mode: Option<&str>,
 ) -> anyhow::Result<Command> {
     let config_path = dir.join("lb.toml");
     fs::write(&config_path, config)
@@ -329,7 +336,9 @@ fn launch_command(
         .stdin(Stdio::null())
         .stdout(log_for_stdout)
         .stderr(log);
-    if let Some(mode) = std::env::var_os("LB_XDP_MODE") {
+    if let Some(mode) = mode {
+        command.arg("--xdp-mode").arg(mode);
+    } else if let Some(mode) = std::env::var_os("LB_XDP_MODE") {
         command.arg("--xdp-mode").arg(mode);
     }
     eprintln!("testbed: {}", command_line(&command));

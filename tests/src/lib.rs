@@ -29,7 +29,8 @@ pub use netns::{Netns, NetnsName};
 pub use nginx::Nginx;
 pub use process::{pid_alive, unique_name, CommandError};
 pub use topology::{
-    Backend, Layout, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SERVICE_PORT, SSH_PORT, VIP,
+    Backend, Layout, Offloads, PeerState, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SERVICE_PORT,
+    SSH_PORT, VIP,
 };
 pub use udp_echo::UdpEcho;
 

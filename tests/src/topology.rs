@@ -32,18 +32,20 @@
 //! Every backend's default route points at the load balancer (through the router, when there
 //! is one), so its replies come back through it; lb-user asks for nothing else of the backends.
 //!
-//! Offloads, set only where a veth stands in for something a physical wire does differently:
+//! Offloads (see [`Offloads`]), set only where a veth stands in for something a physical wire
+//! does differently:
 //!
-//! - Transmit checksum offload goes off on the device whose frames XDP receives, so that XDP
-//!   sees complete checksums as it would from a wire (a veth otherwise hands over the
-//!   pseudo-header sum only, which nothing completes after XDP_REDIRECT or XDP_TX; issue 5).
-//!   That is the client's `eth0` (point to point, bridge, routed), the router's `eth0`
-//!   (routed), the switch's `to-lb` (one-armed), and the backends' `eth0` only point to point.
-//!   A partial checksum survives forwarding over veths and bridges, so in the routed and
-//!   one-armed layouts it is the last hop before XDP that must complete it, not the backend.
+//! - Transmit checksum offload stays on, the kernel's default, as in containers: the senders'
+//!   frames reach XDP with partial checksums (the pseudo-header sum only), which the datapath
+//!   completes (issue 5). [`Offloads::sender_tx_checksum`] off turns it off on the devices
+//!   whose frames XDP receives, so that XDP sees complete checksums as from a wire: the
+//!   client's `eth0` (point to point, bridge, routed), the router's `eth0` (routed), the
+//!   switch's `to-lb` (one-armed), and the backends' `eth0` only point to point. A partial
+//!   checksum survives forwarding over veths and bridges, so in the routed and one-armed
+//!   layouts it is the last hop before XDP that sends it, not the backend.
 //! - A veth that XDP_REDIRECT sends into needs GRO (or an XDP program) on its peer: the
 //!   client's `eth0` (point to point, routed), the router's `eth0` (routed), the backends'
-//!   `eth0` (point to point).
+//!   `eth0` (point to point; [`Offloads::backend_peer`] picks which, or neither).
 //! - A veth that XDP_TX sends out of needs an XDP program on its peer; GRO is not enough (see
 //!   [`crate::xdp_pass`]): the switch's `to-lb` (one-armed) carries an XDP_PASS program.
 //! - Bridge: nothing. XDP translates the client's packets and hands them to the kernel, which
@@ -99,6 +101,38 @@ const ONE_ARMED_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 40, 1);
 /// The switch's port towards the load balancer (one-armed).
 const SWITCH_LB_PORT: &str = "to-lb";
 
+/// How the testbed sets the veths that hand frames to XDP and take frames from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    /// Transmit checksum offload on the senders whose frames XDP receives: on (the kernel's
+    /// default) they send partial checksums, off complete ones.
+    pub sender_tx_checksum: bool,
+    /// What lets the point-to-point backends' `eth0` receive redirected frames.
+    pub backend_peer: PeerState,
+}
+
+impl Default for Offloads {
+    /// Senders as the kernel leaves them, backends' ends with GRO.
+    fn default() -> Self {
+        Self {
+            sender_tx_checksum: true,
+            backend_peer: PeerState::Gro,
+        }
+    }
+}
+
+/// The state of a veth end that XDP_REDIRECT sends into from the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// GRO on, no XDP program.
+    Gro,
+    /// An XDP_PASS program ([`crate::xdp_pass`]), GRO off.
+    XdpProgram,
+    /// Neither: the kernel reports no ndo-xmit for the other end, and redirects into it are
+    /// lost.
+    Neither,
+}
+
 /// How the load balancer reaches its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -145,6 +179,8 @@ pub struct Backend {
     /// The namespace [`Backend::peer`] is in.
     pub peer_netns: NetnsName,
     number: u8,
+    /// The XDP_PASS program on its `eth0` ([`PeerState::XdpProgram`], point to point).
+    program: Option<XdpPass>,
 }
 
 /// The namespaces and links of one topology; deleting it deletes them all.
@@ -162,6 +198,7 @@ pub struct Topology {
     switch_port_program: Option<XdpPass>,
     /// The unique prefix of every namespace name, for backends added later.
     prefix: String,
+    offloads: Offloads,
 }
 
 impl Topology {
@@ -187,8 +224,14 @@ impl Topology {
     }
 
     /// Builds `layout` with two backends in freshly named namespaces (`lbt<pid>x<n>c`, `...l`,
-    /// `...r`, `...s`, `...b1`). On error, whatever was already built is deleted.
+    /// `...r`, `...s`, `...b1`), with the default [`Offloads`]. On error, whatever was already
+    /// built is deleted.
     pub fn build(layout: Layout) -> anyhow::Result<Self> {
+        Self::build_with(layout, Offloads::default())
+    }
+
+    /// [`Topology::build`] with the given offloads.
+    pub fn build_with(layout: Layout, offloads: Offloads) -> anyhow::Result<Self> {
         let prefix = unique_name();
         let client = Netns::create(&format!("{prefix}c"))?;
         let lb = Netns::create(&format!("{prefix}l"))?;
@@ -209,6 +252,7 @@ impl Topology {
             backends: Vec::new(),
             switch_port_program: None,
             prefix,
+            offloads,
         };
         topology
             .connect_client()
@@ -252,7 +296,7 @@ impl Topology {
                 .ip(["address", "add", &gateway, "dev", PUBLIC_INTERFACE])?;
             self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
             // XDP on lbpub sees whatever to-lb transmits, and XDP_TX sends back into it.
-            ethtool(&switch, SWITCH_LB_PORT, &["tx", "off"])?;
+            ethtool(&switch, SWITCH_LB_PORT, &self.sender_settings(&[]))?;
             self.switch_port_program = Some(XdpPass::attach(&switch, SWITCH_LB_PORT)?);
             return Ok(());
         }
@@ -264,11 +308,21 @@ impl Topology {
         self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
         self.configure_client()?;
         // Replies are redirected into lbpub unless they leave through the kernel (bridge).
-        let offloads: &[&str] = match self.layout {
-            Layout::Bridge => &["tx", "off"],
-            _ => &["gro", "on", "tx", "off"],
+        let gro: &[&str] = match self.layout {
+            Layout::Bridge => &[],
+            _ => &["gro", "on"],
         };
-        ethtool(self.client.name(), "eth0", offloads)
+        ethtool(self.client.name(), "eth0", &self.sender_settings(gro))
+    }
+
+    /// `settings` for a veth whose frames XDP receives, with transmit checksum offload off if
+    /// the offloads say so.
+    fn sender_settings<'a>(&self, settings: &[&'a str]) -> Vec<&'a str> {
+        let mut settings = settings.to_vec();
+        if !self.offloads.sender_tx_checksum {
+            settings.extend(["tx", "off"]);
+        }
+        settings
     }
 
     fn configure_client(&self) -> anyhow::Result<()> {
@@ -318,7 +372,7 @@ impl Topology {
                 router.ip(["address", "add", &router_side, "dev", "eth0"])?;
                 router.ip(["link", "set", "eth0", "up"])?;
                 // Forwards are redirected into lbr0; XDP on lbr0 sees what eth0 transmits.
-                ethtool(router.name(), "eth0", &["gro", "on", "tx", "off"])?;
+                ethtool(router.name(), "eth0", &self.sender_settings(&["gro", "on"]))?;
                 router.ip(["link", "add", BRIDGE, "type", "bridge"])?;
                 let gateway = format!("{ROUTER_GATEWAY}/24");
                 router.ip(["address", "add", &gateway, "dev", BRIDGE])?;
@@ -364,7 +418,7 @@ impl Topology {
     fn connect_backend(&self, number: u8) -> anyhow::Result<Backend> {
         let netns = Netns::create(&format!("{}b{number}", self.prefix))?;
         let plan = self.plan(number)?;
-        self.link_backend(&netns, &plan)?;
+        let program = self.link_backend(&netns, &plan)?;
         Ok(Backend {
             name: format!("backend{number}"),
             netns,
@@ -374,6 +428,7 @@ impl Topology {
             peer: plan.peer,
             peer_netns: plan.peer_netns,
             number,
+            program,
         })
     }
 
@@ -416,8 +471,9 @@ impl Topology {
         Ok(plan)
     }
 
-    /// Creates the backend's `eth0` and its peer, and configures both ends.
-    fn link_backend(&self, netns: &Netns, plan: &BackendPlan) -> anyhow::Result<()> {
+    /// Creates the backend's `eth0` and its peer, and configures both ends; returns the XDP
+    /// program put on `eth0`, if the offloads ask for one.
+    fn link_backend(&self, netns: &Netns, plan: &BackendPlan) -> anyhow::Result<Option<XdpPass>> {
         let mac = (self.layout == Layout::Bridge).then(|| docker_mac(plan.address));
         netns.ip(veth_pair(
             "eth0",
@@ -440,25 +496,60 @@ impl Topology {
         netns.ip(["address", "add", &address, "dev", "eth0"])?;
         netns.ip(["link", "set", "eth0", "up"])?;
         netns.ip(["route", "add", "default", "via", &plan.gateway.to_string()])?;
-        if self.layout == Layout::PointToPoint {
-            // XDP redirects into lbbN, and sees what eth0 transmits.
-            ethtool(netns.name(), "eth0", &["gro", "on", "tx", "off"])?;
+        if self.layout != Layout::PointToPoint {
+            return Ok(None);
         }
-        Ok(())
+        // XDP redirects into lbbN, and sees what eth0 transmits.
+        let gro = match self.offloads.backend_peer {
+            PeerState::Gro => "on",
+            PeerState::XdpProgram | PeerState::Neither => "off",
+        };
+        ethtool(netns.name(), "eth0", &self.sender_settings(&["gro", gro]))?;
+        match self.offloads.backend_peer {
+            PeerState::XdpProgram => Ok(Some(XdpPass::attach(netns.name(), "eth0")?)),
+            PeerState::Gro | PeerState::Neither => Ok(None),
+        }
+    }
+
+    /// Turns GRO on or off on a point-to-point backend's `eth0`, at run time: off (and without
+    /// an XDP program) its peer in the lb namespace can no longer take XDP redirects.
+    pub fn set_backend_gro(&self, name: &str, on: bool) -> anyhow::Result<()> {
+        let backend = self.backend(name)?;
+        let state = if on { "on" } else { "off" };
+        ethtool(backend.netns.name(), "eth0", &["gro", state])
+    }
+
+    /// The kernel's count of TCP and UDP datagrams dropped for a bad checksum in `netns`
+    /// (`InCsumErrors` of /proc/net/snmp): (TCP, UDP).
+    pub fn checksum_errors(netns: &Netns) -> anyhow::Result<(u64, u64)> {
+        let snmp = netns.exec(["cat", "/proc/net/snmp"])?;
+        Ok((
+            snmp_value(&snmp, "Tcp:", "InCsumErrors")?,
+            snmp_value(&snmp, "Udp:", "InCsumErrors")?,
+        ))
     }
 
     /// Deletes the backend's link and creates it again, as a container restart does with its
     /// veth: the peer goes away with `eth0` and comes back under the same name (and, on the
     /// bridge, the same MAC address, as Docker's are).
-    pub fn restart_backend_link(&self, name: &str) -> anyhow::Result<()> {
+    pub fn restart_backend_link(&mut self, name: &str) -> anyhow::Result<()> {
         let backend = self.backend(name)?;
         backend
             .peer_netns
             .ip(["link", "delete", &backend.peer])
             .with_context(|| format!("deleting {}'s link", backend.name))?;
         let plan = self.plan(backend.number)?;
-        self.link_backend(&backend.netns, &plan)
-            .with_context(|| format!("recreating {}'s link", backend.name))
+        let program = self
+            .link_backend(&backend.netns, &plan)
+            .with_context(|| format!("recreating {}'s link", backend.name))?;
+        if let Some(backend) = self
+            .backends
+            .iter_mut()
+            .find(|backend| backend.name == name)
+        {
+            backend.program = program;
+        }
+        Ok(())
     }
 
     fn enable_forwarding(&self) -> anyhow::Result<()> {
@@ -665,11 +756,32 @@ fn docker_mac(address: Ipv4Addr) -> String {
     format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
+/// The value of `field` in the `table` ("Tcp:", "Udp:") of /proc/net/snmp's text: a header
+/// line of names, then a line of values.
+fn snmp_value(snmp: &str, table: &str, field: &str) -> anyhow::Result<u64> {
+    let mut lines = snmp.lines().filter(|line| line.starts_with(table));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {table} table in /proc/net/snmp: {snmp}");
+    };
+    let position = names
+        .split_whitespace()
+        .position(|name| name == field)
+        .with_context(|| format!("no {field} in {names:?}"))?;
+    values
+        .split_whitespace()
+        .nth(position)
+        .and_then(|value| value.parse().ok())
+        .with_context(|| format!("no number for {field} in {values:?}"))
+}
+
 /// `ethtool -K interface settings...` inside `netns`. Call it once both ends of the veth are
 /// up: GRO turned on while a veth is down enables its receive queue when it comes up, but does
 /// not always mark its peer as able to take redirected frames (seen on 6.18, depending on the
 /// order the two ends came up), and every XDP_REDIRECT into the peer then fails.
 fn ethtool(netns: &NetnsName, interface: &str, settings: &[&str]) -> anyhow::Result<()> {
+    if settings.is_empty() {
+        return Ok(());
+    }
     let mut args = vec!["ethtool", "-K", interface];
     args.extend_from_slice(settings);
     netns
@@ -681,6 +793,15 @@ fn ethtool(netns: &NetnsName, interface: &str, settings: &[&str]) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snmp_values_are_found_by_name() {
+        let snmp =
+            "Tcp: RtoAlgorithm InCsumErrors\nTcp: 1 7\nUdp: InDatagrams InCsumErrors\nUdp: 5 2\n";
+        assert_eq!(snmp_value(snmp, "Tcp:", "InCsumErrors").expect("tcp"), 7);
+        assert_eq!(snmp_value(snmp, "Udp:", "InCsumErrors").expect("udp"), 2);
+        assert!(snmp_value(snmp, "Tcp:", "Missing").is_err());
+    }
 
     #[test]
     fn docker_macs_follow_the_address() {

@@ -388,3 +388,50 @@ fn interleaved_datagrams_of_one_client_go_to_their_own_backends() {
     assert_translated(&out_b, &second, BACKEND_B, 6000);
     assert_eq!(fixture.counter(counter::FRAGMENT_FOLLOWED), 4);
 }
+
+/// The folded sum of an IPv4 pseudo-header, as a sender with transmit offload leaves it in the
+/// checksum field (and as the datapath recognises a partial checksum).
+fn pseudo_header_sum(src: &[u8], dst: &[u8], protocol: u8, length: u16) -> u16 {
+    let word = |bytes: &[u8]| u32::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+    let sum = word(&src[0..2])
+        + word(&src[2..4])
+        + word(&dst[0..2])
+        + word(&dst[2..4])
+        + u32::from(protocol)
+        + u32::from(length);
+    fold(sum)
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+#[test]
+fn a_first_fragment_whose_checksum_looks_partial_is_not_completed() {
+    if !skip_unless_privileged("a_first_fragment_whose_checksum_looks_partial_is_not_completed") {
+        return;
+    }
+    // A first fragment's checksum covers the whole datagram; one that happens to equal the
+    // pseudo-header sum of the fragment alone must not be "completed" over the fragment.
+    let mut whole = udp_datagram(0x0707, 40002, 53, LEN);
+    let target = pseudo_header_sum(&whole[26..30], &whole[30..34], 17, (CUTS[0]) as u16);
+    // Choose the first payload word so that the datagram's (full, valid) checksum is `target`:
+    // the word moves the sum by itself, in ones'-complement arithmetic.
+    let checksum = u16::from_be_bytes([whole[40], whole[41]]);
+    let word = u16::from_be_bytes([whole[42], whole[43]]);
+    let adjusted = fold(u32::from(!target) + u32::from(checksum) + u32::from(word));
+    whole[42..44].copy_from_slice(&adjusted.to_be_bytes());
+    let whole = with_fresh_checksums(whole);
+    assert_eq!(
+        u16::from_be_bytes([whole[40], whole[41]]),
+        target,
+        "the test datagram's checksum equals its first fragment's pseudo-header sum"
+    );
+    let mut fixture = fixture();
+    let out = run_all(&mut fixture, &split(&whole, &CUTS));
+    assert_translated(&out, &whole, BACKEND_A, 5353);
+    assert_eq!(fixture.counter(counter::CHECKSUM_COMPLETED), 0);
+}
