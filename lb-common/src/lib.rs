@@ -63,6 +63,9 @@ pub trait Address: Copy + Eq + 'static {
     fn widen(self) -> [u8; 16];
     /// Mixes the address into a [`flow_hash`] state, 32 bits at a time.
     fn mix_into(self, hash: u32) -> u32;
+    /// The sum of the address's 16-bit words (network order), unfolded: what the address
+    /// adds to an Internet checksum.
+    fn word_sum(self) -> u32;
 }
 
 impl Address for [u8; 4] {
@@ -76,6 +79,11 @@ impl Address for [u8; 4] {
     #[inline(always)]
     fn mix_into(self, hash: u32) -> u32 {
         mix_word(hash, u32::from_be_bytes(self))
+    }
+
+    #[inline(always)]
+    fn word_sum(self) -> u32 {
+        u16::from_be_bytes([self[0], self[1]]) as u32 + u16::from_be_bytes([self[2], self[3]]) as u32
     }
 }
 
@@ -92,6 +100,21 @@ impl Address for [u8; 16] {
         let hash = mix_word(hash, u32::from_be_bytes([b0, b1, b2, b3]));
         let hash = mix_word(hash, u32::from_be_bytes([c0, c1, c2, c3]));
         mix_word(hash, u32::from_be_bytes([d0, d1, d2, d3]))
+    }
+
+    #[inline(always)]
+    fn word_sum(self) -> u32 {
+        // Written out: an array of words here would be built on the BPF stack.
+        let word = |high: u8, low: u8| ((high as u32) << 8) | low as u32;
+        let [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3] = self;
+        word(a0, a1)
+            + word(a2, a3)
+            + word(b0, b1)
+            + word(b2, b3)
+            + word(c0, c1)
+            + word(c2, c3)
+            + word(d0, d1)
+            + word(d2, d3)
     }
 }
 
@@ -362,7 +385,8 @@ pub mod counter {
     /// header cut short: dropped.
     pub const DROP_MALFORMED_IPV6: u32 = 30;
     /// IPv6 packets whose extension headers the datapath does not translate through (a chain
-    /// longer than it walks, ESP, a routing header with segments left): passed untouched.
+    /// longer than it walks, a routing header with segments left, a header cut short on a
+    /// packet not for a VIP): passed untouched.
     pub const PASS_IPV6_EXTENSION: u32 = 31;
     /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
     /// the kernel drops them too).

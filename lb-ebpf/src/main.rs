@@ -14,8 +14,10 @@
 
 mod checksum;
 mod egress;
+mod family;
 mod headers;
 mod icmp;
+mod ipv6;
 mod maps;
 mod route;
 
@@ -26,18 +28,20 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler, Backend,
-    Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
+    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler, Address,
+    Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
 };
 
 use crate::{
+    family::{Family, V4},
     headers::{
         ptr_at, EthernetHeader, Ipv4Header, TcpHeader, UdpHeader, VlanTag, ETHERNET_LEN,
-        ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
+        ETHER_TYPE_IPV4, ETHER_TYPE_IPV6, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK,
+        VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS,
-        RR_CURSORS, SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
+        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, RR_CURSORS, SCHEDULE,
+        SERVICE_STATS, SETTINGS,
     },
     route::{Route, SendCounters},
 };
@@ -53,12 +57,42 @@ pub enum Verdict {
 /// A packet dropped, with the counter naming why.
 pub struct Drop(u32);
 
+/// A `Result<Verdict, Drop>` in one 64-bit scalar, for the functions kept apart as BPF-to-BPF
+/// calls: a call returns one register, and an aggregate would come back as a pointer into the
+/// caller's stack, which the verifier refuses. Bits 62-63 say which verdict, bits 32-61 hold
+/// a redirect's interface index, bits 0-31 the counter.
+#[inline(always)]
+pub(crate) fn pack(result: Result<Verdict, Drop>) -> u64 {
+    let (kind, ifindex, counter) = match result {
+        Ok(Verdict::Pass(counter)) => (0u64, 0u32, counter),
+        Ok(Verdict::Transmit(counter)) => (1, 0, counter),
+        Ok(Verdict::Redirect(ifindex, counter)) => (2, ifindex, counter),
+        Err(Drop(counter)) => (3, 0, counter),
+    };
+    kind << 62 | ((ifindex as u64) & 0x3fff_ffff) << 32 | counter as u64
+}
+
+/// The inverse of [`pack`].
+#[inline(always)]
+pub(crate) fn unpack(packed: u64) -> Result<Verdict, Drop> {
+    let counter = packed as u32;
+    let ifindex = ((packed >> 32) & 0x3fff_ffff) as u32;
+    match packed >> 62 {
+        0 => Ok(Verdict::Pass(counter)),
+        1 => Ok(Verdict::Transmit(counter)),
+        2 => Ok(Verdict::Redirect(ifindex, counter)),
+        _ => Err(Drop(counter)),
+    }
+}
+
 /// Where the transport header's fields are, whichever of TCP or UDP it is.
-struct Transport {
+pub(crate) struct Transport {
     src_port: *mut [u8; 2],
     dst_port: *mut [u8; 2],
     check: *mut [u8; 2],
     is_udp: bool,
+    /// `protocol::TCP` or `protocol::UDP`.
+    protocol: u8,
     /// TCP flags (FIN, SYN, RST, ACK, ...); zero for UDP.
     tcp_flags: u8,
 }
@@ -92,10 +126,25 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
     // that the whole header lies inside the packet.
     let (l3_offset, ether_type) = skip_vlan_tags(ctx, unsafe { (*ethernet).ether_type })?;
-    if ether_type != ETHER_TYPE_IPV4 {
-        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
+    if ether_type == ETHER_TYPE_IPV4 {
+        return balance_ipv4(ctx, ethernet, l3_offset);
     }
+    if ether_type == ETHER_TYPE_IPV6 {
+        return unpack(ipv6::balance(ctx, l3_offset));
+    }
+    Ok(Verdict::Pass(counter::PASS_NOT_IP))
+}
 
+/// An IPv4 packet: checked and parsed up to the transport header, then balanced. Inlined into
+/// the entry point; the IPv6 path is a call of its own (see `ipv6::balance`).
+#[inline(always)]
+fn balance_ipv4(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    l3_offset: usize,
+) -> Result<Verdict, Drop> {
+    // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
+    // that the whole header lies inside the packet.
     let ip: *mut Ipv4Header = ptr_at(ctx, l3_offset).ok_or(Drop(counter::DROP_MALFORMED_IPV4))?;
     let version_ihl = unsafe { (*ip).version_ihl };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
@@ -119,10 +168,9 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
     {
         let packet_end = l3_offset + total_len;
-        return Ok(icmp::translate_error(
+        return unpack(icmp::translate_error::<V4>(
             ctx,
-            ethernet,
-            ip,
+            l3_offset,
             l3_offset + header_len,
             packet_end,
         ));
@@ -151,12 +199,31 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let Some(transport) = transport else {
         // Without ports we cannot tell whether it is for a service: drop it only if it is
         // addressed to a VIP, and leave everybody else's packets to the kernel.
-        if unsafe { VIP_ADDRESSES.get(&dst_addr) }.is_some() {
-            return Err(Drop(counter::DROP_MALFORMED_L4));
-        }
-        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+        return not_for_us_or_malformed::<V4>(dst_addr);
     };
+    balance::<V4>(ctx, ethernet, ip, &transport)
+}
 
+/// A packet whose transport header is missing or cut short: malformed if it is addressed to a
+/// VIP, anybody else's business otherwise.
+#[inline(always)]
+pub(crate) fn not_for_us_or_malformed<F: Family>(dst_addr: F::Addr) -> Result<Verdict, Drop> {
+    // SAFETY: map values stay valid for the whole program run (RCU).
+    if unsafe { F::vip_addresses().get(&dst_addr) }.is_some() {
+        return Err(Drop(counter::DROP_MALFORMED_L4));
+    }
+    Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+}
+
+/// Either family, from the transport header on: a client's packet for a service goes to a
+/// backend, a backend's reply goes back to its client, anything else passes.
+#[inline(always)]
+pub(crate) fn balance<F: Family>(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    ip: *mut F::Header,
+    transport: &Transport,
+) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
     if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
     {
@@ -164,27 +231,39 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     let tuple = FlowKey {
-        src_addr: unsafe { (*ip).src },
-        dst_addr,
+        src_addr: unsafe { *F::src(ip) },
+        dst_addr: unsafe { *F::dst(ip) },
         src_port: unsafe { *transport.src_port },
         dst_port: unsafe { *transport.dst_port },
-        protocol: ip_protocol,
+        protocol: transport.protocol,
         _pad: [0; 3],
     };
     let service_key = ServiceKey {
-        addr: dst_addr,
+        addr: tuple.dst_addr,
         port: tuple.dst_port,
-        protocol: ip_protocol,
+        protocol: tuple.protocol,
         _pad: 0,
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    if let Some(service) = unsafe { SERVICES.get(&service_key) } {
-        return forward(ctx, ethernet, ip, &transport, &tuple, service);
+    if let Some(service) = unsafe { F::services().get(&service_key) } {
+        check_udp_checksum::<F>(transport)?;
+        return forward::<F>(ctx, ethernet, ip, transport, &tuple, service);
     }
-    if let Some(nat) = reverse_nat(&tuple) {
-        return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
+    if let Some(nat) = reverse_nat::<F>(&tuple) {
+        check_udp_checksum::<F>(transport)?;
+        return Ok(reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat));
     }
     Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+}
+
+/// IPv6 UDP must carry a checksum (RFC 8200, 8.1): a zero is invalid and the receiver would
+/// drop the packet anyway, so it is dropped here, where it is counted.
+#[inline(always)]
+fn check_udp_checksum<F: Family>(transport: &Transport) -> Result<(), Drop> {
+    if !F::UDP_CHECKSUM_OPTIONAL && transport.is_udp && unsafe { *transport.check } == [0, 0] {
+        return Err(Drop(counter::DROP_UDP_ZERO_CHECKSUM));
+    }
+    Ok(())
 }
 
 /// Steps over up to two VLAN tags (802.1ad outside, 802.1Q inside), which stay in the frame
@@ -210,7 +289,7 @@ fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 
 
 /// Finds the TCP or UDP header at `offset`, or `None` if it is truncated.
 #[inline(always)]
-fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Transport> {
+pub(crate) fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Transport> {
     if ip_protocol == protocol::TCP {
         let tcp: *mut TcpHeader = ptr_at(ctx, offset)?;
         // SAFETY: only field addresses are taken here; ptr_at checked the whole header.
@@ -220,6 +299,7 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
                 dst_port: &raw mut (*tcp).dst_port,
                 check: &raw mut (*tcp).check,
                 is_udp: false,
+                protocol: protocol::TCP,
                 tcp_flags: (*tcp).offset_flags[1],
             }
         });
@@ -231,6 +311,7 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
             dst_port: &raw mut (*udp).dst_port,
             check: &raw mut (*udp).check,
             is_udp: true,
+            protocol: protocol::UDP,
             tcp_flags: 0,
         }
     })
@@ -239,20 +320,26 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
 /// A client's packet for a service: pick the flow's backend, translate the destination and
 /// send it there.
 #[inline(always)]
-fn forward(
+fn forward<F: Family>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
+    ip: *mut F::Header,
     transport: &Transport,
-    tuple: &FlowKey,
+    tuple: &FlowKey<F::Addr>,
     service: &Service,
 ) -> Result<Verdict, Drop> {
-    let (backend_id, backend) = select_backend(ctx, tuple, service, transport.tcp_flags)?;
+    let (backend_id, backend) = select_backend::<F>(ctx, tuple, service, transport.tcp_flags)?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
 
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
-        rewrite(ip, transport, Side::Destination, ipv4_of(backend.addr), backend.port);
+        rewrite::<F>(
+            ip,
+            transport,
+            Side::Destination,
+            F::narrow(backend.addr),
+            backend.port,
+        );
     }
     add_traffic(service.id, backend_id, |stats| {
         stats.packets += 1;
@@ -264,12 +351,13 @@ fn forward(
     }
 
     let route = Route {
-        src: tuple.src_addr,
-        dst: ipv4_of(backend.addr),
+        family: F::AF,
+        src: tuple.src_addr.widen(),
+        dst: backend.addr,
         protocol: tuple.protocol,
         src_port: tuple.src_port,
         dst_port: backend.port,
-        total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
+        total_len: unsafe { F::packet_len(ip) },
     };
     let counters = SendCounters {
         transmit: counter::FORWARD_TX,
@@ -287,19 +375,19 @@ fn forward(
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
 /// the client.
 #[inline(always)]
-fn reply(
+fn reply<F: Family>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
+    ip: *mut F::Header,
     transport: &Transport,
-    tuple: &FlowKey,
-    nat: &ReverseNat,
+    tuple: &FlowKey<F::Addr>,
+    nat: &ReverseNat<F::Addr>,
 ) -> Verdict {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    note_reply_flags(tuple, nat, transport.tcp_flags);
+    note_reply_flags::<F>(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
-        rewrite(
+        rewrite::<F>(
             ip,
             transport,
             Side::Source,
@@ -313,12 +401,13 @@ fn reply(
     });
 
     let route = Route {
-        src: nat.service_addr,
-        dst: tuple.dst_addr,
+        family: F::AF,
+        src: nat.service_addr.widen(),
+        dst: tuple.dst_addr.widen(),
         protocol: tuple.protocol,
         src_port: nat.service_port,
         dst_port: tuple.dst_port,
-        total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
+        total_len: unsafe { F::packet_len(ip) },
     };
     let counters = SendCounters {
         transmit: counter::REPLY_TX,
@@ -327,8 +416,8 @@ fn reply(
     route::send(ctx, ethernet, &route, &counters, None)
 }
 
-const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
-const UDP_HEADER_LEN: usize = core::mem::size_of::<UdpHeader>();
+pub(crate) const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
+pub(crate) const UDP_HEADER_LEN: usize = core::mem::size_of::<UdpHeader>();
 
 /// TCP flag bits in the 14th byte of the TCP header.
 const TCP_FIN: u8 = 0x01;
@@ -357,9 +446,9 @@ enum Miss {
 /// (recorded in the flow table and the reverse table). Also follows TCP: FIN and RST move an
 /// entry to the closing timeout.
 #[inline(always)]
-fn select_backend(
+fn select_backend<F: Family>(
     ctx: &XdpContext,
-    tuple: &FlowKey,
+    tuple: &FlowKey<F::Addr>,
     service: &Service,
     tcp_flags: u8,
 ) -> Result<(u32, Backend), Drop> {
@@ -370,7 +459,7 @@ fn select_backend(
     let closing = is_tcp && tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
     let mut miss = Miss::Absent;
-    if let Some(flow) = FLOWS.get_ptr_mut(tuple) {
+    if let Some(flow) = F::flows().get_ptr_mut(tuple) {
         // SAFETY: map values stay valid for the whole program run (RCU); concurrent writers
         // only ever store whole fields of the same entry.
         let flow = unsafe { &mut *flow };
@@ -391,25 +480,67 @@ fn select_backend(
         };
     }
 
-    // Only new entries are checked: a flow that passed once keeps its entry.
-    if !route::arrives_on_its_route(ctx, tuple.src_addr, tuple.dst_addr) {
-        return Err(Drop(counter::DROP_SPOOFED_SOURCE));
+    let start = NewFlow {
+        miss_counter: match miss {
+            Miss::Absent if is_tcp && !syn => counter::FLOW_MISS_MID_STREAM,
+            Miss::Absent => counter::FLOW_MISS_NEW,
+            Miss::BackendGone => counter::FLOW_RESCHEDULED,
+            Miss::Expired => counter::FLOW_EXPIRED,
+            Miss::PortReuse => counter::FLOW_PORT_REUSE,
+        },
+        rescheduled: matches!(miss, Miss::BackendGone),
+        closing,
+        now,
+    };
+    let backend_id = new_flow::<F>(ctx, tuple, service, &start);
+    if backend_id & NEW_FLOW_DROPPED != 0 {
+        return Err(Drop(backend_id as u32));
     }
-    let backend_id = schedule(service, tuple)?;
+    let backend_id = backend_id as u32;
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Drop(counter::DROP_INTERNAL))?;
-    count(match miss {
-        Miss::Absent if is_tcp && !syn => counter::FLOW_MISS_MID_STREAM,
-        Miss::Absent => counter::FLOW_MISS_NEW,
-        Miss::BackendGone => counter::FLOW_RESCHEDULED,
-        Miss::Expired => counter::FLOW_EXPIRED,
-        Miss::PortReuse => counter::FLOW_PORT_REUSE,
-    });
-    let rescheduled = matches!(miss, Miss::BackendGone);
+    Ok((backend_id, backend))
+}
+
+/// Set in [`new_flow`]'s answer when the packet is dropped; the low 32 bits are the counter.
+const NEW_FLOW_DROPPED: u64 = 1 << 63;
+
+/// How a flow starts: why it needed a backend, and its first packet's state.
+struct NewFlow {
+    miss_counter: u32,
+    rescheduled: bool,
+    closing: bool,
+    now: u64,
+}
+
+/// Schedules a new flow (or moves one): checks its source, picks a backend, records the flow.
+/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter.
+// A function of its own (a BPF-to-BPF call): it runs once per flow, and inlined beside the
+// per-packet path its stack pushed the IPv6 path past the 512-byte limit.
+#[inline(never)]
+fn new_flow<F: Family>(
+    ctx: &XdpContext,
+    tuple: &FlowKey<F::Addr>,
+    service: &Service,
+    start: &NewFlow,
+) -> u64 {
+    let dropped = |counter: u32| NEW_FLOW_DROPPED | counter as u64;
+    // Only new entries are checked: a flow that passed once keeps its entry.
+    if !route::arrives_on_its_route(ctx, F::AF, tuple.src_addr.widen(), tuple.dst_addr.widen()) {
+        return dropped(counter::DROP_SPOOFED_SOURCE);
+    }
+    let backend_id = match schedule(service, tuple) {
+        Ok(backend_id) => backend_id,
+        Err(Drop(counter)) => return dropped(counter),
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return dropped(counter::DROP_INTERNAL);
+    };
+    count(start.miss_counter);
     add_traffic(service.id, backend_id, |stats| {
         stats.new_flows += 1;
-        if rescheduled {
+        if start.rescheduled {
             stats.rescheduled += 1;
         }
     });
@@ -418,32 +549,37 @@ fn select_backend(
         backend_id,
         service_id: service.id,
         generation: backend.generation,
-        state: if closing {
+        state: if start.closing {
             flow_state::CLOSING
         } else {
             flow_state::OPEN
         },
         _pad: [0; 3],
-        last_seen_ns: now,
-        created_ns: now,
+        last_seen_ns: start.now,
+        created_ns: start.now,
     };
     // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
     // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
     let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
-    if FLOWS.insert(tuple, &flow, 0).is_err()
-        || (shared && !insert_reverse(tuple, &backend, service.id, backend_id))
+    if F::flows().insert(tuple, &flow, 0).is_err()
+        || (shared && !insert_reverse::<F>(tuple, backend, service.id, backend_id))
     {
         count(counter::FLOW_INSERT_FAILED);
     }
-    Ok((backend_id, backend))
+    backend_id as u64
 }
 
 /// Records how to translate the replies of a new flow on a shared backend endpoint; false if
 /// the reverse table refused the entry.
 #[inline(always)]
-fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_id: u32) -> bool {
+fn insert_reverse<F: Family>(
+    tuple: &FlowKey<F::Addr>,
+    backend: &Backend,
+    service_id: u32,
+    backend_id: u32,
+) -> bool {
     let reverse_key = FlowKey {
-        src_addr: ipv4_of(backend.addr),
+        src_addr: F::narrow(backend.addr),
         dst_addr: tuple.src_addr,
         src_port: backend.port,
         dst_port: tuple.src_port,
@@ -457,7 +593,7 @@ fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_i
         service_id,
         backend_id,
     };
-    REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_ok()
+    F::reverse_flows().insert(&reverse_key, &nat, 0).is_ok()
 }
 
 /// The entry's backend, if the entry belongs to this service, has not timed out, and its
@@ -497,7 +633,11 @@ fn flow_timeout(flow: &Flow, is_tcp: bool) -> u64 {
 
 /// A backend's replies with FIN or RST close the client's flow too.
 #[inline(always)]
-pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8) {
+pub(crate) fn note_reply_flags<F: Family>(
+    tuple: &FlowKey<F::Addr>,
+    nat: &ReverseNat<F::Addr>,
+    tcp_flags: u8,
+) {
     if tuple.protocol != protocol::TCP || tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
@@ -509,7 +649,7 @@ pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8)
         protocol: tuple.protocol,
         _pad: [0; 3],
     };
-    if let Some(flow) = FLOWS.get_ptr_mut(&forward_key) {
+    if let Some(flow) = F::flows().get_ptr_mut(&forward_key) {
         // SAFETY: as in select_backend.
         let flow = unsafe { &mut *flow };
         if flow.state != flow_state::CLOSING {
@@ -522,7 +662,7 @@ pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8)
 /// Picks a backend for a new flow from the service's table: a per-CPU cursor for the round
 /// robin schedulers, the flow's hash for Maglev.
 #[inline(always)]
-fn schedule(service: &Service, tuple: &FlowKey) -> Result<u32, Drop> {
+fn schedule<A: Address>(service: &Service, tuple: &FlowKey<A>) -> Result<u32, Drop> {
     let table_len = service.table_len;
     if table_len == 0 {
         return Err(Drop(counter::DROP_NO_BACKEND));
@@ -556,26 +696,26 @@ enum Side {
 /// # Safety
 /// `ip` and the transport pointers must point into the packet, bounds-checked.
 #[inline(always)]
-unsafe fn rewrite(
-    ip: *mut Ipv4Header,
+unsafe fn rewrite<F: Family>(
+    ip: *mut F::Header,
     transport: &Transport,
     side: Side,
-    addr: [u8; 4],
+    addr: F::Addr,
     port: [u8; 2],
 ) {
     let (addr_field, port_field) = match side {
-        Side::Source => (&raw mut (*ip).src, transport.src_port),
-        Side::Destination => (&raw mut (*ip).dst, transport.dst_port),
+        Side::Source => (F::src(ip), transport.src_port),
+        Side::Destination => (F::dst(ip), transport.dst_port),
     };
     let old_addr = *addr_field;
     let old_port = *port_field;
-    (*ip).check = checksum::replace4((*ip).check, old_addr, addr);
+    F::update_header_check(ip, old_addr, addr);
     // The transport checksum covers the addresses through the pseudo-header.
     *transport.check = if transport.is_udp {
         checksum::udp_replace(*transport.check, old_addr, addr, old_port, port)
     } else {
         checksum::replace2(
-            checksum::replace4(*transport.check, old_addr, addr),
+            checksum::replace_addr(*transport.check, old_addr, addr),
             old_port,
             port,
         )
@@ -594,12 +734,6 @@ pub(crate) fn add_traffic(service_id: u32, backend_id: u32, update: impl Fn(&mut
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         update(unsafe { &mut *stats });
     }
-}
-
-/// The IPv4 address in a backend's 16 address bytes (the first four).
-#[inline(always)]
-pub(crate) fn ipv4_of(addr: [u8; 16]) -> [u8; 4] {
-    [addr[0], addr[1], addr[2], addr[3]]
 }
 
 #[cfg(not(test))]

@@ -1,5 +1,7 @@
 //! The datapath's maps. Their layouts live in `lb-common`; `lb-user` finds them by these names.
 
+use crate::family::Family;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
@@ -127,7 +129,7 @@ pub fn port_in_use(port: [u8; 2]) -> bool {
 /// reverse table when it serves several. `None` for anything else (the backend's own traffic,
 /// lb-user's health probes, a flow that was moved to another backend).
 #[inline(always)]
-pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
+pub fn reverse_nat<F: Family>(tuple: &FlowKey<F::Addr>) -> Option<ReverseNat<F::Addr>> {
     let endpoint_key = EndpointKey {
         addr: tuple.src_addr,
         port: tuple.src_port,
@@ -135,9 +137,9 @@ pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
         _pad: 0,
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    let endpoint = unsafe { ENDPOINTS.get(&endpoint_key) }?;
+    let endpoint = unsafe { F::endpoints().get(&endpoint_key) }?;
     if endpoint.shared != 0 {
-        return unsafe { REVERSE_FLOWS.get(tuple) }.copied();
+        return unsafe { F::reverse_flows().get(tuple) }.copied();
     }
     let forward_key = FlowKey {
         src_addr: tuple.dst_addr,
@@ -147,11 +149,11 @@ pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
         protocol: tuple.protocol,
         _pad: [0; 3],
     };
-    let flow = unsafe { FLOWS.get(&forward_key) }?;
+    let flow = unsafe { F::flows().get(&forward_key) }?;
     let backend = BACKENDS.get(flow.backend_id)?;
     // The client's flow must be on this very backend: replies from one it was moved away
     // from are not translated.
-    if crate::ipv4_of(backend.addr) != tuple.src_addr || backend.port != tuple.src_port {
+    if F::narrow(backend.addr) != tuple.src_addr || backend.port != tuple.src_port {
         return None;
     }
     Some(ReverseNat {
