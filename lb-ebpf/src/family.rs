@@ -5,7 +5,10 @@
 //! generic over [`Family`], and compiled twice: each family gets its own code with direct map
 //! references, so neither pays for the other at run time.
 
-use aya_ebpf::maps::{HashMap, LruHashMap};
+use aya_ebpf::{
+    maps::{HashMap, LruHashMap},
+    programs::XdpContext,
+};
 use lb_common::{Address, Endpoint, EndpointKey, Flow, FlowKey, ReverseNat, Service, ServiceKey};
 
 use crate::{
@@ -15,6 +18,7 @@ use crate::{
         ENDPOINTS, ENDPOINTS6, FLOWS, FLOWS6, REVERSE_FLOWS, REVERSE_FLOWS6, SERVICES, SERVICES6,
         VIP_ADDRESSES, VIP_ADDRESSES6,
     },
+    NewFlow,
 };
 
 /// `bpf_fib_lookup` address families.
@@ -72,6 +76,14 @@ pub trait Family {
     /// # Safety
     /// As [`Family::src`].
     unsafe fn quoted_header(ip: *mut Self::Header) -> Option<(usize, u8)>;
+
+    /// Starts a flow: `crate::new_flow`, inlined or called as the family's stack allows.
+    fn new_flow(
+        ctx: &XdpContext,
+        tuple: &FlowKey<Self::Addr>,
+        service: &Service,
+        start: &NewFlow,
+    ) -> u64;
 }
 
 pub struct V4;
@@ -80,6 +92,11 @@ pub struct V6;
 impl Family for V4 {
     type Addr = [u8; 4];
     type Header = Ipv4Header;
+
+    #[inline(always)]
+    fn new_flow(ctx: &XdpContext, tuple: &FlowKey, service: &Service, start: &NewFlow) -> u64 {
+        crate::new_flow::<V4>(ctx, tuple, service, start)
+    }
 
     const AF: u8 = AF_INET;
     const UDP_CHECKSUM_OPTIONAL: bool = true;
@@ -154,6 +171,16 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = [u8; 16];
     type Header = Ipv6Header;
+
+    #[inline(always)]
+    fn new_flow(
+        ctx: &XdpContext,
+        tuple: &FlowKey<[u8; 16]>,
+        service: &Service,
+        start: &NewFlow,
+    ) -> u64 {
+        crate::new_flow6(ctx, tuple, service, start)
+    }
 
     const AF: u8 = AF_INET6;
     const UDP_CHECKSUM_OPTIONAL: bool = false;

@@ -12,8 +12,11 @@ use lb_common::{counter, protocol};
 
 use crate::{
     family::{Family, V6},
-    headers::{ptr_at, EthernetHeader, ExtensionHeader, Ipv6Header, IPV6_HEADER_LEN},
-    icmp, not_for_us_or_malformed, transport_at, Drop, Verdict, TCP_HEADER_LEN, UDP_HEADER_LEN,
+    headers::{
+        ptr_at, EthernetHeader, ExtensionHeader, Ipv6Header, ETHER_TYPE_IPV6, IPV6_HEADER_LEN,
+    },
+    icmp, not_for_us_or_malformed, skip_vlan_tags, transport_at, Drop, Verdict, TCP_HEADER_LEN,
+    UDP_HEADER_LEN,
 };
 
 /// Extension header numbers the walk steps over.
@@ -27,19 +30,17 @@ const DESTINATION_OPTIONS: u8 = 60;
 /// options twice), so a real chain has at most six; a longer one passes to the kernel.
 const MAX_EXTENSION_HEADERS: usize = 6;
 
-/// An IPv6 packet, checked and parsed up to the transport header, then balanced.
-// A function of its own (a BPF-to-BPF call): inlined beside the IPv4 path, the two paths'
-// stack slots add up past the 512-byte limit.
-#[inline(never)]
-/// Returns a packed `Result<Verdict, Drop>` (`crate::pack`).
-pub fn balance(ctx: &XdpContext, l3_offset: usize) -> u64 {
-    crate::pack(balance_packet(ctx, l3_offset))
-}
-
+/// An IPv6 packet (the IPv4 program checked the EtherType before the tail call), checked and
+/// parsed up to the transport header, then balanced.
 #[inline(always)]
-fn balance_packet(ctx: &XdpContext, l3_offset: usize) -> Result<Verdict, Drop> {
+pub fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let ethernet: *mut EthernetHeader =
         ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
+    // SAFETY: ptr_at checked the whole header.
+    let (l3_offset, ether_type) = skip_vlan_tags(ctx, unsafe { (*ethernet).ether_type })?;
+    if ether_type != ETHER_TYPE_IPV6 {
+        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
+    }
     let ip: *mut Ipv6Header = ptr_at(ctx, l3_offset).ok_or(Drop(counter::DROP_MALFORMED_IPV6))?;
     // SAFETY (all raw reads below): each pointer came from `ptr_at`.
     if unsafe { (*ip).version_class_flow[0] } >> 4 != 6 {
@@ -93,9 +94,7 @@ fn balance_packet(ctx: &XdpContext, l3_offset: usize) -> Result<Verdict, Drop> {
     }
 
     if next == V6::ICMP_PROTOCOL && !fragment {
-        return crate::unpack(icmp::translate_error::<V6>(
-            ctx, l3_offset, offset, packet_end,
-        ));
+        return crate::unpack(icmp::translate_error6(ctx, l3_offset, offset, packet_end));
     }
     if next != protocol::TCP && next != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));

@@ -40,8 +40,8 @@ use crate::{
         VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, RR_CURSORS, SCHEDULE,
-        SERVICE_STATS, SETTINGS,
+        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
+        PROGRAM_IPV6, RR_CURSORS, SCHEDULE, SERVICE_STATS, SETTINGS,
     },
     route::{Route, SendCounters},
 };
@@ -99,7 +99,22 @@ pub(crate) struct Transport {
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
-    match try_balance(&ctx) {
+    act(try_balance(&ctx))
+}
+
+/// The IPv6 datapath, a program of its own that [`balancer`] tail-calls for every IPv6
+/// packet: it gets its own 512 bytes of stack and its own verifier budget, which the IPv4 and
+/// IPv6 paths together would exceed, and IPv4 pays nothing for it. `lb-user` puts it in
+/// `PROGRAMS` at load.
+#[xdp]
+pub fn balancer6(ctx: XdpContext) -> u32 {
+    act(ipv6::try_balance(&ctx))
+}
+
+/// The one mapping from verdicts to XDP actions, with each verdict counted.
+#[inline(always)]
+fn act(result: Result<Verdict, Drop>) -> u32 {
+    match result {
         Ok(Verdict::Pass(reason)) => {
             count(reason);
             xdp_action::XDP_PASS
@@ -130,7 +145,10 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         return balance_ipv4(ctx, ethernet, l3_offset);
     }
     if ether_type == ETHER_TYPE_IPV6 {
-        return unpack(ipv6::balance(ctx, l3_offset));
+        // SAFETY: a helper call; it only returns if the slot is empty, which it is not once
+        // lb-user has loaded the datapath.
+        unsafe { PROGRAMS.tail_call(ctx, PROGRAM_IPV6) };
+        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
     }
     Ok(Verdict::Pass(counter::PASS_NOT_IP))
 }
@@ -168,7 +186,7 @@ fn balance_ipv4(
         && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
     {
         let packet_end = l3_offset + total_len;
-        return unpack(icmp::translate_error::<V4>(
+        return Ok(icmp::translate_error::<V4>(
             ctx,
             l3_offset,
             l3_offset + header_len,
@@ -270,7 +288,10 @@ fn check_udp_checksum<F: Family>(transport: &Transport) -> Result<(), Drop> {
 /// exactly as they came. Returns where the network header starts and its EtherType; a third
 /// tag leaves a VLAN EtherType, which is not ours and passes.
 #[inline(always)]
-fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 2]), Drop> {
+pub(crate) fn skip_vlan_tags(
+    ctx: &XdpContext,
+    ether_type: [u8; 2],
+) -> Result<(usize, [u8; 2]), Drop> {
     let mut offset = ETHERNET_LEN;
     let mut ether_type = ether_type;
     // A fixed two rounds: the verifier sees the bound, and two tags is what 802.1ad stacks.
@@ -492,7 +513,7 @@ fn select_backend<F: Family>(
         closing,
         now,
     };
-    let backend_id = new_flow::<F>(ctx, tuple, service, &start);
+    let backend_id = F::new_flow(ctx, tuple, service, &start);
     if backend_id & NEW_FLOW_DROPPED != 0 {
         return Err(Drop(backend_id as u32));
     }
@@ -507,7 +528,7 @@ fn select_backend<F: Family>(
 const NEW_FLOW_DROPPED: u64 = 1 << 63;
 
 /// How a flow starts: why it needed a backend, and its first packet's state.
-struct NewFlow {
+pub(crate) struct NewFlow {
     miss_counter: u32,
     rescheduled: bool,
     closing: bool,
@@ -515,11 +536,10 @@ struct NewFlow {
 }
 
 /// Schedules a new flow (or moves one): checks its source, picks a backend, records the flow.
-/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter.
-// A function of its own (a BPF-to-BPF call): it runs once per flow, and inlined beside the
-// per-packet path its stack pushed the IPv6 path past the 512-byte limit.
-#[inline(never)]
-fn new_flow<F: Family>(
+/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter. IPv4 inlines it;
+/// IPv6 calls it (`new_flow6`).
+#[inline(always)]
+pub(crate) fn new_flow<F: Family>(
     ctx: &XdpContext,
     tuple: &FlowKey<F::Addr>,
     service: &Service,
@@ -567,6 +587,19 @@ fn new_flow<F: Family>(
         count(counter::FLOW_INSERT_FAILED);
     }
     backend_id as u64
+}
+
+/// [`new_flow`] for IPv6, as a function of its own (a BPF-to-BPF call): it runs once per flow,
+/// and inlined beside the per-packet path its stack would push the IPv6 program past the
+/// 512-byte limit (IPv6 keys are 40 bytes each).
+#[inline(never)]
+pub(crate) fn new_flow6(
+    ctx: &XdpContext,
+    tuple: &FlowKey<[u8; 16]>,
+    service: &Service,
+    start: &NewFlow,
+) -> u64 {
+    new_flow::<family::V6>(ctx, tuple, service, start)
 }
 
 /// Records how to translate the replies of a new flow on a shared backend endpoint; false if

@@ -5,7 +5,7 @@ use crate::family::Family;
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
@@ -100,6 +100,11 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 /// everything else on the host.
 #[map]
 pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
+/// Programs `balancer` tail-calls: the IPv6 datapath at [`PROGRAM_IPV6`].
+#[map]
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub const PROGRAM_IPV6: u32 = 0;
 
 /// Global verdict and event counters, indexed by `lb_common::counter`.
 #[map]

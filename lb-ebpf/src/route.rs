@@ -140,8 +140,8 @@ fn look_up(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
     let mut params = fib_params(
         route.family,
         ctx.ingress_ifindex() as u32,
-        route.src,
-        route.dst,
+        &route.src,
+        &route.dst,
     );
     params.l4_protocol = route.protocol;
     params.sport = u16::from_ne_bytes(route.src_port);
@@ -196,7 +196,7 @@ pub fn arrives_on_its_route(
     local: [u8; 16],
 ) -> bool {
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut params = fib_params(family, ingress, local, client);
+    let mut params = fib_params(family, ingress, &local, &client);
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
     let result =
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
@@ -206,8 +206,8 @@ pub fn arrives_on_its_route(
 /// A route request with every field written out: `core::mem::zeroed()` here becomes a call to
 /// an out-of-line memset subprogram, which costs more than the stores.
 #[inline(always)]
-fn fib_params(family: u8, ifindex: u32, src: [u8; 16], dst: [u8; 16]) -> FibLookup {
-    FibLookup {
+fn fib_params(family: u8, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibLookup {
+    let mut params = FibLookup {
         family,
         l4_protocol: 0,
         sport: 0,
@@ -215,27 +215,22 @@ fn fib_params(family: u8, ifindex: u32, src: [u8; 16], dst: [u8; 16]) -> FibLook
         __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 { tot_len: 0 },
         ifindex,
         __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 { flowinfo: 0 },
-        // IPv4 addresses are the first word of these unions, and the rest is zero.
-        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
-            ipv6_src: words(src),
-        },
-        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
-            ipv6_dst: words(dst),
-        },
+        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 { ipv6_src: [0; 4] },
+        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 { ipv6_dst: [0; 4] },
         __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
         smac: [0; 6],
         dmac: [0; 6],
+    };
+    // Byte copies: IPv4 is the first word of each union, the rest stays zero. (Assembling
+    // 32-bit words from the bytes instead spills every byte to the stack.)
+    // SAFETY: both unions are 16 bytes; an unaligned write of a byte array is always fine.
+    unsafe {
+        (&raw mut params.__bindgen_anon_3)
+            .cast::<[u8; 16]>()
+            .write_unaligned(*src);
+        (&raw mut params.__bindgen_anon_4)
+            .cast::<[u8; 16]>()
+            .write_unaligned(*dst);
     }
-}
-
-/// An address's bytes as the four 32-bit words of the helper's address fields, wire order kept.
-#[inline(always)]
-fn words(addr: [u8; 16]) -> [u32; 4] {
-    let [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3] = addr;
-    [
-        u32::from_ne_bytes([a0, a1, a2, a3]),
-        u32::from_ne_bytes([b0, b1, b2, b3]),
-        u32::from_ne_bytes([c0, c1, c2, c3]),
-        u32::from_ne_bytes([d0, d1, d2, d3]),
-    ]
+    params
 }

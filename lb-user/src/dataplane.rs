@@ -5,7 +5,7 @@ use std::{collections::HashMap as StdHashMap, path::Path};
 
 use crate::topology;
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
@@ -19,6 +19,10 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
+/// The IPv6 datapath, tail-called by the main program from slot [`IPV6_PROGRAM_INDEX`] of the
+/// `PROGRAMS` map.
+pub const IPV6_PROGRAM_NAME: &str = "balancer6";
+pub const IPV6_PROGRAM_INDEX: u32 = 0;
 /// The tc egress program translating replies the kernel forwards (backends behind a bridge).
 pub const EGRESS_PROGRAM_NAME: &str = "reply_egress";
 /// A trivial XDP_TX program in the same object: the floor benchmarks compare against.
@@ -120,6 +124,9 @@ pub struct XdpDataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// The tail-call table holding the IPv6 program. Kept open: the kernel empties a program
+    /// array when its last user-space reference goes.
+    _programs: ProgramArray<MapData>,
     attached: Vec<Attachment>,
     /// Interfaces with the tc egress program, their index then, and its links.
     egress: Vec<(String, u32, aya::programs::tc::SchedClassifierLinkId)>,
@@ -139,25 +146,32 @@ impl XdpDataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .map_max_entries("FLOWS6", options.flow_table_size)
+            .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
-        let program = xdp_program(&mut ebpf)?;
-        if let Err(error) = program.load() {
-            let log_path = verifier_log.display().to_string();
-            if let ProgramError::LoadError {
-                verifier_log: log, ..
-            } = &error
-            {
-                if let Err(write_error) = std::fs::write(verifier_log, log.to_string()) {
-                    tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
-                }
-            }
-            return Err(DataplaneError::Load {
-                log_path,
-                cause: error,
-            });
-        }
+        load_checked(&mut ebpf, PROGRAM_NAME, verifier_log)?;
+        // The IPv6 path is a program of its own, which the main one tail-calls.
+        load_checked(&mut ebpf, IPV6_PROGRAM_NAME, verifier_log)?;
+        let mut programs: ProgramArray<MapData> =
+            take_map(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
+        let ipv6_program: &Xdp = ebpf
+            .program(IPV6_PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing {
+                kind: "program",
+                name: IPV6_PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        let fd = ipv6_program.fd().map_err(DataplaneError::Program)?;
+        programs
+            .set(IPV6_PROGRAM_INDEX, fd, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "PROGRAMS",
+                cause,
+            })?;
         Ok(Self {
+            _programs: programs,
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
@@ -396,6 +410,46 @@ struct Attachment {
     /// The interface's index at attach time; a different index now means it was recreated.
     ifindex: u32,
     link: aya::programs::xdp::XdpLinkId,
+}
+
+/// Loads one XDP program of the object through the verifier; when it refuses, its log is
+/// written to `verifier_log` (the IPv6 program's beside it, with `.ipv6` appended).
+fn load_checked(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    verifier_log: &Path,
+) -> Result<(), DataplaneError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(DataplaneError::Program)?;
+    let Err(error) = program.load() else {
+        return Ok(());
+    };
+    let log_file = if name == PROGRAM_NAME {
+        verifier_log.to_path_buf()
+    } else {
+        let mut path = verifier_log.as_os_str().to_owned();
+        path.push(".ipv6");
+        path.into()
+    };
+    let log_path = log_file.display().to_string();
+    if let ProgramError::LoadError {
+        verifier_log: log, ..
+    } = &error
+    {
+        if let Err(write_error) = std::fs::write(&log_file, log.to_string()) {
+            tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
+        }
+    }
+    Err(DataplaneError::Load {
+        log_path,
+        cause: error,
+    })
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
