@@ -3,6 +3,7 @@
 //! Only changed 16-bit words are folded in, so the cost does not depend on the packet length,
 //! and the payload is never read.
 
+use aya_ebpf::helpers::bpf_csum_diff;
 use lb_common::Address;
 
 /// Folds a 32-bit ones'-complement sum to 16 bits. Two rounds suffice for the at most a few
@@ -67,4 +68,28 @@ pub fn udp_replace<A: Address>(
     } else {
         updated
     }
+}
+
+/// The checksum after the 16-byte address at `field` (in the packet) changes to `new`, summed
+/// by the `bpf_csum_diff` helper: assembling eight words from bytes would spill them all to
+/// the BPF stack, which the IPv6 program cannot spare. The helper sums in memory order, so the
+/// checksum is read and written in memory order too.
+///
+/// # Safety
+/// `field` must point to 16 bounds-checked bytes of the packet.
+#[inline(always)]
+pub unsafe fn replace16(check: [u8; 2], field: *const [u8; 16], new: &[u8; 16]) -> [u8; 2] {
+    // Sizes are multiples of 4, the only way the helper fails.
+    let difference = bpf_csum_diff(
+        field.cast_mut().cast(),
+        16,
+        (new as *const [u8; 16]).cast_mut().cast(),
+        16,
+        0,
+    ) as u32;
+    let sum = (!u16::from_ne_bytes(check)) as u64 + difference as u64;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_ne_bytes()
 }

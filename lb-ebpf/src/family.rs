@@ -5,20 +5,19 @@
 //! generic over [`Family`], and compiled twice: each family gets its own code with direct map
 //! references, so neither pays for the other at run time.
 
-use aya_ebpf::{
-    maps::{HashMap, LruHashMap},
-    programs::XdpContext,
+use aya_ebpf::maps::{HashMap, LruHashMap};
+use lb_common::{
+    Address, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, ReverseNat, Service,
+    ServiceKey,
 };
-use lb_common::{Address, Endpoint, EndpointKey, Flow, FlowKey, ReverseNat, Service, ServiceKey};
 
 use crate::{
     checksum,
     headers::{Ipv4Header, Ipv6Header, IPV6_HEADER_LEN},
     maps::{
-        ENDPOINTS, ENDPOINTS6, FLOWS, FLOWS6, REVERSE_FLOWS, REVERSE_FLOWS6, SERVICES, SERVICES6,
-        VIP_ADDRESSES, VIP_ADDRESSES6,
+        ENDPOINTS, ENDPOINTS6, FLOWS, FLOWS6, FRAGMENTS, FRAGMENTS6, REVERSE_FLOWS,
+        REVERSE_FLOWS6, SERVICES, SERVICES6, VIP_ADDRESSES, VIP_ADDRESSES6,
     },
-    NewFlow,
 };
 
 /// `bpf_fib_lookup` address families.
@@ -48,9 +47,22 @@ pub trait Family {
     fn flows() -> &'static LruHashMap<FlowKey<Self::Addr>, Flow>;
     fn endpoints() -> &'static HashMap<EndpointKey<Self::Addr>, Endpoint<Self::Addr>>;
     fn reverse_flows() -> &'static LruHashMap<FlowKey<Self::Addr>, ReverseNat<Self::Addr>>;
+    fn fragments() -> &'static HashMap<FragmentKey<Self::Addr>, Fragment>;
 
     /// A backend's address (`Backend::addr`, 16 bytes) in this family.
     fn narrow(addr: [u8; 16]) -> Self::Addr;
+    /// [`Family::narrow`] in place, without a copy.
+    fn narrow_ref(addr: &[u8; 16]) -> &Self::Addr;
+
+    /// A checksum that covers the address at `field` (through the pseudo-header) after the
+    /// address changes to `new`.
+    /// # Safety
+    /// `field` must point into a bounds-checked header.
+    unsafe fn replace_addr_check(
+        check: [u8; 2],
+        field: *const Self::Addr,
+        new: &Self::Addr,
+    ) -> [u8; 2];
 
     /// # Safety
     /// `ip` must point to a whole, bounds-checked header.
@@ -76,14 +88,6 @@ pub trait Family {
     /// # Safety
     /// As [`Family::src`].
     unsafe fn quoted_header(ip: *mut Self::Header) -> Option<(usize, u8)>;
-
-    /// Starts a flow: `crate::new_flow`, inlined or called as the family's stack allows.
-    fn new_flow(
-        ctx: &XdpContext,
-        tuple: &FlowKey<Self::Addr>,
-        service: &Service,
-        start: &NewFlow,
-    ) -> u64;
 }
 
 pub struct V4;
@@ -92,11 +96,6 @@ pub struct V6;
 impl Family for V4 {
     type Addr = [u8; 4];
     type Header = Ipv4Header;
-
-    #[inline(always)]
-    fn new_flow(ctx: &XdpContext, tuple: &FlowKey, service: &Service, start: &NewFlow) -> u64 {
-        crate::new_flow::<V4>(ctx, tuple, service, start)
-    }
 
     const AF: u8 = AF_INET;
     const UDP_CHECKSUM_OPTIONAL: bool = true;
@@ -129,10 +128,23 @@ impl Family for V4 {
     fn reverse_flows() -> &'static LruHashMap<FlowKey<[u8; 4]>, ReverseNat<[u8; 4]>> {
         &REVERSE_FLOWS
     }
+    #[inline(always)]
+    fn fragments() -> &'static HashMap<FragmentKey<[u8; 4]>, Fragment> {
+        &FRAGMENTS
+    }
 
     #[inline(always)]
     fn narrow(addr: [u8; 16]) -> [u8; 4] {
         [addr[0], addr[1], addr[2], addr[3]]
+    }
+    #[inline(always)]
+    fn narrow_ref(addr: &[u8; 16]) -> &[u8; 4] {
+        // SAFETY: the first four of 16 bytes; both arrays have alignment 1.
+        unsafe { &*addr.as_ptr().cast::<[u8; 4]>() }
+    }
+    #[inline(always)]
+    unsafe fn replace_addr_check(check: [u8; 2], field: *const [u8; 4], new: &[u8; 4]) -> [u8; 2] {
+        checksum::replace_addr(check, *field, *new)
     }
 
     #[inline(always)]
@@ -172,16 +184,6 @@ impl Family for V6 {
     type Addr = [u8; 16];
     type Header = Ipv6Header;
 
-    #[inline(always)]
-    fn new_flow(
-        ctx: &XdpContext,
-        tuple: &FlowKey<[u8; 16]>,
-        service: &Service,
-        start: &NewFlow,
-    ) -> u64 {
-        crate::new_flow6(ctx, tuple, service, start)
-    }
-
     const AF: u8 = AF_INET6;
     const UDP_CHECKSUM_OPTIONAL: bool = false;
     const ICMP_PSEUDO_HEADER: bool = true;
@@ -213,10 +215,26 @@ impl Family for V6 {
     fn reverse_flows() -> &'static LruHashMap<FlowKey<[u8; 16]>, ReverseNat<[u8; 16]>> {
         &REVERSE_FLOWS6
     }
+    #[inline(always)]
+    fn fragments() -> &'static HashMap<FragmentKey<[u8; 16]>, Fragment> {
+        &FRAGMENTS6
+    }
 
     #[inline(always)]
     fn narrow(addr: [u8; 16]) -> [u8; 16] {
         addr
+    }
+    #[inline(always)]
+    fn narrow_ref(addr: &[u8; 16]) -> &[u8; 16] {
+        addr
+    }
+    #[inline(always)]
+    unsafe fn replace_addr_check(
+        check: [u8; 2],
+        field: *const [u8; 16],
+        new: &[u8; 16],
+    ) -> [u8; 2] {
+        checksum::replace16(check, field, new)
     }
 
     #[inline(always)]

@@ -50,7 +50,6 @@ const QUOTED_LEN: usize = core::mem::size_of::<QuotedTransport>();
 
 /// Translates an ICMP error about a balanced flow; passes anything else unchanged.
 /// `packet_end` is where the outer IP packet ends (its total length; padding may follow).
-/// IPv4 inlines it; IPv6 calls [`translate_error6`].
 #[inline(always)]
 pub fn translate_error<F: Family>(
     ctx: &XdpContext,
@@ -175,24 +174,6 @@ pub fn translate_error<F: Family>(
         }
     }
     not_ours
-}
-
-/// [`translate_error`] for IPv6 as a function of its own (a BPF-to-BPF call): errors are rare,
-/// and inlined into the IPv6 program their stack would push it past the 512-byte limit.
-/// Returns a packed verdict (`crate::pack`), as a call must.
-#[inline(never)]
-pub fn translate_error6(
-    ctx: &XdpContext,
-    l3_offset: usize,
-    icmp_offset: usize,
-    packet_end: usize,
-) -> u64 {
-    crate::pack(Ok(translate_error::<crate::family::V6>(
-        ctx,
-        l3_offset,
-        icmp_offset,
-        packet_end,
-    )))
 }
 
 enum OuterSide {

@@ -1,13 +1,21 @@
 //! IPv6: the fixed header, a bounded walk over the extension headers, then the same balancing
 //! as IPv4 (`crate::balance`), or ICMPv6 error translation.
 //!
+//! Three programs, chained by tail calls through `PROGRAMS`: [`try_parse`] (`balancer6`) checks
+//! the headers and walks the chain, and leaves where the transport (or ICMPv6) header is in
+//! the per-CPU [`IPV6_PARSED`] slot; [`try_balance_transport`] (`balancer6_transport`) and
+//! [`try_translate_icmp`] (`balancer6_icmp`) take it from there. Each program has its own
+//! 512 bytes of stack and its own verifier budget: the walk leaves many distinct states (one
+//! per shape of chain), which the verifier would otherwise carry through the whole balancing
+//! path, and the balancing and ICMP paths each need most of a stack.
+//!
 //! Extension headers stay in the packet exactly as they came; only the fixed header's
 //! destination (or, for replies, source) and the transport header change. The walk knows the
 //! length rule of each header it steps over: hop-by-hop options, destination options and
 //! routing headers count 8-byte units after the first 8 bytes, AH counts 4-byte units after the
 //! first 8, a fragment header is always 8 bytes.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::XdpContext};
 use lb_common::{counter, protocol};
 
 use crate::{
@@ -15,9 +23,35 @@ use crate::{
     headers::{
         ptr_at, EthernetHeader, ExtensionHeader, Ipv6Header, ETHER_TYPE_IPV6, IPV6_HEADER_LEN,
     },
-    icmp, not_for_us_or_malformed, skip_vlan_tags, transport_at, Drop, Verdict, TCP_HEADER_LEN,
+    icmp,
+    maps::{PROGRAMS, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_TRANSPORT},
+    not_for_us_or_malformed, skip_vlan_tags, transport_at, Drop, Verdict, TCP_HEADER_LEN,
     UDP_HEADER_LEN,
 };
+
+/// What [`try_parse`] found, for the program it tail-calls. Offsets from the frame's start.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Parsed {
+    /// The fixed IPv6 header.
+    l3_offset: u32,
+    /// The transport (or ICMPv6) header, after the extension headers.
+    l4_offset: u32,
+    /// Where the IPv6 packet ends (its payload length; Ethernet padding may follow).
+    packet_end: u32,
+    /// The transport protocol.
+    next: u8,
+    _pad: [u8; 3],
+}
+
+/// One [`Parsed`] per CPU: a tail call keeps the CPU (XDP runs with preemption off), so the
+/// program it starts reads what its caller wrote.
+#[map]
+static IPV6_PARSED: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
+
+/// The furthest a transport header may start: VLAN tags, the fixed header and six extension
+/// headers of at most 2048 bytes each. Bounds what the verifier sees in the next program.
+const MAX_L4_OFFSET: u32 = 0x4000;
 
 /// Extension header numbers the walk steps over.
 const HOP_BY_HOP: u8 = 0;
@@ -31,9 +65,9 @@ const DESTINATION_OPTIONS: u8 = 60;
 const MAX_EXTENSION_HEADERS: usize = 6;
 
 /// An IPv6 packet (the IPv4 program checked the EtherType before the tail call), checked and
-/// parsed up to the transport header, then balanced.
+/// parsed up to the transport header, then handed to the program that balances it.
 #[inline(always)]
-pub fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
+pub fn try_parse(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let ethernet: *mut EthernetHeader =
         ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
     // SAFETY: ptr_at checked the whole header.
@@ -94,7 +128,7 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     }
 
     if next == V6::ICMP_PROTOCOL && !fragment {
-        return crate::unpack(icmp::translate_error6(ctx, l3_offset, offset, packet_end));
+        return Ok(hand_over(ctx, PROGRAM_IPV6_ICMP, l3_offset, offset, packet_end, next));
     }
     if next != protocol::TCP && next != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
@@ -110,16 +144,87 @@ pub fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     } else {
         UDP_HEADER_LEN
     };
-    let transport = transport_at(ctx, offset, next);
-    let Some(transport) = transport else {
-        return not_for_us_or_malformed::<V6>(dst_addr);
-    };
-    // (Checked after ptr_at: the other order lets LLVM merge the bounds and the verifier loses
-    // the packet pointer's range.)
     if offset + transport_len > packet_end {
         return not_for_us_or_malformed::<V6>(dst_addr);
     }
-    crate::balance::<V6>(ctx, ethernet, ip, &transport)
+    Ok(hand_over(ctx, PROGRAM_IPV6_TRANSPORT, l3_offset, offset, packet_end, next))
+}
+
+/// Leaves what the parse found in [`IPV6_PARSED`] and tail-calls `program`, which does not
+/// return; the verdict is only reached if the program is missing (never once `lb-user` has
+/// loaded the datapath).
+#[inline(always)]
+fn hand_over(
+    ctx: &XdpContext,
+    program: u32,
+    l3_offset: usize,
+    l4_offset: usize,
+    packet_end: usize,
+    next: u8,
+) -> Verdict {
+    let Some(parsed) = IPV6_PARSED.get_ptr_mut(0) else {
+        return Verdict::Pass(counter::PASS_NOT_IP);
+    };
+    // SAFETY: a per-CPU slot; only this program run and the one it tail-calls touch it.
+    unsafe {
+        *parsed = Parsed {
+            l3_offset: l3_offset as u32,
+            l4_offset: l4_offset as u32,
+            packet_end: packet_end as u32,
+            next,
+            _pad: [0; 3],
+        };
+        // SAFETY: a helper call; it only returns if the slot is empty.
+        let _ = PROGRAMS.tail_call(ctx, program);
+    }
+    Verdict::Pass(counter::PASS_NOT_IP)
+}
+
+/// What [`try_parse`] left, with bounds the verifier can see (it knows nothing of a map
+/// value's contents): anything out of range would be our own bug, and passes.
+#[inline(always)]
+fn parsed() -> Option<Parsed> {
+    let parsed = *IPV6_PARSED.get(0)?;
+    if parsed.l3_offset > MAX_L3_OFFSET
+        || parsed.l4_offset > MAX_L4_OFFSET
+        || parsed.packet_end > MAX_L4_OFFSET + 0x10000
+    {
+        return None;
+    }
+    Some(parsed)
+}
+
+/// The furthest the fixed header starts: after two VLAN tags.
+const MAX_L3_OFFSET: u32 = 22;
+
+/// A TCP or UDP packet that [`try_parse`] checked: balanced like IPv4 (`crate::balance`).
+#[inline(always)]
+pub fn try_balance_transport(ctx: &XdpContext) -> Result<Verdict, Drop> {
+    let Some(parsed) = parsed() else {
+        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
+    };
+    let ethernet: *mut EthernetHeader =
+        ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
+    let ip: *mut Ipv6Header =
+        ptr_at(ctx, parsed.l3_offset as usize).ok_or(Drop(counter::DROP_MALFORMED_IPV6))?;
+    let Some(transport) = transport_at(ctx, parsed.l4_offset as usize, parsed.next) else {
+        return Err(Drop(counter::DROP_MALFORMED_L4));
+    };
+    crate::balance::<V6>(ctx, ethernet, ip, &transport, None)
+}
+
+/// An ICMPv6 message that [`try_parse`] checked: errors about balanced flows are translated.
+#[inline(always)]
+pub fn try_translate_icmp(ctx: &XdpContext) -> Result<Verdict, Drop> {
+    let Some(parsed) = parsed() else {
+        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
+    };
+    Ok(icmp::translate_error::<V6>(
+        ctx,
+        parsed.l3_offset as usize,
+        parsed.l4_offset as usize,
+        parsed.packet_end as usize,
+    ))
 }
 
 #[inline(always)]

@@ -15,6 +15,7 @@
 mod checksum;
 mod egress;
 mod family;
+mod fragments;
 mod headers;
 mod icmp;
 mod ipv6;
@@ -28,8 +29,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler, Address,
-    Backend, Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
+    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler,
+    service_flags, three_tuple, Address, Backend, Flow, FlowKey, FragmentKey, ReverseNat, Service,
+    ServiceKey, TrafficStats,
 };
 
 use crate::{
@@ -57,34 +59,6 @@ pub enum Verdict {
 /// A packet dropped, with the counter naming why.
 pub struct Drop(u32);
 
-/// A `Result<Verdict, Drop>` in one 64-bit scalar, for the functions kept apart as BPF-to-BPF
-/// calls: a call returns one register, and an aggregate would come back as a pointer into the
-/// caller's stack, which the verifier refuses. Bits 62-63 say which verdict, bits 32-61 hold
-/// a redirect's interface index, bits 0-31 the counter.
-#[inline(always)]
-pub(crate) fn pack(result: Result<Verdict, Drop>) -> u64 {
-    let (kind, ifindex, counter) = match result {
-        Ok(Verdict::Pass(counter)) => (0u64, 0u32, counter),
-        Ok(Verdict::Transmit(counter)) => (1, 0, counter),
-        Ok(Verdict::Redirect(ifindex, counter)) => (2, ifindex, counter),
-        Err(Drop(counter)) => (3, 0, counter),
-    };
-    kind << 62 | ((ifindex as u64) & 0x3fff_ffff) << 32 | counter as u64
-}
-
-/// The inverse of [`pack`].
-#[inline(always)]
-pub(crate) fn unpack(packed: u64) -> Result<Verdict, Drop> {
-    let counter = packed as u32;
-    let ifindex = ((packed >> 32) & 0x3fff_ffff) as u32;
-    match packed >> 62 {
-        0 => Ok(Verdict::Pass(counter)),
-        1 => Ok(Verdict::Transmit(counter)),
-        2 => Ok(Verdict::Redirect(ifindex, counter)),
-        _ => Err(Drop(counter)),
-    }
-}
-
 /// Where the transport header's fields are, whichever of TCP or UDP it is.
 pub(crate) struct Transport {
     src_port: *mut [u8; 2],
@@ -108,7 +82,19 @@ pub fn balancer(ctx: XdpContext) -> u32 {
 /// `PROGRAMS` at load.
 #[xdp]
 pub fn balancer6(ctx: XdpContext) -> u32 {
-    act(ipv6::try_balance(&ctx))
+    act(ipv6::try_parse(&ctx))
+}
+
+/// The IPv6 TCP and UDP path, tail-called by [`balancer6`] (see `ipv6.rs` for why apart).
+#[xdp]
+pub fn balancer6_transport(ctx: XdpContext) -> u32 {
+    act(ipv6::try_balance_transport(&ctx))
+}
+
+/// The ICMPv6 path, tail-called by [`balancer6`].
+#[xdp]
+pub fn balancer6_icmp(ctx: XdpContext) -> u32 {
+    act(ipv6::try_translate_icmp(&ctx))
 }
 
 /// The one mapping from verdicts to XDP actions, with each verdict counted.
@@ -196,11 +182,18 @@ fn balance_ipv4(
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
     }
-    // Only the first fragment has ports, so fragments cannot be balanced one by one yet.
-    // FIXME(#5): track fragments by IP ID so every fragment follows the first one.
-    if u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK != 0 {
-        return Ok(Verdict::Pass(counter::PASS_FRAGMENT));
-    }
+    // Only a first fragment has ports: later ones follow it (see fragments.rs).
+    let first_fragment = match fragments::ipv4(
+        ctx,
+        ethernet,
+        ip,
+        l3_offset + header_len,
+        l3_offset + total_len,
+    )? {
+        fragments::Step::Whole => None,
+        fragments::Step::First(key) => Some(key),
+        fragments::Step::Done(verdict) => return Ok(verdict),
+    };
 
     let dst_addr = unsafe { (*ip).dst };
     // The transport header must lie inside the IP packet, not in the frame's padding.
@@ -219,7 +212,7 @@ fn balance_ipv4(
         // addressed to a VIP, and leave everybody else's packets to the kernel.
         return not_for_us_or_malformed::<V4>(dst_addr);
     };
-    balance::<V4>(ctx, ethernet, ip, &transport)
+    balance::<V4>(ctx, ethernet, ip, &transport, first_fragment.as_ref())
 }
 
 /// A packet whose transport header is missing or cut short: malformed if it is addressed to a
@@ -241,11 +234,12 @@ pub(crate) fn balance<F: Family>(
     ethernet: *mut EthernetHeader,
     ip: *mut F::Header,
     transport: &Transport,
+    first_fragment: Option<&FragmentKey<F::Addr>>,
 ) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
     if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
     {
-        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+        return Ok(not_for_a_service::<F>(first_fragment));
     }
 
     let tuple = FlowKey {
@@ -265,13 +259,25 @@ pub(crate) fn balance<F: Family>(
     // SAFETY: map values stay valid for the whole program run (RCU).
     if let Some(service) = unsafe { F::services().get(&service_key) } {
         check_udp_checksum::<F>(transport)?;
-        return forward::<F>(ctx, ethernet, ip, transport, &tuple, service);
+        return forward::<F>(ctx, ethernet, ip, transport, &tuple, service, first_fragment);
     }
-    if let Some(nat) = reverse_nat::<F>(&tuple) {
-        check_udp_checksum::<F>(transport)?;
-        return Ok(reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat));
+    // A fragment here is addressed to a VIP, so it is no reply to a client.
+    if first_fragment.is_none() {
+        if let Some(nat) = reverse_nat::<F>(&tuple) {
+            check_udp_checksum::<F>(transport)?;
+            return Ok(reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat));
+        }
     }
-    Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+    Ok(not_for_a_service::<F>(first_fragment))
+}
+
+/// A packet for no service passes; a first fragment's later fragments will pass too.
+#[inline(always)]
+fn not_for_a_service<F: Family>(first_fragment: Option<&FragmentKey<F::Addr>>) -> Verdict {
+    match first_fragment {
+        Some(key) => fragments::pass_first::<F>(key),
+        None => Verdict::Pass(counter::PASS_NOT_SERVICE),
+    }
 }
 
 /// IPv6 UDP must carry a checksum (RFC 8200, 8.1): a zero is invalid and the receiver would
@@ -339,7 +345,7 @@ pub(crate) fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> 
 }
 
 /// A client's packet for a service: pick the flow's backend, translate the destination and
-/// send it there.
+/// send it there. A first fragment's datagram is recorded, so its later fragments follow.
 #[inline(always)]
 fn forward<F: Family>(
     ctx: &XdpContext,
@@ -348,9 +354,12 @@ fn forward<F: Family>(
     transport: &Transport,
     tuple: &FlowKey<F::Addr>,
     service: &Service,
+    first_fragment: Option<&FragmentKey<F::Addr>>,
 ) -> Result<Verdict, Drop> {
     let (backend_id, backend) = select_backend::<F>(ctx, tuple, service, transport.tcp_flags)?;
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    if let Some(key) = first_fragment {
+        fragments::record::<F>(key, service.id, backend_id, backend.generation);
+    }
 
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
@@ -358,19 +367,10 @@ fn forward<F: Family>(
             ip,
             transport,
             Side::Destination,
-            F::narrow(backend.addr),
+            F::narrow_ref(&backend.addr),
             backend.port,
         );
     }
-    add_traffic(service.id, backend_id, |stats| {
-        stats.packets += 1;
-        stats.bytes += frame_len;
-    });
-    if backend.flags & backend_flags::VIA_KERNEL != 0 {
-        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
-        return Ok(Verdict::Pass(counter::PASS_KERNEL_FORWARD));
-    }
-
     let route = Route {
         family: F::AF,
         src: tuple.src_addr.widen(),
@@ -380,17 +380,42 @@ fn forward<F: Family>(
         dst_port: backend.port,
         total_len: unsafe { F::packet_len(ip) },
     };
+    Ok(send_to_backend(
+        ctx, ethernet, &route, service.id, backend_id, &backend,
+    ))
+}
+
+/// Counts a client packet translated towards `backend` and sends it there: through the
+/// kernel for a backend behind a bridge, else by `route::send`.
+#[inline(always)]
+pub(crate) fn send_to_backend(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    route: &Route,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+) -> Verdict {
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    add_traffic(service_id, backend_id, |stats| {
+        stats.packets += 1;
+        stats.bytes += frame_len;
+    });
+    if backend.flags & backend_flags::VIA_KERNEL != 0 {
+        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
+        return Verdict::Pass(counter::PASS_KERNEL_FORWARD);
+    }
     let counters = SendCounters {
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
-    Ok(route::send(
+    route::send(
         ctx,
         ethernet,
-        &route,
+        route,
         &counters,
         NEXT_HOPS.get_ptr_mut(backend_id),
-    ))
+    )
 }
 
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
@@ -412,7 +437,7 @@ fn reply<F: Family>(
             ip,
             transport,
             Side::Source,
-            nat.service_addr,
+            &nat.service_addr,
             nat.service_port,
         );
     }
@@ -513,7 +538,7 @@ fn select_backend<F: Family>(
         closing,
         now,
     };
-    let backend_id = F::new_flow(ctx, tuple, service, &start);
+    let backend_id = new_flow::<F>(ctx, tuple, service, &start);
     if backend_id & NEW_FLOW_DROPPED != 0 {
         return Err(Drop(backend_id as u32));
     }
@@ -536,8 +561,7 @@ pub(crate) struct NewFlow {
 }
 
 /// Schedules a new flow (or moves one): checks its source, picks a backend, records the flow.
-/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter. IPv4 inlines it;
-/// IPv6 calls it (`new_flow6`).
+/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter.
 #[inline(always)]
 pub(crate) fn new_flow<F: Family>(
     ctx: &XdpContext,
@@ -587,19 +611,6 @@ pub(crate) fn new_flow<F: Family>(
         count(counter::FLOW_INSERT_FAILED);
     }
     backend_id as u64
-}
-
-/// [`new_flow`] for IPv6, as a function of its own (a BPF-to-BPF call): it runs once per flow,
-/// and inlined beside the per-packet path its stack would push the IPv6 program past the
-/// 512-byte limit (IPv6 keys are 40 bytes each).
-#[inline(never)]
-pub(crate) fn new_flow6(
-    ctx: &XdpContext,
-    tuple: &FlowKey<[u8; 16]>,
-    service: &Service,
-    start: &NewFlow,
-) -> u64 {
-    new_flow::<family::V6>(ctx, tuple, service, start)
 }
 
 /// Records how to translate the replies of a new flow on a shared backend endpoint; false if
@@ -693,7 +704,7 @@ pub(crate) fn note_reply_flags<F: Family>(
 }
 
 /// Picks a backend for a new flow from the service's table: a per-CPU cursor for the round
-/// robin schedulers, the flow's hash for Maglev.
+/// robin schedulers, the flow's hash for Maglev (without the ports for a 3-tuple service).
 #[inline(always)]
 fn schedule<A: Address>(service: &Service, tuple: &FlowKey<A>) -> Result<u32, Drop> {
     let table_len = service.table_len;
@@ -701,7 +712,12 @@ fn schedule<A: Address>(service: &Service, tuple: &FlowKey<A>) -> Result<u32, Dr
         return Err(Drop(counter::DROP_NO_BACKEND));
     }
     let slot = if service.scheduler == scheduler::MAGLEV {
-        flow_hash(tuple) % table_len
+        let hash = if service.flags & service_flags::HASH_3_TUPLE != 0 {
+            flow_hash(&three_tuple(tuple))
+        } else {
+            flow_hash(tuple)
+        };
+        hash % table_len
     } else {
         let cursor = RR_CURSORS
             .get_ptr_mut(service.id)
@@ -733,27 +749,29 @@ unsafe fn rewrite<F: Family>(
     ip: *mut F::Header,
     transport: &Transport,
     side: Side,
-    addr: F::Addr,
+    addr: &F::Addr,
     port: [u8; 2],
 ) {
     let (addr_field, port_field) = match side {
         Side::Source => (F::src(ip), transport.src_port),
         Side::Destination => (F::dst(ip), transport.dst_port),
     };
-    let old_addr = *addr_field;
     let old_port = *port_field;
-    F::update_header_check(ip, old_addr, addr);
-    // The transport checksum covers the addresses through the pseudo-header.
-    *transport.check = if transport.is_udp {
-        checksum::udp_replace(*transport.check, old_addr, addr, old_port, port)
-    } else {
-        checksum::replace2(
-            checksum::replace_addr(*transport.check, old_addr, addr),
-            old_port,
-            port,
-        )
-    };
-    *addr_field = addr;
+    F::update_header_check(ip, *addr_field, *addr);
+    // The transport checksum covers the addresses through the pseudo-header. Zero means "no
+    // checksum" in IPv4 UDP and stays zero (IPv6 never gets here with one: it is dropped
+    // first); a computed zero is sent as 0xffff, its ones'-complement equal (RFC 768).
+    let check = *transport.check;
+    if !(transport.is_udp && check == [0, 0]) {
+        let updated =
+            checksum::replace2(F::replace_addr_check(check, addr_field, addr), old_port, port);
+        *transport.check = if transport.is_udp && updated == [0, 0] {
+            [0xff, 0xff]
+        } else {
+            updated
+        };
+    }
+    *addr_field = *addr;
     *port_field = port;
 }
 

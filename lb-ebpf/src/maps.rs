@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    Fragment, FragmentKey, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6,
+    Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -42,6 +43,21 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Fragmented datagrams (addresses, IP ID, protocol) to where their later fragments go. A
+/// plain preallocated hash, not an LRU: when it is full an insert fails, which is counted
+/// (`fragment_table_full`), where an LRU would silently evict a live datagram. A new first
+/// fragment with the same key replaces its entry (that needs no free element), and `lb-user`
+/// sweeps timed-out entries periodically. Sized by `lb-user` at load.
+#[map]
+pub static FRAGMENTS: HashMap<FragmentKey, Fragment> =
+    HashMap::with_max_entries(FRAGMENT_TABLE_SIZE, 0);
+
+/// (VIP, protocol) to the key of its `maglev_key = "3-tuple"` service, if it has one: where a
+/// later fragment without a tracking entry is placed. Written by `lb-user` with the services.
+#[map]
+pub static THREE_TUPLE_SERVICES: HashMap<VipProtocol, ServiceKey> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// Backend endpoints to the service they answer for (see `lb_common::Endpoint`).
 #[map]
@@ -77,6 +93,10 @@ pub static ENDPOINTS6: HashMap<EndpointKey6, Endpoint6> =
 pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
+#[map]
+pub static FRAGMENTS6: HashMap<FragmentKey<[u8; 16]>, Fragment> =
+    HashMap::with_max_entries(FRAGMENT_TABLE_SIZE, 0);
+
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
 /// flows each CPU's rotation is even, so the sum is too.
 #[map]
@@ -101,10 +121,13 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 #[map]
 pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
-/// Programs `balancer` tail-calls: the IPv6 datapath at [`PROGRAM_IPV6`].
+/// Programs the datapath tail-calls: `balancer` the IPv6 parser at [`PROGRAM_IPV6`], which
+/// goes on to the IPv6 transport or ICMPv6 program. Filled by `lb-user` at load.
 #[map]
-pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 pub const PROGRAM_IPV6: u32 = 0;
+pub const PROGRAM_IPV6_TRANSPORT: u32 = 1;
+pub const PROGRAM_IPV6_ICMP: u32 = 2;
 
 /// Global verdict and event counters, indexed by `lb_common::counter`.
 #[map]

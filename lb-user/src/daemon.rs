@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     config::{self, Config},
     control::{self, Call, FlowEntry, Request, Response},
-    dataplane::{LoadOptions, XdpDataplane},
+    dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     netdev,
     services::ServiceTable,
@@ -84,13 +84,16 @@ pub async fn run(options: Options) -> Result<()> {
     let verifier_log = options.socket.with_file_name("verifier.log");
     let load_options = LoadOptions {
         flow_table_size: config.flows.table_size,
+        fragment_table_size: config.fragments.table_size,
         schedule_size,
     };
     let mut dataplane =
         XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
     tracing::info!(
-        "XDP program loaded (flow table {} entries, scheduling table {schedule_size} entries)",
-        config.flows.table_size
+        "XDP program loaded (flow table {} entries, fragment table {} entries, scheduling table \
+         {schedule_size} entries)",
+        config.flows.table_size,
+        config.fragments.table_size
     );
     table
         .install(&mut dataplane)
@@ -149,7 +152,10 @@ pub async fn run(options: Options) -> Result<()> {
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = reconcile.tick() => daemon.reconcile_interfaces(),
+            _ = reconcile.tick() => {
+                daemon.reconcile_interfaces();
+                daemon.sweep_fragments();
+            }
             Some(event) = health_events.recv() => daemon.apply_health_event(event),
             Some((request, reply)) = control_calls.recv() => {
                 let response = daemon.handle(request);
@@ -187,6 +193,17 @@ pub async fn run(options: Options) -> Result<()> {
 }
 
 impl Daemon {
+    /// Frees the fragment-table entries past their timeout (the datapath never deletes them).
+    fn sweep_fragments(&mut self) {
+        let timeout = self.config.fragments.timeout.as_nanos();
+        let timeout = u64::try_from(timeout).unwrap_or(u64::MAX);
+        match self.dataplane.sweep_fragments(monotonic_ns(), timeout) {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!("swept {swept} timed-out fragment-table entries"),
+            Err(error) => tracing::warn!("sweeping the fragment table: {error}"),
+        }
+    }
+
     /// Re-attaches to interfaces that were recreated, and attaches to new ones backends are
     /// routed through.
     fn reconcile_interfaces(&mut self) {
@@ -422,18 +439,6 @@ impl Daemon {
         });
         Ok(entries)
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
-    // CLOCK_MONOTONIC.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Warns about backend endpoints that serve more than one service (as the table marked them

@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Service, ServiceKey, Settings,
-    TrafficStats,
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, Service,
+    ServiceKey, Settings, TrafficStats, VipProtocol,
 };
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
@@ -19,10 +19,13 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
-/// The IPv6 datapath, tail-called by the main program from slot [`IPV6_PROGRAM_INDEX`] of the
-/// `PROGRAMS` map.
-pub const IPV6_PROGRAM_NAME: &str = "balancer6";
-pub const IPV6_PROGRAM_INDEX: u32 = 0;
+/// The IPv6 datapath: programs tail-called through the `PROGRAMS` map, each from its slot.
+/// The main program calls the IPv6 parser, which calls the transport or the ICMPv6 program.
+pub const IPV6_PROGRAMS: [(&str, u32); 3] = [
+    ("balancer6", 0),
+    ("balancer6_transport", 1),
+    ("balancer6_icmp", 2),
+];
 /// The tc egress program translating replies the kernel forwards (backends behind a bridge).
 pub const EGRESS_PROGRAM_NAME: &str = "reply_egress";
 /// A trivial XDP_TX program in the same object: the floor benchmarks compare against.
@@ -33,6 +36,8 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 pub struct LoadOptions {
     /// Entries in the flow table and in the reverse-translation table.
     pub flow_table_size: u32,
+    /// Entries in the fragment table.
+    pub fragment_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
     pub schedule_size: u32,
 }
@@ -41,6 +46,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            fragment_table_size: lb_common::FRAGMENT_TABLE_SIZE,
             schedule_size: lb_common::SCHEDULE_SIZE,
         }
     }
@@ -85,6 +91,13 @@ pub trait Dataplane {
     fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol).
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError>;
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
@@ -121,6 +134,8 @@ pub struct XdpDataplane {
     ports: Array<MapData, u64>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    fragments: HashMap<MapData, FragmentKey, Fragment>,
+    three_tuple_services: HashMap<MapData, VipProtocol, ServiceKey>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -148,28 +163,34 @@ impl XdpDataplane {
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
             .map_max_entries("FLOWS6", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
+            .map_max_entries("FRAGMENTS", options.fragment_table_size)
+            .map_max_entries("FRAGMENTS6", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
         load_checked(&mut ebpf, PROGRAM_NAME, verifier_log)?;
-        // The IPv6 path is a program of its own, which the main one tail-calls.
-        load_checked(&mut ebpf, IPV6_PROGRAM_NAME, verifier_log)?;
+        // The IPv6 path is programs of their own, which the main one tail-calls.
+        for (name, _) in IPV6_PROGRAMS {
+            load_checked(&mut ebpf, name, verifier_log)?;
+        }
         let mut programs: ProgramArray<MapData> =
             take_map(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
-        let ipv6_program: &Xdp = ebpf
-            .program(IPV6_PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
-                kind: "program",
-                name: IPV6_PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(DataplaneError::Program)?;
-        let fd = ipv6_program.fd().map_err(DataplaneError::Program)?;
-        programs
-            .set(IPV6_PROGRAM_INDEX, fd, 0)
-            .map_err(|cause| DataplaneError::Map {
-                map: "PROGRAMS",
-                cause,
-            })?;
+        for (name, index) in IPV6_PROGRAMS {
+            let program: &Xdp = ebpf
+                .program(name)
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(DataplaneError::Program)?;
+            let fd = program.fd().map_err(DataplaneError::Program)?;
+            programs
+                .set(index, fd, 0)
+                .map_err(|cause| DataplaneError::Map {
+                    map: "PROGRAMS",
+                    cause,
+                })?;
+        }
         Ok(Self {
             _programs: programs,
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
@@ -180,6 +201,8 @@ impl XdpDataplane {
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            fragments: take_map(&mut ebpf, "FRAGMENTS", HashMap::try_from)?,
+            three_tuple_services: take_map(&mut ebpf, "THREE_TUPLE_SERVICES", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
@@ -390,6 +413,41 @@ impl XdpDataplane {
         Ok(self.flows.iter().filter_map(Result::ok).collect())
     }
 
+    /// Removes the fragment-table entries older than `timeout_ns` at `now_ns` (the datapath's
+    /// coarse CLOCK_MONOTONIC): a later fragment could no longer use them, and the table is a
+    /// plain hash that does not evict, so without this it fills up. Returns how many went.
+    pub fn sweep_fragments(
+        &mut self,
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> Result<usize, DataplaneError> {
+        let expired: Vec<FragmentKey> = self
+            .fragments
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) > timeout_ns)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &expired {
+            match self.fragments.remove(key) {
+                // Replaced or removed meanwhile: a new first fragment's entry stays anyway.
+                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
+                Err(cause) => {
+                    return Err(DataplaneError::Map {
+                        map: "FRAGMENTS",
+                        cause,
+                    })
+                }
+            }
+        }
+        Ok(expired.len())
+    }
+
+    /// Every entry of the fragment table, for tests.
+    pub fn fragments(&self) -> Vec<(FragmentKey, Fragment)> {
+        self.fragments.iter().filter_map(Result::ok).collect()
+    }
+
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
     pub fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
         self.ebpf.map_mut(name)
@@ -434,7 +492,8 @@ fn load_checked(
         verifier_log.to_path_buf()
     } else {
         let mut path = verifier_log.as_os_str().to_owned();
-        path.push(".ipv6");
+        path.push(".");
+        path.push(name);
         path.into()
     };
     let log_path = log_file.display().to_string();
@@ -474,6 +533,19 @@ fn take_map<T>(
         map: name,
         cause: source,
     })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads (and the coarse variant
+/// the datapath's timestamps come from, a jiffy behind at most).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
+    // CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
@@ -593,6 +665,29 @@ impl Dataplane for XdpDataplane {
             })
     }
 
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.three_tuple_services
+            .insert(key, service, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            })
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        match self.three_tuple_services.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            }),
+        }
+    }
+
     fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
         (0..counter::COUNT)
             .map(|index| {
@@ -638,6 +733,7 @@ pub struct MemoryDataplane {
     pub endpoints: StdHashMap<EndpointKey, Endpoint>,
     pub backends: StdHashMap<u32, Backend>,
     pub vip_addresses: Vec<[u8; 4]>,
+    pub three_tuple_services: StdHashMap<VipProtocol, ServiceKey>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
@@ -718,6 +814,22 @@ impl Dataplane for MemoryDataplane {
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);
         }
+        Ok(())
+    }
+
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.insert(key, *service);
+        Ok(())
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.remove(&key);
         Ok(())
     }
 

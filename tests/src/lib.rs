@@ -19,6 +19,7 @@ pub mod nginx;
 pub mod packet;
 pub mod process;
 pub mod topology;
+pub mod udp_echo;
 pub mod xdp_pass;
 
 pub use client::Client;
@@ -30,6 +31,7 @@ pub use process::{pid_alive, unique_name, CommandError};
 pub use topology::{
     Backend, Layout, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SERVICE_PORT, SSH_PORT, VIP,
 };
+pub use udp_echo::UdpEcho;
 
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
