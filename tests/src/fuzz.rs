@@ -41,7 +41,7 @@
 //! dropped when it comes first for any other service.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt::{self, Write as _},
     io::Write as _,
     process::{Command, Stdio},
@@ -782,6 +782,11 @@ struct Generator {
     conversations: Vec<Tuple>,
     /// Cases made ahead (a truncation sweep).
     queued: VecDeque<Case>,
+    /// (source, destination, protocol, IP ID) of every fragmented datagram made so far. The
+    /// datapath tracks fragments by this key, so a datagram reusing one within the timeout is
+    /// indistinguishable from the earlier one (a later fragment arriving first would follow
+    /// it); real senders do not reuse an ID that soon, and neither does the generator.
+    fragment_keys: HashSet<([u8; 4], [u8; 4], u8, u16)>,
 }
 
 impl Generator {
@@ -790,6 +795,7 @@ impl Generator {
             rng: Rng(seed),
             conversations: Vec::new(),
             queued: VecDeque::new(),
+            fragment_keys: HashSet::new(),
         }
     }
 
@@ -852,6 +858,12 @@ impl Generator {
         let mut spec = self.spec(tuple, neighbour_mac(tuple.src), PUB_MAC, flags);
         spec.dont_fragment = false;
         spec.pad = None;
+        while !self
+            .fragment_keys
+            .insert((tuple.src, tuple.dst, tuple.protocol, spec.id))
+        {
+            spec.id = self.rng.u16();
+        }
         if spec.payload.len() < 16 {
             let len = 16 + self.rng.below(512);
             spec.payload = self.rng.bytes(len);
