@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, Service,
-    ServiceKey, Settings, TrafficStats, VipProtocol,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, Fragment,
+    FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
 };
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
@@ -395,6 +395,47 @@ impl XdpDataplane {
             }
         }
         failures
+    }
+
+    /// Writes an IPv6 service into `SERVICES6`. The IPv6 maps are written directly for now
+    /// (the packet tests use this); the configuration does not accept IPv6 services yet.
+    pub fn set_service6(
+        &mut self,
+        key: ServiceKey6,
+        service: &Service,
+    ) -> Result<(), DataplaneError> {
+        self.insert6("SERVICES6", key, *service)
+    }
+
+    /// Adds an IPv6 address to `VIP_ADDRESSES6` (see [`Self::set_service6`]).
+    pub fn add_vip_address6(&mut self, addr: [u8; 16]) -> Result<(), DataplaneError> {
+        self.insert6("VIP_ADDRESSES6", addr, 1u32)
+    }
+
+    /// Writes an IPv6 backend endpoint into `ENDPOINTS6` (see [`Self::set_service6`]).
+    pub fn set_endpoint6(
+        &mut self,
+        key: EndpointKey6,
+        endpoint: &Endpoint6,
+    ) -> Result<(), DataplaneError> {
+        self.insert6("ENDPOINTS6", key, *endpoint)
+    }
+
+    fn insert6<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DataplaneError> {
+        let data = self.ebpf.map_mut(map).ok_or(DataplaneError::Missing {
+            kind: "map",
+            name: map,
+        })?;
+        let mut table: HashMap<_, K, V> =
+            HashMap::try_from(data).map_err(|cause| DataplaneError::Map { map, cause })?;
+        table
+            .insert(key, value, 0)
+            .map_err(|cause| DataplaneError::Map { map, cause })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
