@@ -70,6 +70,9 @@ pub trait Address: Copy + Eq + 'static {
     fn widen(self) -> [u8; 16];
     /// Mixes the address into a [`flow_hash`] state, 32 bits at a time.
     fn mix_into(self, hash: u32) -> u32;
+    /// The sum of the address's 16-bit words (network order), unfolded: what the address
+    /// adds to an Internet checksum.
+    fn word_sum(self) -> u32;
 }
 
 impl Address for [u8; 4] {
@@ -83,6 +86,12 @@ impl Address for [u8; 4] {
     #[inline(always)]
     fn mix_into(self, hash: u32) -> u32 {
         mix_word(hash, u32::from_be_bytes(self))
+    }
+
+    #[inline(always)]
+    fn word_sum(self) -> u32 {
+        u16::from_be_bytes([self[0], self[1]]) as u32
+            + u16::from_be_bytes([self[2], self[3]]) as u32
     }
 }
 
@@ -99,6 +108,21 @@ impl Address for [u8; 16] {
         let hash = mix_word(hash, u32::from_be_bytes([b0, b1, b2, b3]));
         let hash = mix_word(hash, u32::from_be_bytes([c0, c1, c2, c3]));
         mix_word(hash, u32::from_be_bytes([d0, d1, d2, d3]))
+    }
+
+    #[inline(always)]
+    fn word_sum(self) -> u32 {
+        // Written out: an array of words here would be built on the BPF stack.
+        let word = |high: u8, low: u8| ((high as u32) << 8) | low as u32;
+        let [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3] = self;
+        word(a0, a1)
+            + word(a2, a3)
+            + word(b0, b1)
+            + word(b2, b3)
+            + word(c0, c1)
+            + word(c2, c3)
+            + word(d0, d1)
+            + word(d2, d3)
     }
 }
 
@@ -358,9 +382,9 @@ pub struct TrafficStats {
 /// `PASS_*` and `DROP_*` count each packet's final verdict by reason; the others count events
 /// along the way and can overlap with a verdict.
 pub mod counter {
-    /// Not IPv4 (ARP, LLDP, and IPv6 until its datapath lands): passed.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed.
     pub const PASS_NOT_IP: u32 = 0;
-    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
+    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP, ...): passed.
     pub const PASS_NOT_TCP_UDP: u32 = 1;
     /// TCP or UDP, but not for a service and not a reply of a balanced flow: passed.
     pub const PASS_NOT_SERVICE: u32 = 2;
@@ -454,8 +478,19 @@ pub mod counter {
     /// kernel, which completes it on its forwarding path.
     pub const PASS_CHECKSUM_NOT_COMPLETED: u32 = 39;
 
+    /// IPv6 header truncated, or its payload length past the frame, or (for a VIP) an extension
+    /// header cut short: dropped.
+    pub const DROP_MALFORMED_IPV6: u32 = 40;
+    /// IPv6 packets whose extension headers the datapath does not translate through (a chain
+    /// longer than it walks, a routing header with segments left, a header cut short on a
+    /// packet not for a VIP): passed untouched.
+    pub const PASS_IPV6_EXTENSION: u32 = 41;
+    /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
+    /// the kernel drops them too).
+    pub const DROP_UDP_ZERO_CHECKSUM: u32 = 42;
+
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 40;
+    pub const COUNT: u32 = 43;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -499,6 +534,9 @@ pub mod counter {
         "drop_fragment_tiny_first",
         "checksum_completed",
         "pass_checksum_not_completed",
+        "drop_malformed_ipv6",
+        "pass_ipv6_extension",
+        "drop_udp_zero_checksum",
     ];
 }
 

@@ -3,6 +3,9 @@
 //! Only changed 16-bit words are folded in, so the cost does not depend on the packet length,
 //! and the payload is never read.
 
+use aya_ebpf::helpers::bpf_csum_diff;
+use lb_common::Address;
+
 /// Folds a 32-bit ones'-complement sum to 16 bits. Two rounds suffice for any 32-bit sum (the
 /// first leaves at most 0x1fffe); the verifier prefers this to a loop.
 #[inline(always)]
@@ -28,6 +31,16 @@ pub fn replace4(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
     (!fold(sum)).to_be_bytes()
 }
 
+/// The checksum after an address of either family changed from `old` to `new` (in the header
+/// it belongs to, or in a pseudo-header the checksum covers).
+#[inline(always)]
+pub fn replace_addr<A: Address>(check: [u8; 2], old: A, new: A) -> [u8; 2] {
+    let sum = (!u16::from_be_bytes(check)) as u32
+        + (!fold(old.word_sum())) as u32
+        + fold(new.word_sum()) as u32;
+    (!fold(sum)).to_be_bytes()
+}
+
 /// The checksum after a 2-byte field (a port) changed from `old` to `new`.
 #[inline(always)]
 pub fn replace2(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
@@ -38,17 +51,18 @@ pub fn replace2(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
 /// A UDP checksum after an address and a port changed. Zero means "no checksum" in IPv4 UDP
 /// and stays zero; a computed zero is sent as 0xffff, its ones'-complement equal (RFC 768).
 #[inline(always)]
-pub fn udp_replace(
+pub fn udp_replace<A: Address>(
     check: [u8; 2],
-    old_addr: [u8; 4],
-    new_addr: [u8; 4],
+    old_addr: A,
+    new_addr: A,
     old_port: [u8; 2],
     new_port: [u8; 2],
 ) -> [u8; 2] {
+    // IPv6 never gets here with a zero: the datapath drops such packets first.
     if check == [0, 0] {
         return check;
     }
-    let updated = replace2(replace4(check, old_addr, new_addr), old_port, new_port);
+    let updated = replace2(replace_addr(check, old_addr, new_addr), old_port, new_port);
     if updated == [0, 0] {
         [0xff, 0xff]
     } else {
@@ -85,4 +99,28 @@ pub fn pseudo_header<const N: usize>(
 #[inline(always)]
 pub fn is_partial(check: [u8; 2], pseudo_header: [u8; 2]) -> bool {
     check == pseudo_header
+}
+
+/// The checksum after the 16-byte address at `field` (in the packet) changes to `new`, summed
+/// by the `bpf_csum_diff` helper: assembling eight words from bytes would spill them all to
+/// the BPF stack, which the IPv6 program cannot spare. The helper sums in memory order, so the
+/// checksum is read and written in memory order too.
+///
+/// # Safety
+/// `field` must point to 16 bounds-checked bytes of the packet.
+#[inline(always)]
+pub unsafe fn replace16(check: [u8; 2], field: *const [u8; 16], new: &[u8; 16]) -> [u8; 2] {
+    // Sizes are multiples of 4, the only way the helper fails.
+    let difference = bpf_csum_diff(
+        field.cast_mut().cast(),
+        16,
+        (new as *const [u8; 16]).cast_mut().cast(),
+        16,
+        0,
+    ) as u32;
+    let sum = (!u16::from_ne_bytes(check)) as u64 + difference as u64;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_ne_bytes()
 }

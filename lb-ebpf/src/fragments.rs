@@ -19,12 +19,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
-    backend_state, counter, protocol, Backend, FlowKey, Fragment, FragmentKey,
-    ServiceKey, VipProtocol, FRAGMENT_TO_KERNEL,
+    backend_state, counter, protocol, Address, Backend, FlowKey, Fragment, FragmentKey, ServiceKey,
+    VipProtocol, FRAGMENT_TO_KERNEL,
 };
 
 use crate::{
     checksum,
+    family::{Family, V4},
     headers::{ptr_at, EthernetHeader, Ipv4Header, TcpHeader, IPV4_FRAGMENT_MASK},
     maps::{count, BACKENDS, FRAGMENTS, SERVICES, SETTINGS, THREE_TUPLE_SERVICES, VIP_ADDRESSES},
     route::Route,
@@ -134,14 +135,15 @@ fn follow_ipv4(
     };
     // SAFETY: the caller bounds-checked the IPv4 header.
     unsafe {
-        let addr = crate::ipv4_of(backend.addr);
+        let addr = V4::narrow(backend.addr);
         (*ip).check = checksum::replace4((*ip).check, key.dst_addr, addr);
         (*ip).dst = addr;
     }
     // Ports 0: a later fragment has none; they only matter to port-based policy routing.
     let route = Route {
-        src: key.src_addr,
-        dst: crate::ipv4_of(backend.addr),
+        family: V4::AF,
+        src: key.src_addr.widen(),
+        dst: backend.addr,
         protocol: key.protocol,
         src_port: [0; 2],
         dst_port: [0; 2],
@@ -168,8 +170,7 @@ pub fn later_target(key: &FragmentKey) -> Result<Target, Drop> {
         Some(entry) if entry.backend_id == FRAGMENT_TO_KERNEL => return Ok(Target::Kernel),
         Some(entry) => match BACKENDS.get(entry.backend_id) {
             Some(backend)
-                if backend.state == backend_state::UP
-                    && backend.generation == entry.generation =>
+                if backend.state == backend_state::UP && backend.generation == entry.generation =>
             {
                 count(counter::FRAGMENT_FOLLOWED);
                 return Ok(Target::Backend {
@@ -231,7 +232,12 @@ fn by_three_tuple(key: &FragmentKey) -> Result<Option<Target>, Drop> {
 /// `backend_id` [`FRAGMENT_TO_KERNEL`] for the kernel. A full table is counted; the first
 /// fragment itself is sent on regardless.
 #[inline(always)]
-pub fn record(key: &FragmentKey, service_id: u32, backend_id: u32, generation: u32) {
+pub fn record<F: Family>(
+    key: &FragmentKey<F::Addr>,
+    service_id: u32,
+    backend_id: u32,
+    generation: u32,
+) {
     let entry = Fragment {
         backend_id,
         service_id,
@@ -239,7 +245,7 @@ pub fn record(key: &FragmentKey, service_id: u32, backend_id: u32, generation: u
         _pad: 0,
         created_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
-    if FRAGMENTS.insert(key, &entry, 0).is_ok() {
+    if F::fragments().insert(key, &entry, 0).is_ok() {
         count(counter::FRAGMENT_TRACKED);
     } else {
         count(counter::FRAGMENT_TABLE_FULL);
@@ -249,8 +255,8 @@ pub fn record(key: &FragmentKey, service_id: u32, backend_id: u32, generation: u
 /// A first fragment addressed to a VIP address but to no service (the host's own traffic):
 /// it and its later fragments go to the kernel.
 #[inline(always)]
-pub fn pass_first(key: &FragmentKey) -> Verdict {
-    record(key, 0, FRAGMENT_TO_KERNEL, 0);
+pub fn pass_first<F: Family>(key: &FragmentKey<F::Addr>) -> Verdict {
+    record::<F>(key, 0, FRAGMENT_TO_KERNEL, 0);
     Verdict::Pass(counter::PASS_FRAGMENT)
 }
 

@@ -9,6 +9,7 @@ use aya_ebpf::programs::XdpContext;
 
 pub const ETHERNET_LEN: usize = size_of::<EthernetHeader>();
 pub const ETHER_TYPE_IPV4: [u8; 2] = [0x08, 0x00];
+pub const ETHER_TYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 /// 802.1Q (customer) and 802.1ad (service, "QinQ") VLAN tags.
 pub const ETHER_TYPE_VLAN: [u8; 2] = [0x81, 0x00];
 pub const ETHER_TYPE_QINQ: [u8; 2] = [0x88, 0xa8];
@@ -42,6 +43,29 @@ pub struct Ipv4Header {
     pub check: [u8; 2],
     pub src: [u8; 4],
     pub dst: [u8; 4],
+}
+
+pub const IPV6_HEADER_LEN: usize = size_of::<Ipv6Header>();
+
+#[repr(C)]
+pub struct Ipv6Header {
+    /// Version (4 bits), traffic class (8), flow label (20).
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The first 8 bytes of every IPv6 extension header the datapath walks: the next header, a
+/// length whose unit depends on the header, and 6 bytes whose meaning does too (a routing
+/// header's type and segments left, a fragment header's offset and flags).
+#[repr(C)]
+pub struct ExtensionHeader {
+    pub next_header: u8,
+    pub len: u8,
+    pub data: [u8; 6],
 }
 
 /// The TCP header without options: the datapath needs the ports and the checksum only.

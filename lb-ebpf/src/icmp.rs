@@ -11,21 +11,22 @@
 //!   accepts it.
 //!
 //! Everything else ICMP (echo to this host, errors about other traffic) passes untouched.
+//!
+//! ICMPv6 works the same way, written once for both families: its checksum also covers a
+//! pseudo-header with the outer addresses, and the quoted IPv6 header has no checksum of its
+//! own.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{backend_state, counter, protocol, FlowKey};
+use lb_common::{backend_state, counter, protocol, Address as _, FlowKey};
 
 use crate::{
     checksum,
-    headers::{ptr_at, EthernetHeader, Ipv4Header},
-    maps::{count, reverse_nat, BACKENDS, FLOWS},
+    family::Family,
+    headers::{ptr_at, EthernetHeader},
+    maps::{count, reverse_nat, BACKENDS},
     route::{self, Route, SendCounters},
     Verdict,
 };
-
-const DESTINATION_UNREACHABLE: u8 = 3;
-const TIME_EXCEEDED: u8 = 11;
-const PARAMETER_PROBLEM: u8 = 12;
 
 #[repr(C)]
 struct IcmpHeader {
@@ -50,29 +51,36 @@ const QUOTED_LEN: usize = core::mem::size_of::<QuotedTransport>();
 /// Translates an ICMP error about a balanced flow; passes anything else unchanged.
 /// `packet_end` is where the outer IP packet ends (its total length; padding may follow).
 #[inline(always)]
-pub fn translate_error(
+pub fn translate_error<F: Family>(
     ctx: &XdpContext,
-    ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
+    l3_offset: usize,
     icmp_offset: usize,
     packet_end: usize,
 ) -> Verdict {
     let not_ours = Verdict::Pass(counter::PASS_NOT_TCP_UDP);
+    // Found again from their offsets rather than passed: a BPF call takes five arguments.
+    let Some(ethernet) = ptr_at::<EthernetHeader>(ctx, 0) else {
+        return not_ours;
+    };
+    let Some(ip) = ptr_at::<F::Header>(ctx, l3_offset) else {
+        return not_ours;
+    };
     let Some(icmp) = ptr_at::<IcmpHeader>(ctx, icmp_offset) else {
         return not_ours;
     };
     // SAFETY (all raw accesses below): every pointer came from ptr_at.
     let kind = unsafe { (*icmp).kind };
-    if kind != DESTINATION_UNREACHABLE && kind != TIME_EXCEEDED && kind != PARAMETER_PROBLEM {
+    if !F::is_icmp_error(kind) {
         return not_ours;
     }
     let inner_offset = icmp_offset + ICMP_HEADER_LEN;
-    let Some(inner) = ptr_at::<Ipv4Header>(ctx, inner_offset) else {
+    let Some(inner) = ptr_at::<F::Header>(ctx, inner_offset) else {
         return not_ours;
     };
-    let inner_len = ((unsafe { (*inner).version_ihl } & 0x0f) as usize) * 4;
-    let inner_protocol = unsafe { (*inner).protocol };
-    if inner_len < 20 || (inner_protocol != protocol::TCP && inner_protocol != protocol::UDP) {
+    let Some((inner_len, inner_protocol)) = (unsafe { F::quoted_header(inner) }) else {
+        return not_ours;
+    };
+    if inner_protocol != protocol::TCP && inner_protocol != protocol::UDP {
         return not_ours;
     }
     let Some(quoted) = ptr_at::<QuotedTransport>(ctx, inner_offset + inner_len) else {
@@ -87,41 +95,42 @@ pub fn translate_error(
 
     // An error goes to whoever sent the packet it quotes; anything else is forged or not
     // about a flow of ours, and is left alone.
-    if unsafe { (*ip).dst } != unsafe { (*inner).src } {
+    if unsafe { *F::dst(ip) } != unsafe { *F::src(inner) } {
         return not_ours;
     }
 
     // The quoted packet reversed is the flow as this host keys it: a client's flow if the
     // quoted packet was a reply to the client, a backend's reply if it was the client's packet.
     let key = FlowKey {
-        src_addr: unsafe { (*inner).dst },
-        dst_addr: unsafe { (*inner).src },
+        src_addr: unsafe { *F::dst(inner) },
+        dst_addr: unsafe { *F::src(inner) },
         src_port: unsafe { (*quoted).dst_port },
         dst_port: unsafe { (*quoted).src_port },
         protocol: inner_protocol,
         _pad: [0; 3],
     };
-    let total_len = u16::from_be_bytes(unsafe { (*ip).total_len });
+    let total_len = unsafe { F::packet_len(ip) };
     let is_udp = inner_protocol == protocol::UDP;
 
     // SAFETY: map values stay valid for the whole program run (RCU).
-    if let Some(flow) = unsafe { FLOWS.get(&key) } {
+    if let Some(flow) = unsafe { F::flows().get(&key) } {
         let Some(backend) = BACKENDS.get(flow.backend_id) else {
             return not_ours;
         };
         if backend.state != backend_state::UP || backend.generation != flow.generation {
             return not_ours;
         }
-        let (addr, port) = (crate::ipv4_of(backend.addr), backend.port);
+        let (addr, port) = (F::narrow(backend.addr), backend.port);
         unsafe {
-            let outer_src = (*ip).src;
-            replace_outer(ip, OuterSide::Destination, addr);
-            replace_quoted(icmp, inner, quoted, QuotedSide::Source, addr, port, is_udp);
+            let outer_src = *F::src(ip);
+            replace_outer::<F>(ip, icmp, OuterSide::Destination, addr);
+            replace_quoted::<F>(icmp, inner, quoted, QuotedSide::Source, addr, port, is_udp);
             count(counter::ICMP_TO_BACKEND);
             let route = Route {
-                src: outer_src,
-                dst: addr,
-                protocol: protocol::ICMP,
+                family: F::AF,
+                src: outer_src.widen(),
+                dst: backend.addr,
+                protocol: F::ICMP_PROTOCOL,
                 src_port: [0; 2],
                 dst_port: [0; 2],
                 total_len,
@@ -133,12 +142,12 @@ pub fn translate_error(
             return route::send(ctx, ethernet, &route, &counters, None);
         }
     }
-    if let Some(nat) = reverse_nat(&key) {
+    if let Some(nat) = reverse_nat::<F>(&key) {
         let (addr, port) = (nat.service_addr, nat.service_port);
         unsafe {
-            let client = (*ip).dst;
-            replace_outer(ip, OuterSide::Source, addr);
-            replace_quoted(
+            let client = *F::dst(ip);
+            replace_outer::<F>(ip, icmp, OuterSide::Source, addr);
+            replace_quoted::<F>(
                 icmp,
                 inner,
                 quoted,
@@ -149,9 +158,10 @@ pub fn translate_error(
             );
             count(counter::ICMP_TO_CLIENT);
             let route = Route {
-                src: addr,
-                dst: client,
-                protocol: protocol::ICMP,
+                family: F::AF,
+                src: addr.widen(),
+                dst: client.widen(),
+                protocol: F::ICMP_PROTOCOL,
                 src_port: [0; 2],
                 dst_port: [0; 2],
                 total_len,
@@ -176,15 +186,24 @@ enum QuotedSide {
     Destination,
 }
 
-/// Replaces the outer header's source or destination. ICMP has no pseudo-header, so only the
-/// IP checksum changes.
+/// Replaces the outer header's source or destination: the IPv4 header checksum covers it,
+/// and so does the ICMPv6 checksum through its pseudo-header (ICMP for IPv4 has none).
 #[inline(always)]
-unsafe fn replace_outer(ip: *mut Ipv4Header, side: OuterSide, addr: [u8; 4]) {
+unsafe fn replace_outer<F: Family>(
+    ip: *mut F::Header,
+    icmp: *mut IcmpHeader,
+    side: OuterSide,
+    addr: F::Addr,
+) {
     let field = match side {
-        OuterSide::Source => &raw mut (*ip).src,
-        OuterSide::Destination => &raw mut (*ip).dst,
+        OuterSide::Source => F::src(ip),
+        OuterSide::Destination => F::dst(ip),
     };
-    (*ip).check = checksum::replace4((*ip).check, *field, addr);
+    let old = *field;
+    F::update_header_check(ip, old, addr);
+    if F::ICMP_PSEUDO_HEADER {
+        (*icmp).check = checksum::replace_addr((*icmp).check, old, addr);
+    }
     *field = addr;
 }
 
@@ -192,27 +211,29 @@ unsafe fn replace_outer(ip: *mut Ipv4Header, side: OuterSide, addr: [u8; 4]) {
 /// and, for UDP, the quoted UDP checksum; the ICMP checksum covers all of these bytes, so each
 /// change is folded into it too.
 #[inline(always)]
-unsafe fn replace_quoted(
+unsafe fn replace_quoted<F: Family>(
     icmp: *mut IcmpHeader,
-    inner: *mut Ipv4Header,
+    inner: *mut F::Header,
     quoted: *mut QuotedTransport,
     side: QuotedSide,
-    addr: [u8; 4],
+    addr: F::Addr,
     port: [u8; 2],
     is_udp: bool,
 ) {
     let (addr_field, port_field) = match side {
-        QuotedSide::Source => (&raw mut (*inner).src, &raw mut (*quoted).src_port),
-        QuotedSide::Destination => (&raw mut (*inner).dst, &raw mut (*quoted).dst_port),
+        QuotedSide::Source => (F::src(inner), &raw mut (*quoted).src_port),
+        QuotedSide::Destination => (F::dst(inner), &raw mut (*quoted).dst_port),
     };
     let old_addr = *addr_field;
     let old_port = *port_field;
     let mut icmp_check = (*icmp).check;
 
-    let old_inner_check = (*inner).check;
-    let new_inner_check = checksum::replace4(old_inner_check, old_addr, addr);
-    icmp_check = checksum::replace4(icmp_check, old_addr, addr);
-    icmp_check = checksum::replace2(icmp_check, old_inner_check, new_inner_check);
+    // The quoted IPv4 header's checksum changes with its address; both changes are ICMP payload.
+    if let Some((old_inner_check, new_inner_check)) = F::update_header_check(inner, old_addr, addr)
+    {
+        icmp_check = checksum::replace2(icmp_check, old_inner_check, new_inner_check);
+    }
+    icmp_check = checksum::replace_addr(icmp_check, old_addr, addr);
     icmp_check = checksum::replace2(icmp_check, old_port, port);
     if is_udp {
         let udp_check = [(*quoted).rest[2], (*quoted).rest[3]];
@@ -222,7 +243,6 @@ unsafe fn replace_quoted(
         (*quoted).rest[3] = new_udp_check[1];
     }
 
-    (*inner).check = new_inner_check;
     *addr_field = addr;
     *port_field = port;
     (*icmp).check = icmp_check;

@@ -14,9 +14,11 @@
 
 mod checksum;
 mod egress;
+mod family;
 mod fragments;
 mod headers;
 mod icmp;
+mod ipv6;
 mod maps;
 mod partial;
 mod route;
@@ -29,18 +31,20 @@ use aya_ebpf::{
 };
 use lb_common::{
     backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler,
-    service_flags, three_tuple, Backend, Flow, FlowKey, FragmentKey, ReverseNat, Service,
+    service_flags, three_tuple, Address, Backend, Flow, FlowKey, FragmentKey, ReverseNat, Service,
     ServiceKey, TrafficStats,
 };
 
 use crate::{
+    family::{Family, V4},
     headers::{
         ptr_at, EthernetHeader, Ipv4Header, TcpHeader, UdpHeader, VlanTag, ETHERNET_LEN,
-        ETHER_TYPE_IPV4, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK, VLAN_TAG_LEN,
+        ETHER_TYPE_IPV4, ETHER_TYPE_IPV6, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK,
+        VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, FLOWS, NEXT_HOPS, REVERSE_FLOWS,
-        RR_CURSORS, SCHEDULE, SERVICES, SERVICE_STATS, SETTINGS, VIP_ADDRESSES,
+        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
+        PROGRAM_IPV6, RR_CURSORS, SCHEDULE, SERVICE_STATS, SETTINGS,
     },
     partial::Partial,
     route::{Route, SendCounters},
@@ -58,11 +62,13 @@ pub enum Verdict {
 pub struct Drop(u32);
 
 /// Where the transport header's fields are, whichever of TCP or UDP it is.
-struct Transport {
+pub(crate) struct Transport {
     src_port: *mut [u8; 2],
     dst_port: *mut [u8; 2],
     check: *mut [u8; 2],
     is_udp: bool,
+    /// `protocol::TCP` or `protocol::UDP`.
+    protocol: u8,
     /// TCP flags (FIN, SYN, RST, ACK, ...); zero for UDP.
     tcp_flags: u8,
     /// Where the header starts in the frame, and the segment's length (header and payload).
@@ -72,7 +78,34 @@ struct Transport {
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
-    match try_balance(&ctx) {
+    act(try_balance(&ctx))
+}
+
+/// The IPv6 datapath, a program of its own that [`balancer`] tail-calls for every IPv6
+/// packet: it gets its own 512 bytes of stack and its own verifier budget, which the IPv4 and
+/// IPv6 paths together would exceed, and IPv4 pays nothing for it. `lb-user` puts it in
+/// `PROGRAMS` at load.
+#[xdp]
+pub fn balancer6(ctx: XdpContext) -> u32 {
+    act(ipv6::try_parse(&ctx))
+}
+
+/// The IPv6 TCP and UDP path, tail-called by [`balancer6`] (see `ipv6.rs` for why apart).
+#[xdp]
+pub fn balancer6_transport(ctx: XdpContext) -> u32 {
+    act(ipv6::try_balance_transport(&ctx))
+}
+
+/// The ICMPv6 path, tail-called by [`balancer6`].
+#[xdp]
+pub fn balancer6_icmp(ctx: XdpContext) -> u32 {
+    act(ipv6::try_translate_icmp(&ctx))
+}
+
+/// The one mapping from verdicts to XDP actions, with each verdict counted.
+#[inline(always)]
+fn act(result: Result<Verdict, Drop>) -> u32 {
+    match result {
         Ok(Verdict::Pass(reason)) => {
             count(reason);
             xdp_action::XDP_PASS
@@ -99,10 +132,28 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
     // that the whole header lies inside the packet.
     let (l3_offset, ether_type) = skip_vlan_tags(ctx, unsafe { (*ethernet).ether_type })?;
-    if ether_type != ETHER_TYPE_IPV4 {
+    if ether_type == ETHER_TYPE_IPV4 {
+        return balance_ipv4(ctx, ethernet, l3_offset);
+    }
+    if ether_type == ETHER_TYPE_IPV6 {
+        // SAFETY: a helper call; it only returns if the slot is empty, which it is not once
+        // lb-user has loaded the datapath.
+        unsafe { PROGRAMS.tail_call(ctx, PROGRAM_IPV6) };
         return Ok(Verdict::Pass(counter::PASS_NOT_IP));
     }
+    Ok(Verdict::Pass(counter::PASS_NOT_IP))
+}
 
+/// An IPv4 packet: checked and parsed up to the transport header, then balanced. Inlined into
+/// the entry point; the IPv6 path is a call of its own (see `ipv6::balance`).
+#[inline(always)]
+fn balance_ipv4(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    l3_offset: usize,
+) -> Result<Verdict, Drop> {
+    // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
+    // that the whole header lies inside the packet.
     let ip: *mut Ipv4Header = ptr_at(ctx, l3_offset).ok_or(Drop(counter::DROP_MALFORMED_IPV4))?;
     let version_ihl = unsafe { (*ip).version_ihl };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
@@ -126,10 +177,9 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
         && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
     {
         let packet_end = l3_offset + total_len;
-        return Ok(icmp::translate_error(
+        return Ok(icmp::translate_error::<V4>(
             ctx,
-            ethernet,
-            ip,
+            l3_offset,
             l3_offset + header_len,
             packet_end,
         ));
@@ -166,60 +216,102 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let Some(transport) = transport else {
         // Without ports we cannot tell whether it is for a service: drop it only if it is
         // addressed to a VIP, and leave everybody else's packets to the kernel.
-        if unsafe { VIP_ADDRESSES.get(&dst_addr) }.is_some() {
-            return Err(Drop(counter::DROP_MALFORMED_L4));
-        }
-        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+        return not_for_us_or_malformed::<V4>(dst_addr);
     };
+    balance::<V4>(ctx, ethernet, ip, &transport, first_fragment.as_ref())
+}
 
+/// A packet whose transport header is missing or cut short: malformed if it is addressed to a
+/// VIP, anybody else's business otherwise.
+#[inline(always)]
+pub(crate) fn not_for_us_or_malformed<F: Family>(dst_addr: F::Addr) -> Result<Verdict, Drop> {
+    // SAFETY: map values stay valid for the whole program run (RCU).
+    if unsafe { F::vip_addresses().get(&dst_addr) }.is_some() {
+        return Err(Drop(counter::DROP_MALFORMED_L4));
+    }
+    Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+}
+
+/// Either family, from the transport header on: a client's packet for a service goes to a
+/// backend, a backend's reply goes back to its client, anything else passes.
+#[inline(always)]
+pub(crate) fn balance<F: Family>(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    ip: *mut F::Header,
+    transport: &Transport,
+    first_fragment: Option<&FragmentKey<F::Addr>>,
+) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
     if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
     {
-        return Ok(not_for_a_service(first_fragment.as_ref()));
+        return Ok(not_for_a_service::<F>(first_fragment));
     }
 
     let tuple = FlowKey {
-        src_addr: unsafe { (*ip).src },
-        dst_addr,
+        src_addr: unsafe { *F::src(ip) },
+        dst_addr: unsafe { *F::dst(ip) },
         src_port: unsafe { *transport.src_port },
         dst_port: unsafe { *transport.dst_port },
-        protocol: ip_protocol,
+        protocol: transport.protocol,
         _pad: [0; 3],
     };
     let service_key = ServiceKey {
-        addr: dst_addr,
+        addr: tuple.dst_addr,
         port: tuple.dst_port,
-        protocol: ip_protocol,
+        protocol: tuple.protocol,
         _pad: 0,
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    if let Some(service) = unsafe { SERVICES.get(&service_key) } {
-        let fragment = first_fragment.as_ref();
-        return forward(ctx, ethernet, ip, &transport, &tuple, service, fragment);
+    if let Some(service) = unsafe { F::services().get(&service_key) } {
+        check_udp_checksum::<F>(transport)?;
+        return forward::<F>(
+            ctx,
+            ethernet,
+            ip,
+            transport,
+            &tuple,
+            service,
+            first_fragment,
+        );
     }
     // A fragment here is addressed to a VIP, so it is no reply to a client.
     if first_fragment.is_none() {
-        if let Some(nat) = reverse_nat(&tuple) {
-            return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
+        if let Some(nat) = reverse_nat::<F>(&tuple) {
+            check_udp_checksum::<F>(transport)?;
+            return Ok(reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat));
         }
     }
-    Ok(not_for_a_service(first_fragment.as_ref()))
+    Ok(not_for_a_service::<F>(first_fragment))
 }
 
 /// A packet for no service passes; a first fragment's later fragments will pass too.
 #[inline(always)]
-fn not_for_a_service(first_fragment: Option<&FragmentKey>) -> Verdict {
+fn not_for_a_service<F: Family>(first_fragment: Option<&FragmentKey<F::Addr>>) -> Verdict {
     match first_fragment {
-        Some(key) => fragments::pass_first(key),
+        Some(key) => fragments::pass_first::<F>(key),
         None => Verdict::Pass(counter::PASS_NOT_SERVICE),
     }
+}
+
+/// IPv6 UDP must carry a checksum (RFC 8200, 8.1): a zero is invalid and the receiver would
+/// drop the packet anyway, so it is dropped here, where it is counted.
+#[inline(always)]
+fn check_udp_checksum<F: Family>(transport: &Transport) -> Result<(), Drop> {
+    if !F::UDP_CHECKSUM_OPTIONAL && transport.is_udp && unsafe { *transport.check } == [0, 0] {
+        return Err(Drop(counter::DROP_UDP_ZERO_CHECKSUM));
+    }
+    Ok(())
 }
 
 /// Steps over up to two VLAN tags (802.1ad outside, 802.1Q inside), which stay in the frame
 /// exactly as they came. Returns where the network header starts and its EtherType; a third
 /// tag leaves a VLAN EtherType, which is not ours and passes.
 #[inline(always)]
-fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 2]), Drop> {
+pub(crate) fn skip_vlan_tags(
+    ctx: &XdpContext,
+    ether_type: [u8; 2],
+) -> Result<(usize, [u8; 2]), Drop> {
     let mut offset = ETHERNET_LEN;
     let mut ether_type = ether_type;
     // A fixed two rounds: the verifier sees the bound, and two tags is what 802.1ad stacks.
@@ -238,7 +330,7 @@ fn skip_vlan_tags(ctx: &XdpContext, ether_type: [u8; 2]) -> Result<(usize, [u8; 
 
 /// Finds the TCP or UDP header at `offset`, or `None` if it is truncated.
 #[inline(always)]
-fn transport_at(
+pub(crate) fn transport_at(
     ctx: &XdpContext,
     offset: usize,
     segment_len: usize,
@@ -253,6 +345,7 @@ fn transport_at(
                 dst_port: &raw mut (*tcp).dst_port,
                 check: &raw mut (*tcp).check,
                 is_udp: false,
+                protocol: protocol::TCP,
                 tcp_flags: (*tcp).offset_flags[1],
                 offset,
                 segment_len,
@@ -275,6 +368,7 @@ fn transport_at(
             dst_port: &raw mut (*udp).dst_port,
             check: &raw mut (*udp).check,
             is_udp: true,
+            protocol: protocol::UDP,
             tcp_flags: 0,
             offset,
             segment_len,
@@ -285,18 +379,18 @@ fn transport_at(
 /// A client's packet for a service: pick the flow's backend, translate the destination and
 /// send it there. A first fragment's datagram is recorded, so its later fragments follow.
 #[inline(always)]
-fn forward(
+fn forward<F: Family>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
+    ip: *mut F::Header,
     transport: &Transport,
-    tuple: &FlowKey,
+    tuple: &FlowKey<F::Addr>,
     service: &Service,
-    first_fragment: Option<&FragmentKey>,
+    first_fragment: Option<&FragmentKey<F::Addr>>,
 ) -> Result<Verdict, Drop> {
-    let (backend_id, backend) = select_backend(ctx, tuple, service, transport.tcp_flags)?;
+    let (backend_id, backend) = select_backend::<F>(ctx, tuple, service, transport.tcp_flags)?;
     if let Some(key) = first_fragment {
-        fragments::record(key, service.id, backend_id, backend.generation);
+        fragments::record::<F>(key, service.id, backend_id, backend.generation);
     }
 
     // SAFETY: ip and transport point into the bounds-checked packet.
@@ -305,22 +399,23 @@ fn forward(
     // completing it over this fragment alone would break it.
     let may_be_partial = first_fragment.is_none();
     let partial = unsafe {
-        rewrite(
+        rewrite::<F>(
             ip,
             transport,
             Side::Destination,
-            ipv4_of(backend.addr),
+            F::narrow_ref(&backend.addr),
             backend.port,
             may_be_partial,
         )
     };
     let route = Route {
-        src: tuple.src_addr,
-        dst: ipv4_of(backend.addr),
+        family: F::AF,
+        src: tuple.src_addr.widen(),
+        dst: backend.addr,
         protocol: tuple.protocol,
         src_port: tuple.src_port,
         dst_port: backend.port,
-        total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
+        total_len: unsafe { F::packet_len(ip) },
     };
     Ok(send_to_backend(
         ctx, ethernet, &route, service.id, backend_id, &backend, partial,
@@ -370,23 +465,23 @@ pub(crate) fn send_to_backend(
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
 /// the client.
 #[inline(always)]
-fn reply(
+fn reply<F: Family>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
+    ip: *mut F::Header,
     transport: &Transport,
-    tuple: &FlowKey,
-    nat: &ReverseNat,
+    tuple: &FlowKey<F::Addr>,
+    nat: &ReverseNat<F::Addr>,
 ) -> Verdict {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    note_reply_flags(tuple, nat, transport.tcp_flags);
+    note_reply_flags::<F>(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
     let partial = unsafe {
-        rewrite(
+        rewrite::<F>(
             ip,
             transport,
             Side::Source,
-            nat.service_addr,
+            &nat.service_addr,
             nat.service_port,
             true,
         )
@@ -397,12 +492,13 @@ fn reply(
     });
 
     let route = Route {
-        src: nat.service_addr,
-        dst: tuple.dst_addr,
+        family: F::AF,
+        src: nat.service_addr.widen(),
+        dst: tuple.dst_addr.widen(),
         protocol: tuple.protocol,
         src_port: nat.service_port,
         dst_port: tuple.dst_port,
-        total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
+        total_len: unsafe { F::packet_len(ip) },
     };
     let counters = SendCounters {
         transmit: counter::REPLY_TX,
@@ -424,8 +520,8 @@ fn settle_checksum(ctx: &XdpContext, partial: Option<Partial>, verdict: Verdict)
     }
 }
 
-const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
-const UDP_HEADER_LEN: usize = core::mem::size_of::<UdpHeader>();
+pub(crate) const TCP_HEADER_LEN: usize = core::mem::size_of::<TcpHeader>();
+pub(crate) const UDP_HEADER_LEN: usize = core::mem::size_of::<UdpHeader>();
 
 /// TCP flag bits in the 14th byte of the TCP header.
 const TCP_FIN: u8 = 0x01;
@@ -454,9 +550,9 @@ enum Miss {
 /// (recorded in the flow table and the reverse table). Also follows TCP: FIN and RST move an
 /// entry to the closing timeout.
 #[inline(always)]
-fn select_backend(
+fn select_backend<F: Family>(
     ctx: &XdpContext,
-    tuple: &FlowKey,
+    tuple: &FlowKey<F::Addr>,
     service: &Service,
     tcp_flags: u8,
 ) -> Result<(u32, Backend), Drop> {
@@ -467,7 +563,7 @@ fn select_backend(
     let closing = is_tcp && tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
     let mut miss = Miss::Absent;
-    if let Some(flow) = FLOWS.get_ptr_mut(tuple) {
+    if let Some(flow) = F::flows().get_ptr_mut(tuple) {
         // SAFETY: map values stay valid for the whole program run (RCU); concurrent writers
         // only ever store whole fields of the same entry.
         let flow = unsafe { &mut *flow };
@@ -488,25 +584,65 @@ fn select_backend(
         };
     }
 
-    // Only new entries are checked: a flow that passed once keeps its entry.
-    if !route::arrives_on_its_route(ctx, tuple.src_addr, tuple.dst_addr) {
-        return Err(Drop(counter::DROP_SPOOFED_SOURCE));
+    let start = NewFlow {
+        miss_counter: match miss {
+            Miss::Absent if is_tcp && !syn => counter::FLOW_MISS_MID_STREAM,
+            Miss::Absent => counter::FLOW_MISS_NEW,
+            Miss::BackendGone => counter::FLOW_RESCHEDULED,
+            Miss::Expired => counter::FLOW_EXPIRED,
+            Miss::PortReuse => counter::FLOW_PORT_REUSE,
+        },
+        rescheduled: matches!(miss, Miss::BackendGone),
+        closing,
+        now,
+    };
+    let backend_id = new_flow::<F>(ctx, tuple, service, &start);
+    if backend_id & NEW_FLOW_DROPPED != 0 {
+        return Err(Drop(backend_id as u32));
     }
-    let backend_id = schedule(service, tuple)?;
+    let backend_id = backend_id as u32;
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Drop(counter::DROP_INTERNAL))?;
-    count(match miss {
-        Miss::Absent if is_tcp && !syn => counter::FLOW_MISS_MID_STREAM,
-        Miss::Absent => counter::FLOW_MISS_NEW,
-        Miss::BackendGone => counter::FLOW_RESCHEDULED,
-        Miss::Expired => counter::FLOW_EXPIRED,
-        Miss::PortReuse => counter::FLOW_PORT_REUSE,
-    });
-    let rescheduled = matches!(miss, Miss::BackendGone);
+    Ok((backend_id, backend))
+}
+
+/// Set in [`new_flow`]'s answer when the packet is dropped; the low 32 bits are the counter.
+const NEW_FLOW_DROPPED: u64 = 1 << 63;
+
+/// How a flow starts: why it needed a backend, and its first packet's state.
+pub(crate) struct NewFlow {
+    miss_counter: u32,
+    rescheduled: bool,
+    closing: bool,
+    now: u64,
+}
+
+/// Schedules a new flow (or moves one): checks its source, picks a backend, records the flow.
+/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter.
+#[inline(always)]
+pub(crate) fn new_flow<F: Family>(
+    ctx: &XdpContext,
+    tuple: &FlowKey<F::Addr>,
+    service: &Service,
+    start: &NewFlow,
+) -> u64 {
+    let dropped = |counter: u32| NEW_FLOW_DROPPED | counter as u64;
+    // Only new entries are checked: a flow that passed once keeps its entry.
+    if !route::arrives_on_its_route(ctx, F::AF, tuple.src_addr.widen(), tuple.dst_addr.widen()) {
+        return dropped(counter::DROP_SPOOFED_SOURCE);
+    }
+    let backend_id = match schedule(service, tuple) {
+        Ok(backend_id) => backend_id,
+        Err(Drop(counter)) => return dropped(counter),
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return dropped(counter::DROP_INTERNAL);
+    };
+    count(start.miss_counter);
     add_traffic(service.id, backend_id, |stats| {
         stats.new_flows += 1;
-        if rescheduled {
+        if start.rescheduled {
             stats.rescheduled += 1;
         }
     });
@@ -515,32 +651,37 @@ fn select_backend(
         backend_id,
         service_id: service.id,
         generation: backend.generation,
-        state: if closing {
+        state: if start.closing {
             flow_state::CLOSING
         } else {
             flow_state::OPEN
         },
         _pad: [0; 3],
-        last_seen_ns: now,
-        created_ns: now,
+        last_seen_ns: start.now,
+        created_ns: start.now,
     };
     // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
     // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
     let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
-    if FLOWS.insert(tuple, &flow, 0).is_err()
-        || (shared && !insert_reverse(tuple, &backend, service.id, backend_id))
+    if F::flows().insert(tuple, &flow, 0).is_err()
+        || (shared && !insert_reverse::<F>(tuple, backend, service.id, backend_id))
     {
         count(counter::FLOW_INSERT_FAILED);
     }
-    Ok((backend_id, backend))
+    backend_id as u64
 }
 
 /// Records how to translate the replies of a new flow on a shared backend endpoint; false if
 /// the reverse table refused the entry.
 #[inline(always)]
-fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_id: u32) -> bool {
+fn insert_reverse<F: Family>(
+    tuple: &FlowKey<F::Addr>,
+    backend: &Backend,
+    service_id: u32,
+    backend_id: u32,
+) -> bool {
     let reverse_key = FlowKey {
-        src_addr: ipv4_of(backend.addr),
+        src_addr: F::narrow(backend.addr),
         dst_addr: tuple.src_addr,
         src_port: backend.port,
         dst_port: tuple.src_port,
@@ -554,7 +695,7 @@ fn insert_reverse(tuple: &FlowKey, backend: &Backend, service_id: u32, backend_i
         service_id,
         backend_id,
     };
-    REVERSE_FLOWS.insert(&reverse_key, &nat, 0).is_ok()
+    F::reverse_flows().insert(&reverse_key, &nat, 0).is_ok()
 }
 
 /// The entry's backend, if the entry belongs to this service, has not timed out, and its
@@ -594,7 +735,11 @@ fn flow_timeout(flow: &Flow, is_tcp: bool) -> u64 {
 
 /// A backend's replies with FIN or RST close the client's flow too.
 #[inline(always)]
-pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8) {
+pub(crate) fn note_reply_flags<F: Family>(
+    tuple: &FlowKey<F::Addr>,
+    nat: &ReverseNat<F::Addr>,
+    tcp_flags: u8,
+) {
     if tuple.protocol != protocol::TCP || tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
@@ -606,7 +751,7 @@ pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8)
         protocol: tuple.protocol,
         _pad: [0; 3],
     };
-    if let Some(flow) = FLOWS.get_ptr_mut(&forward_key) {
+    if let Some(flow) = F::flows().get_ptr_mut(&forward_key) {
         // SAFETY: as in select_backend.
         let flow = unsafe { &mut *flow };
         if flow.state != flow_state::CLOSING {
@@ -619,7 +764,7 @@ pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8)
 /// Picks a backend for a new flow from the service's table: a per-CPU cursor for the round
 /// robin schedulers, the flow's hash for Maglev (without the ports for a 3-tuple service).
 #[inline(always)]
-pub(crate) fn schedule(service: &Service, tuple: &FlowKey) -> Result<u32, Drop> {
+fn schedule<A: Address>(service: &Service, tuple: &FlowKey<A>) -> Result<u32, Drop> {
     let table_len = service.table_len;
     if table_len == 0 {
         return Err(Drop(counter::DROP_NO_BACKEND));
@@ -659,11 +804,11 @@ enum Side {
 /// # Safety
 /// `ip` and the transport pointers must point into the packet, bounds-checked.
 #[inline(always)]
-unsafe fn rewrite(
-    ip: *mut Ipv4Header,
+unsafe fn rewrite<F: Family>(
+    ip: *mut F::Header,
     transport: &Transport,
     side: Side,
-    addr: [u8; 4],
+    addr: &F::Addr,
     port: [u8; 2],
     may_be_partial: bool,
 ) -> Option<Partial> {
@@ -673,35 +818,40 @@ unsafe fn rewrite(
         protocol::TCP
     };
     let segment_len = transport.segment_len as u32;
-    let arrived = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    let arrived = F::pseudo_header(ip, ip_protocol, segment_len);
     let partial = may_be_partial
         && transport.segment_len != 0
         && checksum::is_partial(*transport.check, arrived);
 
     let (addr_field, port_field) = match side {
-        Side::Source => (&raw mut (*ip).src, transport.src_port),
-        Side::Destination => (&raw mut (*ip).dst, transport.dst_port),
+        Side::Source => (F::src(ip), transport.src_port),
+        Side::Destination => (F::dst(ip), transport.dst_port),
     };
-    let old_addr = *addr_field;
     let old_port = *port_field;
-    (*ip).check = checksum::replace4((*ip).check, old_addr, addr);
-    // The transport checksum covers the addresses through the pseudo-header.
-    *transport.check = if transport.is_udp {
-        checksum::udp_replace(*transport.check, old_addr, addr, old_port, port)
-    } else {
-        checksum::replace2(
-            checksum::replace4(*transport.check, old_addr, addr),
+    F::update_header_check(ip, *addr_field, *addr);
+    // The transport checksum covers the addresses through the pseudo-header. Zero means "no
+    // checksum" in IPv4 UDP and stays zero (IPv6 never gets here with one: it is dropped
+    // first); a computed zero is sent as 0xffff, its ones'-complement equal (RFC 768).
+    let check = *transport.check;
+    if !(transport.is_udp && check == [0, 0]) {
+        let updated = checksum::replace2(
+            F::replace_addr_check(check, addr_field, addr),
             old_port,
             port,
-        )
-    };
-    *addr_field = addr;
+        );
+        *transport.check = if transport.is_udp && updated == [0, 0] {
+            [0xff, 0xff]
+        } else {
+            updated
+        };
+    }
+    *addr_field = *addr;
     *port_field = port;
     if !partial {
         return None;
     }
     // The port is not in the pseudo-header: only the addresses move a partial sum.
-    *transport.check = checksum::pseudo_header(&(*ip).src, &(*ip).dst, ip_protocol, segment_len);
+    *transport.check = F::pseudo_header(ip, ip_protocol, segment_len);
     Some(Partial {
         segment_offset: transport.offset,
         segment_len: transport.segment_len,
@@ -720,12 +870,6 @@ pub(crate) fn add_traffic(service_id: u32, backend_id: u32, update: impl Fn(&mut
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
         update(unsafe { &mut *stats });
     }
-}
-
-/// The IPv4 address in a backend's 16 address bytes (the first four).
-#[inline(always)]
-pub(crate) fn ipv4_of(addr: [u8; 16]) -> [u8; 4] {
-    [addr[0], addr[1], addr[2], addr[3]]
 }
 
 #[cfg(not(test))]

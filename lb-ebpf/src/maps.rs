@@ -1,14 +1,17 @@
 //! The datapath's maps. Their layouts live in `lb-common`; `lb-user` finds them by these names.
 
+use crate::family::Family;
+
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, NextHop,
-    ReverseNat, Service, ServiceKey, Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE,
-    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
+    Fragment, FragmentKey, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6,
+    Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -67,6 +70,33 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
+// The IPv6 twins of the maps above, same roles and flags, keyed by 16-byte addresses. Services,
+// backends, schedules, cursors, counters and settings are shared by both families: a service
+// id or a backend id means the same thing in either.
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, Service> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static VIP_ADDRESSES6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, Flow> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map]
+pub static ENDPOINTS6: HashMap<EndpointKey6, Endpoint6> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map]
+pub static FRAGMENTS6: HashMap<FragmentKey<[u8; 16]>, Fragment> =
+    HashMap::with_max_entries(FRAGMENT_TABLE_SIZE, 0);
+
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
 /// flows each CPU's rotation is even, so the sum is too.
 #[map]
@@ -90,6 +120,14 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 /// everything else on the host.
 #[map]
 pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
+/// Programs the datapath tail-calls: `balancer` the IPv6 parser at [`PROGRAM_IPV6`], which
+/// goes on to the IPv6 transport or ICMPv6 program. Filled by `lb-user` at load.
+#[map]
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(3, 0);
+pub const PROGRAM_IPV6: u32 = 0;
+pub const PROGRAM_IPV6_TRANSPORT: u32 = 1;
+pub const PROGRAM_IPV6_ICMP: u32 = 2;
 
 /// Global verdict and event counters, indexed by `lb_common::counter`.
 #[map]
@@ -119,7 +157,7 @@ pub fn port_in_use(port: [u8; 2]) -> bool {
 /// reverse table when it serves several. `None` for anything else (the backend's own traffic,
 /// lb-user's health probes, a flow that was moved to another backend).
 #[inline(always)]
-pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
+pub fn reverse_nat<F: Family>(tuple: &FlowKey<F::Addr>) -> Option<ReverseNat<F::Addr>> {
     let endpoint_key = EndpointKey {
         addr: tuple.src_addr,
         port: tuple.src_port,
@@ -127,9 +165,9 @@ pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
         _pad: 0,
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    let endpoint = unsafe { ENDPOINTS.get(&endpoint_key) }?;
+    let endpoint = unsafe { F::endpoints().get(&endpoint_key) }?;
     if endpoint.shared != 0 {
-        return unsafe { REVERSE_FLOWS.get(tuple) }.copied();
+        return unsafe { F::reverse_flows().get(tuple) }.copied();
     }
     let forward_key = FlowKey {
         src_addr: tuple.dst_addr,
@@ -139,11 +177,11 @@ pub fn reverse_nat(tuple: &FlowKey) -> Option<ReverseNat> {
         protocol: tuple.protocol,
         _pad: [0; 3],
     };
-    let flow = unsafe { FLOWS.get(&forward_key) }?;
+    let flow = unsafe { F::flows().get(&forward_key) }?;
     let backend = BACKENDS.get(flow.backend_id)?;
     // The client's flow must be on this very backend: replies from one it was moved away
     // from are not translated.
-    if crate::ipv4_of(backend.addr) != tuple.src_addr || backend.port != tuple.src_port {
+    if F::narrow(backend.addr) != tuple.src_addr || backend.port != tuple.src_port {
         return None;
     }
     Some(ReverseNat {

@@ -12,11 +12,15 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{counter, Address as _, NextHop};
+use lb_common::{counter, NextHop};
 
-use crate::{headers::EthernetHeader, Verdict};
+use crate::{family::AF_INET, headers::EthernetHeader, Verdict};
 
-const AF_INET: u8 = 2;
+/// Whether IPv4 inlines the route lookups instead of calling them. Inlined, they cost the
+/// IPv4 program's frame ~140 bytes of stack, more than it has beside the partial-checksum
+/// subprogram (FIXME: the IPv4 frame grew with the generic IPv6 code; shrinking it and
+/// inlining these again is worth ~30 ns per new flow).
+const INLINE_IPV4_LOOKUP: bool = false;
 
 /// How long a backend's cached next hop is used before the routing and neighbour tables are
 /// asked again: a route or MAC change takes effect within this time.
@@ -30,12 +34,15 @@ const FIB_FRAGMENTATION_NEEDED: i64 = 8;
 
 /// The translated packet's addresses, as the route lookup needs them.
 pub struct Route {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    /// `Family::AF`.
+    pub family: u8,
+    /// IPv4 in the first four bytes, as in `Backend::addr`.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub protocol: u8,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
-    /// IPv4 total length, for the lookup's MTU check.
+    /// The packet's length with its IP header, for the lookup's MTU check.
     pub total_len: u16,
 }
 
@@ -62,21 +69,27 @@ pub fn send(
     if let Some(hop) = cache {
         // SAFETY: a per-CPU map slot; only this program run touches it.
         let hop = unsafe { &*hop };
-        if hop.expires_ns > now && hop.ingress_ifindex == ingress && route.total_len <= hop.ok_len {
+        if hop.expires_ns > now
+            && hop.ingress_ifindex == ingress
+            && hop.addr == route.dst
+            && route.total_len <= hop.ok_len
+        {
             return deliver(ethernet, hop.ifindex, hop.smac, hop.dmac, ingress, counters);
         }
     }
 
-    // The helper takes ports and addresses in network order: keep the wire bytes as they are.
-    let mut params = fib_params(ingress, route.src, route.dst);
-    params.l4_protocol = route.protocol;
-    params.sport = u16::from_ne_bytes(route.src_port);
-    params.dport = u16::from_ne_bytes(route.dst_port);
-    params.__bindgen_anon_1.tot_len = route.total_len;
-
-    // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
-    let result =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
+    let mut params = Found {
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    // IPv4 inlines the lookup; the IPv6 program calls it, having no stack to spare for the
+    // request beside its 40-byte keys. `family` is a constant after inlining: one path stays.
+    let result = if route.family == AF_INET && INLINE_IPV4_LOOKUP {
+        look_up(ctx, route, &mut params)
+    } else {
+        look_up_apart(ctx, route, &mut params)
+    };
     match result {
         FIB_SUCCESS => {
             if let Some(hop) = cache {
@@ -84,7 +97,7 @@ pub fn send(
                 let hop = unsafe { &mut *hop };
                 let fresh = hop.expires_ns > now
                     && hop.ingress_ifindex == ingress
-                    && hop.addr == route.dst.widen()
+                    && hop.addr == route.dst
                     && hop.ifindex == params.ifindex
                     && hop.dmac == params.dmac;
                 *hop = NextHop {
@@ -95,7 +108,7 @@ pub fn send(
                     } else {
                         now + NEXT_HOP_TTL_NS
                     },
-                    addr: route.dst.widen(),
+                    addr: route.dst,
                     smac: params.smac,
                     dmac: params.dmac,
                     ok_len: if fresh {
@@ -121,6 +134,46 @@ pub fn send(
         // Blackhole, unreachable, prohibit, not forwarded, unsupported tunnel, or a helper error.
         _ => Verdict::Pass(counter::PASS_NO_ROUTE),
     }
+}
+
+/// What a successful route lookup found.
+struct Found {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// Asks the kernel's routing and neighbour tables for `route`'s next hop; returns the helper's
+/// result code, and on success fills `found`.
+#[inline(always)]
+fn look_up(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
+    // The helper takes ports and addresses in network order: keep the wire bytes as they are.
+    let mut params = fib_params(
+        route.family,
+        ctx.ingress_ifindex() as u32,
+        &route.src,
+        &route.dst,
+    );
+    params.l4_protocol = route.protocol;
+    params.sport = u16::from_ne_bytes(route.src_port);
+    params.dport = u16::from_ne_bytes(route.dst_port);
+    params.__bindgen_anon_1.tot_len = route.total_len;
+
+    // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
+    let result =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
+    if result == FIB_SUCCESS {
+        found.ifindex = params.ifindex;
+        found.smac = params.smac;
+        found.dmac = params.dmac;
+    }
+    result
+}
+
+/// [`look_up`] as a function of its own (a BPF-to-BPF call), for the IPv6 program's stack.
+#[inline(never)]
+fn look_up_apart(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
+    look_up(ctx, route, found)
 }
 
 /// Writes the next hop's Ethernet addresses and picks XDP_TX (out of the interface the packet
@@ -152,9 +205,29 @@ fn deliver(
 /// public side) and must not create a reverse-translation entry: such an entry would capture
 /// the replies to this host's own connections to the backend, health probes included.
 #[inline(always)]
-pub fn arrives_on_its_route(ctx: &XdpContext, client: [u8; 4], local: [u8; 4]) -> bool {
+pub fn arrives_on_its_route(
+    ctx: &XdpContext,
+    family: u8,
+    client: [u8; 16],
+    local: [u8; 16],
+) -> bool {
+    // As in `send`: inlined for IPv4, a call for IPv6.
+    if family == AF_INET && INLINE_IPV4_LOOKUP {
+        reverse_path_ok(ctx, family, &client, &local)
+    } else {
+        reverse_path_apart(ctx, family, &client, &local)
+    }
+}
+
+#[inline(never)]
+fn reverse_path_apart(ctx: &XdpContext, family: u8, client: &[u8; 16], local: &[u8; 16]) -> bool {
+    reverse_path_ok(ctx, family, client, local)
+}
+
+#[inline(always)]
+fn reverse_path_ok(ctx: &XdpContext, family: u8, client: &[u8; 16], local: &[u8; 16]) -> bool {
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut params = fib_params(ingress, local, client);
+    let mut params = fib_params(family, ingress, local, client);
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
     let result =
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut params, size_of::<FibLookup>() as i32, 0) };
@@ -164,23 +237,31 @@ pub fn arrives_on_its_route(ctx: &XdpContext, client: [u8; 4], local: [u8; 4]) -
 /// A route request with every field written out: `core::mem::zeroed()` here becomes a call to
 /// an out-of-line memset subprogram, which costs more than the stores.
 #[inline(always)]
-fn fib_params(ifindex: u32, src: [u8; 4], dst: [u8; 4]) -> FibLookup {
-    FibLookup {
-        family: AF_INET,
+fn fib_params(family: u8, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibLookup {
+    let mut params = FibLookup {
+        family,
         l4_protocol: 0,
         sport: 0,
         dport: 0,
         __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 { tot_len: 0 },
         ifindex,
         __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 { flowinfo: 0 },
-        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
-            ipv6_src: [u32::from_ne_bytes(src), 0, 0, 0],
-        },
-        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
-            ipv6_dst: [u32::from_ne_bytes(dst), 0, 0, 0],
-        },
+        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 { ipv6_src: [0; 4] },
+        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 { ipv6_dst: [0; 4] },
         __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
         smac: [0; 6],
         dmac: [0; 6],
+    };
+    // Byte copies: IPv4 is the first word of each union, the rest stays zero. (Assembling
+    // 32-bit words from the bytes instead spills every byte to the stack.)
+    // SAFETY: both unions are 16 bytes; an unaligned write of a byte array is always fine.
+    unsafe {
+        (&raw mut params.__bindgen_anon_3)
+            .cast::<[u8; 16]>()
+            .write_unaligned(*src);
+        (&raw mut params.__bindgen_anon_4)
+            .cast::<[u8; 16]>()
+            .write_unaligned(*dst);
     }
+    params
 }

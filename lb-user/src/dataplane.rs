@@ -5,13 +5,13 @@ use std::{collections::HashMap as StdHashMap, path::Path};
 
 use crate::topology;
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, Service,
-    ServiceKey, Settings, TrafficStats, VipProtocol,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, Fragment,
+    FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
 };
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
@@ -19,6 +19,13 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
+/// The IPv6 datapath: programs tail-called through the `PROGRAMS` map, each from its slot.
+/// The main program calls the IPv6 parser, which calls the transport or the ICMPv6 program.
+pub const IPV6_PROGRAMS: [(&str, u32); 3] = [
+    ("balancer6", 0),
+    ("balancer6_transport", 1),
+    ("balancer6_icmp", 2),
+];
 /// The tc egress program translating replies the kernel forwards (backends behind a bridge).
 pub const EGRESS_PROGRAM_NAME: &str = "reply_egress";
 /// A trivial XDP_TX program in the same object: the floor benchmarks compare against.
@@ -137,6 +144,9 @@ pub struct XdpDataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// The tail-call table holding the IPv6 program. Kept open: the kernel empties a program
+    /// array when its last user-space reference goes.
+    _programs: ProgramArray<MapData>,
     attached: Vec<Attachment>,
     /// Interfaces with the tc egress program, their index then, and its links.
     egress: Vec<(String, u32, aya::programs::tc::SchedClassifierLinkId)>,
@@ -156,27 +166,39 @@ impl XdpDataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .map_max_entries("FLOWS6", options.flow_table_size)
+            .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
             .map_max_entries("FRAGMENTS", options.fragment_table_size)
+            .map_max_entries("FRAGMENTS6", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .override_global("GENERIC_XDP", &u8::from(options.generic_xdp), true)
             .load(PROGRAM_OBJECT)?;
-        let program = xdp_program(&mut ebpf)?;
-        if let Err(error) = program.load() {
-            let log_path = verifier_log.display().to_string();
-            if let ProgramError::LoadError {
-                verifier_log: log, ..
-            } = &error
-            {
-                if let Err(write_error) = std::fs::write(verifier_log, log.to_string()) {
-                    tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
-                }
-            }
-            return Err(DataplaneError::Load {
-                log_path,
-                cause: error,
-            });
+        load_checked(&mut ebpf, PROGRAM_NAME, verifier_log)?;
+        // The IPv6 path is programs of their own, which the main one tail-calls.
+        for (name, _) in IPV6_PROGRAMS {
+            load_checked(&mut ebpf, name, verifier_log)?;
+        }
+        let mut programs: ProgramArray<MapData> =
+            take_map(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
+        for (name, index) in IPV6_PROGRAMS {
+            let program: &Xdp = ebpf
+                .program(name)
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(DataplaneError::Program)?;
+            let fd = program.fd().map_err(DataplaneError::Program)?;
+            programs
+                .set(index, fd, 0)
+                .map_err(|cause| DataplaneError::Map {
+                    map: "PROGRAMS",
+                    cause,
+                })?;
         }
         Ok(Self {
+            _programs: programs,
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
@@ -381,6 +403,47 @@ impl XdpDataplane {
         failures
     }
 
+    /// Writes an IPv6 service into `SERVICES6`. The IPv6 maps are written directly for now
+    /// (the packet tests use this); the configuration does not accept IPv6 services yet.
+    pub fn set_service6(
+        &mut self,
+        key: ServiceKey6,
+        service: &Service,
+    ) -> Result<(), DataplaneError> {
+        self.insert6("SERVICES6", key, *service)
+    }
+
+    /// Adds an IPv6 address to `VIP_ADDRESSES6` (see [`Self::set_service6`]).
+    pub fn add_vip_address6(&mut self, addr: [u8; 16]) -> Result<(), DataplaneError> {
+        self.insert6("VIP_ADDRESSES6", addr, 1u32)
+    }
+
+    /// Writes an IPv6 backend endpoint into `ENDPOINTS6` (see [`Self::set_service6`]).
+    pub fn set_endpoint6(
+        &mut self,
+        key: EndpointKey6,
+        endpoint: &Endpoint6,
+    ) -> Result<(), DataplaneError> {
+        self.insert6("ENDPOINTS6", key, *endpoint)
+    }
+
+    fn insert6<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        map: &'static str,
+        key: K,
+        value: V,
+    ) -> Result<(), DataplaneError> {
+        let data = self.ebpf.map_mut(map).ok_or(DataplaneError::Missing {
+            kind: "map",
+            name: map,
+        })?;
+        let mut table: HashMap<_, K, V> =
+            HashMap::try_from(data).map_err(|cause| DataplaneError::Map { map, cause })?;
+        table
+            .insert(key, value, 0)
+            .map_err(|cause| DataplaneError::Map { map, cause })
+    }
+
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
         xdp_program(&mut self.ebpf)
@@ -452,6 +515,47 @@ struct Attachment {
     /// The interface's index at attach time; a different index now means it was recreated.
     ifindex: u32,
     link: aya::programs::xdp::XdpLinkId,
+}
+
+/// Loads one XDP program of the object through the verifier; when it refuses, its log is
+/// written to `verifier_log` (the IPv6 program's beside it, with `.ipv6` appended).
+fn load_checked(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    verifier_log: &Path,
+) -> Result<(), DataplaneError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(DataplaneError::Program)?;
+    let Err(error) = program.load() else {
+        return Ok(());
+    };
+    let log_file = if name == PROGRAM_NAME {
+        verifier_log.to_path_buf()
+    } else {
+        let mut path = verifier_log.as_os_str().to_owned();
+        path.push(".");
+        path.push(name);
+        path.into()
+    };
+    let log_path = log_file.display().to_string();
+    if let ProgramError::LoadError {
+        verifier_log: log, ..
+    } = &error
+    {
+        if let Err(write_error) = std::fs::write(&log_file, log.to_string()) {
+            tracing::warn!("could not save the verifier log to {log_path}: {write_error}");
+        }
+    }
+    Err(DataplaneError::Load {
+        log_path,
+        cause: error,
+    })
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

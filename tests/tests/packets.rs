@@ -188,7 +188,11 @@ fn traffic_that_is_not_for_a_service_passes_byte_for_byte() {
             counter::PASS_NOT_SERVICE,
         ),
         ("ARP request for the VIP", arp, counter::PASS_NOT_IP),
-        ("IPv6 TCP to port 80", ipv6, counter::PASS_NOT_IP),
+        (
+            "IPv6 TCP to port 80 of an address without services",
+            ipv6,
+            counter::PASS_NOT_SERVICE,
+        ),
         ("ICMP echo to the VIP", icmp, counter::PASS_NOT_TCP_UDP),
     ];
     for (what, frame, reason) in cases {
