@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
 
@@ -65,9 +65,7 @@ pub async fn run(options: Options) -> Result<()> {
     let config = config::load(&options.config)
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let paths = paths_for(&options.interface, &config)?;
-    for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
-        topology::check_forwarding(interface)?;
-    }
+    check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
         if let Some(interface) = unready.first() {
@@ -264,8 +262,10 @@ impl Daemon {
     }
 
     fn drain(&mut self, service: &str, backend: &str, drained: bool) -> Response {
-        let Ok(addr) = backend.parse::<SocketAddrV4>() else {
-            return Response::error(format!("backend {backend:?} is not ADDRESS:PORT"));
+        let Ok(addr) = parse_backend(backend) else {
+            return Response::error(format!(
+                "backend {backend:?} is not ADDRESS:PORT (IPv6: [ADDRESS]:PORT)"
+            ));
         };
         let verb = if drained { "drained" } else { "undrained" };
         match self
@@ -289,9 +289,8 @@ impl Daemon {
             .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
         config::check_reloadable(&self.config, &config)?;
         let paths = paths_for(&self.public_interface, &config)?;
-        for bridge in &paths.bridges {
-            topology::check_forwarding(bridge)?;
-        }
+        // Every interface: a reload may bring the first service of a family.
+        check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
         if !paths.kernel_paths.is_empty() {
             attach_egress(&mut self.dataplane, &self.public_interface, &paths)?;
         }
@@ -370,13 +369,14 @@ impl Daemon {
     fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<Vec<FlowEntry>> {
         let backend_filter = backend
             .map(|text| {
-                text.parse::<SocketAddrV4>()
-                    .with_context(|| format!("backend {text:?} is not ADDRESS:PORT"))
+                parse_backend(&text).with_context(|| {
+                    format!("backend {text:?} is not ADDRESS:PORT (IPv6: [ADDRESS]:PORT)")
+                })
             })
             .transpose()?;
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for (key, flow) in self.dataplane.flows()? {
+        for (key, flow) in self.dataplane.all_flows()? {
             let Some((index, position)) = self.table.find_backend_id(flow.backend_id) else {
                 continue;
             };
@@ -394,7 +394,7 @@ impl Daemon {
             }
             let idle_ns = now.saturating_sub(flow.last_seen_ns);
             let flows = &self.config.flows;
-            let is_tcp = key.protocol == protocol::TCP;
+            let is_tcp = key.protocol() == protocol::TCP;
             let closing = flow.state == flow_state::CLOSING;
             let timeout = if !is_tcp {
                 flows.udp_timeout
@@ -407,8 +407,7 @@ impl Daemon {
                 continue; // expired: the next packet starts a fresh flow
             }
             entries.push(FlowEntry {
-                client: SocketAddrV4::new(key.src_addr.into(), u16::from_be_bytes(key.src_port))
-                    .to_string(),
+                client: key.client().to_string(),
                 service: state.config.name.clone(),
                 protocol: state.config.protocol.to_string(),
                 backend: backend.addr.to_string(),
@@ -441,7 +440,7 @@ fn monotonic_ns() -> u64 {
 /// source port towards both services, the backend sees one connection and the replies cannot
 /// be told apart.
 fn warn_shared_backends(table: &ServiceTable) {
-    let mut users: std::collections::BTreeMap<SocketAddrV4, Vec<&str>> = Default::default();
+    let mut users: std::collections::BTreeMap<SocketAddr, Vec<&str>> = Default::default();
     for service in &table.services {
         for backend in service
             .backends
@@ -471,10 +470,9 @@ fn log_service(service: &crate::services::ServiceState) {
         .map(|backend| format!("{} (weight {})", backend.addr, backend.weight))
         .collect();
     tracing::info!(
-        "service {} {}:{}/{} ({}) with backends {}",
+        "service {} {}/{} ({}) with backends {}",
         config.name,
-        config.vip,
-        config.port,
+        SocketAddr::new(config.vip, config.port),
         config.protocol,
         config.scheduler,
         backends.join(", ")
@@ -489,7 +487,7 @@ struct Paths {
     /// Bridges backends sit behind: XDP cannot redirect into them.
     bridges: Vec<String>,
     /// Backends behind a bridge: the kernel forwards to them, tc egress translates replies.
-    kernel_paths: BTreeSet<Ipv4Addr>,
+    kernel_paths: BTreeSet<IpAddr>,
     /// The backends routed through each device, for messages about that device.
     backends_via: HashMap<String, Vec<String>>,
 }
@@ -505,7 +503,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
     };
     for service in &config.services {
         for backend in &service.backends {
-            let device = topology::route_device(*backend.addr.ip())?;
+            let device = topology::route_device(backend.addr.ip())?;
             topology::check_ethernet(&device).with_context(|| {
                 format!(
                     "backend {} of service {} is routed through {device}; route it through an \
@@ -519,7 +517,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
                 .or_default()
                 .push(format!("{} of {}", backend.addr, service.name));
             if topology::is_bridge(&device) {
-                paths.kernel_paths.insert(*backend.addr.ip());
+                paths.kernel_paths.insert(backend.addr.ip());
                 if !paths.bridges.contains(&device) {
                     paths.bridges.push(device);
                 }
@@ -529,6 +527,30 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
         }
     }
     Ok(paths)
+}
+
+/// A backend as the control socket names it: `ADDRESS:PORT`, `[ADDRESS]:PORT` for IPv6.
+fn parse_backend(text: &str) -> Result<SocketAddr, std::net::AddrParseError> {
+    text.parse()
+}
+
+/// Checks the forwarding settings of every interface the datapath forwards through, for each
+/// address family the configuration has services of.
+fn check_forwarding<'a>(
+    interfaces: impl Iterator<Item = &'a String>,
+    config: &Config,
+) -> Result<()> {
+    let has_ipv4 = config.services.iter().any(|service| service.vip.is_ipv4());
+    let has_ipv6 = config.services.iter().any(|service| service.vip.is_ipv6());
+    for interface in interfaces {
+        if has_ipv4 {
+            topology::check_forwarding(interface)?;
+        }
+        if has_ipv6 {
+            topology::check_ipv6_forwarding(interface)?;
+        }
+    }
+    Ok(())
 }
 
 /// The interfaces XDP_REDIRECT will send into that cannot take redirects now: every

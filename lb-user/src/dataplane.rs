@@ -1,7 +1,12 @@
 //! The datapath's maps as the control plane sees them: a [`Dataplane`] trait, the real XDP
 //! implementation on aya, and an in-memory one for tests that need no kernel.
+//!
+//! Each address family has its own service, VIP-address, endpoint and flow maps (`SERVICES`
+//! and `SERVICES6`, ...); the trait takes keys that say their family ([`AnyServiceKey`],
+//! [`AnyEndpointKey`], [`IpAddr`]), so callers write one code path for both and the map is
+//! chosen here. Backends, schedules, ports and counters are shared by both families.
 
-use std::{collections::HashMap as StdHashMap, path::Path};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
 use crate::topology;
 use aya::{
@@ -10,9 +15,74 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Service, ServiceKey, Settings,
-    TrafficStats,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
+    Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
 };
+
+/// A service's key in its family's map: `SERVICES` for IPv4, `SERVICES6` for IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnyServiceKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+/// A backend endpoint's key in its family's map: `ENDPOINTS` or `ENDPOINTS6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnyEndpointKey {
+    V4(EndpointKey),
+    V6(EndpointKey6),
+}
+
+/// An `ENDPOINTS` or `ENDPOINTS6` value in one shape for both families: the service address
+/// in 16 bytes, IPv4 in the first four (as `Backend::addr` holds it). Written to the map of its
+/// key's family, narrowed there for IPv4; so a value cannot be of the other family than its key.
+pub type WideEndpoint = Endpoint<[u8; 16]>;
+
+/// A flow-table entry of either family, as `lb-user flows` reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnyFlowKey {
+    V4(FlowKey),
+    V6(FlowKey6),
+}
+
+impl AnyFlowKey {
+    /// The client's address and port.
+    pub fn client(&self) -> std::net::SocketAddr {
+        match self {
+            AnyFlowKey::V4(key) => (IpAddr::from(key.src_addr), u16::from_be_bytes(key.src_port)),
+            AnyFlowKey::V6(key) => (IpAddr::from(key.src_addr), u16::from_be_bytes(key.src_port)),
+        }
+        .into()
+    }
+
+    /// The IP protocol number.
+    pub fn protocol(&self) -> u8 {
+        match self {
+            AnyFlowKey::V4(key) => key.protocol,
+            AnyFlowKey::V6(key) => key.protocol,
+        }
+    }
+
+    /// `lb_common::flow_hash` of the key: where Maglev placed the flow.
+    pub fn hash(&self) -> u32 {
+        match self {
+            AnyFlowKey::V4(key) => lb_common::flow_hash(key),
+            AnyFlowKey::V6(key) => lb_common::flow_hash(key),
+        }
+    }
+}
+
+/// The IPv4 form of a wide endpoint value: its service address's first four bytes.
+fn narrow_endpoint(endpoint: &WideEndpoint) -> Endpoint {
+    let [a, b, c, d, ..] = endpoint.service_addr;
+    Endpoint {
+        service_addr: [a, b, c, d],
+        service_port: endpoint.service_port,
+        shared: endpoint.shared,
+        _pad: endpoint._pad,
+        service_id: endpoint.service_id,
+    }
+}
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -27,7 +97,7 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 /// Sizes chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Entries in the flow table and in the reverse-translation table.
+    /// Entries in each flow table and each reverse-translation table (both families).
     pub flow_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
     pub schedule_size: u32,
@@ -65,22 +135,41 @@ pub enum DataplaneError {
     Program(#[from] ProgramError),
 }
 
+/// Maps an update or removal error of map `map`.
+fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |cause| DataplaneError::Map { map, cause }
+}
+
+/// Removal that treats an absent key as done.
+fn removed(
+    map: &'static str,
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), DataplaneError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(cause) => Err(DataplaneError::Map { map, cause }),
+    }
+}
+
 /// What the control plane writes to and reads from the datapath.
 pub trait Dataplane {
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError>;
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError>;
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError>;
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError>;
     /// Writes `entries` into `SCHEDULE` from `offset` on.
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError>;
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError>;
-    fn set_endpoint(&mut self, key: EndpointKey, endpoint: &Endpoint)
-        -> Result<(), DataplaneError>;
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError>;
+    fn set_endpoint(
+        &mut self,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
+    ) -> Result<(), DataplaneError>;
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError>;
     /// Replaces the bitmap of service and backend ports (`lb_common::PORT_BITMAP_WORDS`
     /// words; bit `p % 64` of word `p / 64` is port `p`).
     fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError>;
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
@@ -110,13 +199,17 @@ macro_rules! loaded_program {
 pub struct XdpDataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, Service>,
+    services6: HashMap<MapData, ServiceKey6, Service>,
     vip_addresses: HashMap<MapData, [u8; 4], u32>,
+    vip_addresses6: HashMap<MapData, [u8; 16], u32>,
     backends: Array<MapData, Backend>,
     schedule: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
     ports: Array<MapData, u64>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    endpoints6: HashMap<MapData, EndpointKey6, Endpoint6>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    flows6: HashMap<MapData, FlowKey6, Flow>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -139,6 +232,8 @@ impl XdpDataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
+            .map_max_entries("FLOWS6", options.flow_table_size)
+            .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
@@ -159,13 +254,17 @@ impl XdpDataplane {
         }
         Ok(Self {
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            services6: take_map(&mut ebpf, "SERVICES6", HashMap::try_from)?,
             vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
+            vip_addresses6: take_map(&mut ebpf, "VIP_ADDRESSES6", HashMap::try_from)?,
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
             schedule: take_map(&mut ebpf, "SCHEDULE", Array::try_from)?,
             settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
+            endpoints6: take_map(&mut ebpf, "ENDPOINTS6", HashMap::try_from)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            flows6: take_map(&mut ebpf, "FLOWS6", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
@@ -370,10 +469,20 @@ impl XdpDataplane {
         loaded_program!(self.ebpf, Xdp, FLOOR_PROGRAM_NAME)
     }
 
-    /// Every entry of the flow table, expired ones included. Entries that vanish while the
-    /// table is walked (LRU eviction) are skipped.
+    /// Every entry of the IPv4 flow table, expired ones included. Entries that vanish while
+    /// the table is walked (LRU eviction) are skipped.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, DataplaneError> {
         Ok(self.flows.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Every entry of both flow tables (`FLOWS`, then `FLOWS6`), as [`Self::flows`] reads them.
+    pub fn all_flows(&self) -> Result<Vec<(AnyFlowKey, Flow)>, DataplaneError> {
+        let v4 = self.flows.iter().filter_map(Result::ok);
+        let v6 = self.flows6.iter().filter_map(Result::ok);
+        Ok(v4
+            .map(|(key, flow)| (AnyFlowKey::V4(key), flow))
+            .chain(v6.map(|(key, flow)| (AnyFlowKey::V6(key), flow)))
+            .collect())
     }
 
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
@@ -438,34 +547,32 @@ fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
 impl Dataplane for XdpDataplane {
     fn set_endpoint(
         &mut self,
-        key: EndpointKey,
-        endpoint: &Endpoint,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError> {
-        self.endpoints
-            .insert(key, endpoint, 0)
-            .map_err(|cause| DataplaneError::Map {
-                map: "ENDPOINTS",
-                cause,
-            })
-    }
-
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
-        match self.endpoints.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "ENDPOINTS",
-                cause,
-            }),
+        match key {
+            AnyEndpointKey::V4(key) => self
+                .endpoints
+                .insert(key, narrow_endpoint(endpoint), 0)
+                .map_err(map_error("ENDPOINTS")),
+            AnyEndpointKey::V6(key) => self
+                .endpoints6
+                .insert(key, endpoint, 0)
+                .map_err(map_error("ENDPOINTS6")),
         }
     }
 
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
-        match self.services.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "SERVICES",
-                cause,
-            }),
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
+        match key {
+            AnyEndpointKey::V4(key) => removed("ENDPOINTS", self.endpoints.remove(&key)),
+            AnyEndpointKey::V6(key) => removed("ENDPOINTS6", self.endpoints6.remove(&key)),
+        }
+    }
+
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
+        match key {
+            AnyServiceKey::V4(key) => removed("SERVICES", self.services.remove(&key)),
+            AnyServiceKey::V6(key) => removed("SERVICES6", self.services6.remove(&key)),
         }
     }
 
@@ -502,23 +609,26 @@ impl Dataplane for XdpDataplane {
             })
     }
 
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
-        match self.vip_addresses.remove(&addr) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "VIP_ADDRESSES",
-                cause,
-            }),
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        match addr {
+            IpAddr::V4(addr) => removed("VIP_ADDRESSES", self.vip_addresses.remove(&addr.octets())),
+            IpAddr::V6(addr) => {
+                removed("VIP_ADDRESSES6", self.vip_addresses6.remove(&addr.octets()))
+            }
         }
     }
 
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
-        self.services
-            .insert(key, service, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: "SERVICES",
-                cause: source,
-            })
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError> {
+        match key {
+            AnyServiceKey::V4(key) => self
+                .services
+                .insert(key, service, 0)
+                .map_err(map_error("SERVICES")),
+            AnyServiceKey::V6(key) => self
+                .services6
+                .insert(key, service, 0)
+                .map_err(map_error("SERVICES6")),
+        }
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
@@ -530,13 +640,17 @@ impl Dataplane for XdpDataplane {
             })
     }
 
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
-        self.vip_addresses
-            .insert(addr, 1, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: "VIP_ADDRESSES",
-                cause: source,
-            })
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        match addr {
+            IpAddr::V4(addr) => self
+                .vip_addresses
+                .insert(addr.octets(), 1, 0)
+                .map_err(map_error("VIP_ADDRESSES")),
+            IpAddr::V6(addr) => self
+                .vip_addresses6
+                .insert(addr.octets(), 1, 0)
+                .map_err(map_error("VIP_ADDRESSES6")),
+        }
     }
 
     fn counters(&self) -> Result<Vec<u64>, DataplaneError> {
@@ -577,20 +691,21 @@ impl Dataplane for XdpDataplane {
 /// A dataplane that only remembers what it was told, for control-plane tests without a kernel.
 #[derive(Debug, Default)]
 pub struct MemoryDataplane {
-    pub services: StdHashMap<ServiceKey, Service>,
+    pub services: StdHashMap<AnyServiceKey, Service>,
     pub schedule: StdHashMap<u32, u32>,
     pub settings: Option<Settings>,
     pub ports: Vec<u64>,
-    pub endpoints: StdHashMap<EndpointKey, Endpoint>,
+    pub endpoints: StdHashMap<AnyEndpointKey, WideEndpoint>,
     pub backends: StdHashMap<u32, Backend>,
-    pub vip_addresses: Vec<[u8; 4]>,
+    /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
+    pub vip_addresses: Vec<IpAddr>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
 
 impl MemoryDataplane {
     /// The table the datapath would read for the service under `key`.
-    pub fn table(&self, key: &ServiceKey) -> Vec<u32> {
+    pub fn table(&self, key: &AnyServiceKey) -> Vec<u32> {
         let service = &self.services[key];
         (0..service.table_len)
             .map(|slot| self.schedule[&(service.table_offset + slot)])
@@ -601,21 +716,21 @@ impl MemoryDataplane {
 impl Dataplane for MemoryDataplane {
     fn set_endpoint(
         &mut self,
-        key: EndpointKey,
-        endpoint: &Endpoint,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.endpoints.insert(key, *endpoint);
         Ok(())
     }
 
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.endpoints.remove(&key);
         Ok(())
     }
 
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.remove(&key);
         Ok(())
@@ -641,13 +756,13 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.vip_addresses.retain(|known| *known != addr);
         Ok(())
     }
 
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.insert(key, *service);
         Ok(())
@@ -659,7 +774,7 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         self.writes += 1;
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);
