@@ -62,14 +62,6 @@ impl AnyFlowKey {
             AnyFlowKey::V6(key) => key.protocol,
         }
     }
-
-    /// `lb_common::flow_hash` of the key: where Maglev placed the flow.
-    pub fn hash(&self) -> u32 {
-        match self {
-            AnyFlowKey::V4(key) => lb_common::flow_hash(key),
-            AnyFlowKey::V6(key) => lb_common::flow_hash(key),
-        }
-    }
 }
 
 /// The IPv4 form of a wide endpoint value: its service address's first four bytes.

@@ -217,10 +217,12 @@ fn run(cli: Cli) -> Result<()> {
             let parsed = config::load(&config)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let backends: usize = parsed.services.iter().map(|s| s.backends.len()).sum();
+            let ipv6 = parsed.services.iter().filter(|s| s.vip.is_ipv6()).count();
             println!(
-                "{}: {} service(s), {backends} backend(s): valid",
+                "{}: {} service(s) ({} IPv4, {ipv6} IPv6), {backends} backend(s): valid",
                 config.display(),
-                parsed.services.len()
+                parsed.services.len(),
+                parsed.services.len() - ipv6
             );
             Ok(())
         }
