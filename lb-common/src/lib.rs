@@ -22,6 +22,10 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 256;
 /// Entries in the flow table and in the reverse-translation table (LRU hash maps).
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Default entries of the fragment table (`FRAGMENTS`); `[fragments] table_size` sets it at
+/// load. An entry lives for the fragment timeout (seconds), so this holds tens of thousands of
+/// fragmented datagrams per second.
+pub const FRAGMENT_TABLE_SIZE: u32 = 65_536;
 /// Words of the `PORTS` bitmap: one bit for each of the 65536 ports.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 /// Default entries of the shared scheduling table (`SCHEDULE`); `lb-user` sizes it at load.
@@ -106,6 +110,15 @@ pub mod scheduler {
     pub const MAGLEV: u8 = 2;
 }
 
+/// Bits of [`Service::flags`].
+pub mod service_flags {
+    /// Maglev hashes (client address, VIP, protocol) with the ports zeroed instead of the
+    /// 5-tuple: every flow and every fragment of a client lands on the same backend, so a later
+    /// fragment that arrives before its first one can be placed without tracking
+    /// (`maglev_key = "3-tuple"`).
+    pub const HASH_3_TUPLE: u8 = 1;
+}
+
 /// Values of [`Flow::state`].
 pub mod flow_state {
     /// Packets flow; the idle timeout of its protocol applies.
@@ -139,8 +152,10 @@ pub struct Service {
     pub id: u32,
     /// One of [`scheduler`].
     pub scheduler: u8,
-    /// Zero; room for flags without changing the layout.
-    pub _pad: [u8; 3],
+    /// Bits of [`service_flags`].
+    pub flags: u8,
+    /// Zero; room for more without changing the layout.
+    pub _pad: [u8; 2],
     /// First entry of the service's table in `SCHEDULE`.
     pub table_offset: u32,
     /// Entries in the table; 0 means no backend can take a new flow.
@@ -196,7 +211,7 @@ pub struct Flow {
     pub created_ns: u64,
 }
 
-/// Flow lifetimes, written once by `lb-user` into the one-entry `SETTINGS` array.
+/// Flow and fragment lifetimes, written once by `lb-user` into the one-entry `SETTINGS` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -206,6 +221,54 @@ pub struct Settings {
     pub tcp_closing_timeout_ns: u64,
     /// Idle timeout of a UDP flow.
     pub udp_timeout_ns: u64,
+    /// How long after its first fragment a datagram's later fragments still follow it.
+    pub fragment_timeout_ns: u64,
+}
+
+/// Identifies one fragmented datagram as RFC 791 does: addresses, protocol and IP ID. Keys the
+/// fragment table. Generic over the address so that IPv6 (`[u8; 16]`, 32-bit fragment ID) can
+/// use the same table layout; IPv4 zero-extends its 16-bit ID, big-endian (`[0, 0, hi, lo]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey<A = [u8; 4]> {
+    pub src_addr: A,
+    pub dst_addr: A,
+    /// The identification field, network order, zero-extended to 32 bits.
+    pub id: [u8; 4],
+    pub protocol: u8,
+    /// Zero; see [`ServiceKey::_pad`].
+    pub _pad: [u8; 3],
+}
+
+/// Where the later fragments of a datagram go: the backend its first fragment was balanced
+/// to, or the kernel ([`FRAGMENT_TO_KERNEL`]) when the first fragment was not for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fragment {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The backend's [`Backend::generation`] when the first fragment was balanced.
+    pub generation: u32,
+    /// Zero; alignment of the next field.
+    pub _pad: u32,
+    /// Coarse `bpf_ktime` (CLOCK_MONOTONIC) when the first fragment arrived.
+    pub created_ns: u64,
+}
+
+/// [`Fragment::backend_id`] of a datagram whose first fragment went to the kernel (addressed
+/// to a VIP address, but to no service): its later fragments go there too.
+pub const FRAGMENT_TO_KERNEL: u32 = u32::MAX;
+
+/// A VIP address and protocol: keys the map of services whose Maglev table hashes the
+/// 3-tuple (see [`service_flags::HASH_3_TUPLE`]), where later fragments without a tracking
+/// entry are placed. Generic over the address like [`FragmentKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipProtocol<A = [u8; 4]> {
+    pub addr: A,
+    pub protocol: u8,
+    /// Zero; see [`ServiceKey::_pad`].
+    pub _pad: [u8; 3],
 }
 
 /// A backend endpoint: its address, port and protocol. Keys `ENDPOINTS`.
@@ -292,13 +355,14 @@ pub struct TrafficStats {
 /// `PASS_*` and `DROP_*` count each packet's final verdict by reason; the others count events
 /// along the way and can overlap with a verdict.
 pub mod counter {
-    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed.
+    /// Not IPv4 (ARP, LLDP, and IPv6 until its datapath lands): passed.
     pub const PASS_NOT_IP: u32 = 0;
-    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP, ...): passed.
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
     pub const PASS_NOT_TCP_UDP: u32 = 1;
     /// TCP or UDP, but not for a service and not a reply of a balanced flow: passed.
     pub const PASS_NOT_SERVICE: u32 = 2;
-    /// An IPv4 fragment: passed to the kernel (fragments are not balanced yet).
+    /// An IPv4 fragment not addressed to a VIP, or of a datagram whose first fragment went
+    /// to the kernel (addressed to a VIP address but no service): passed.
     pub const PASS_FRAGMENT: u32 = 3;
     /// Translated, but the next hop's MAC is unknown: passed so the kernel resolves it.
     pub const PASS_NEIGH_UNRESOLVED: u32 = 4;
@@ -358,18 +422,30 @@ pub mod counter {
     /// ICMP errors from a backend's side about a client's packet, sent on to the client.
     pub const ICMP_TO_CLIENT: u32 = 29;
 
-    /// IPv6 header truncated, or its payload length past the frame, or (for a VIP) an extension
-    /// header cut short: dropped.
-    pub const DROP_MALFORMED_IPV6: u32 = 30;
-    /// IPv6 packets whose extension headers the datapath does not translate through (a chain
-    /// longer than it walks, ESP, a routing header with segments left): passed untouched.
-    pub const PASS_IPV6_EXTENSION: u32 = 31;
-    /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
-    /// the kernel drops them too).
-    pub const DROP_UDP_ZERO_CHECKSUM: u32 = 32;
+    /// First fragments of a datagram for a VIP recorded in the fragment table (balanced to
+    /// a backend, or passed to the kernel when for no service).
+    pub const FRAGMENT_TRACKED: u32 = 30;
+    /// First fragments balanced, but the fragment table was full: their later fragments will
+    /// be orphans (or follow the 3-tuple policy).
+    pub const FRAGMENT_TABLE_FULL: u32 = 31;
+    /// Later fragments sent to the backend of their datagram's first fragment.
+    pub const FRAGMENT_FOLLOWED: u32 = 32;
+    /// Later fragments without a live entry, sent by the 3-tuple hash of the (VIP, protocol)'s
+    /// `maglev_key = "3-tuple"` service.
+    pub const FRAGMENT_BY_3_TUPLE: u32 = 33;
+    /// Later fragments for a VIP whose datagram has no entry (the first fragment has not come,
+    /// never came, or its entry was swept) and no 3-tuple service: dropped.
+    pub const DROP_FRAGMENT_ORPHAN: u32 = 34;
+    /// Later fragments whose datagram's entry is older than `[fragments] timeout`: dropped.
+    pub const DROP_FRAGMENT_TIMED_OUT: u32 = 35;
+    /// Later fragments whose datagram's backend went down or was replaced: dropped.
+    pub const DROP_FRAGMENT_BACKEND_GONE: u32 = 36;
+    /// First fragments for a VIP too short to hold their whole transport header (RFC 1858
+    /// tiny fragments; no real stack sends them): dropped.
+    pub const DROP_FRAGMENT_TINY_FIRST: u32 = 37;
 
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 38;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -403,9 +479,14 @@ pub mod counter {
         "reply_egress",
         "icmp_to_backend",
         "icmp_to_client",
-        "drop_malformed_ipv6",
-        "pass_ipv6_extension",
-        "drop_udp_zero_checksum",
+        "fragment_tracked",
+        "fragment_table_full",
+        "fragment_followed",
+        "fragment_by_3_tuple",
+        "drop_fragment_orphan",
+        "drop_fragment_timed_out",
+        "drop_fragment_backend_gone",
+        "drop_fragment_tiny_first",
     ];
 }
 
@@ -431,6 +512,17 @@ pub type FlowKey6 = FlowKey<[u8; 16]>;
 pub type EndpointKey6 = EndpointKey<[u8; 16]>;
 pub type Endpoint6 = Endpoint<[u8; 16]>;
 pub type ReverseNat6 = ReverseNat<[u8; 16]>;
+
+/// The key a `maglev_key = "3-tuple"` service hashes ([`service_flags::HASH_3_TUPLE`]): the
+/// 5-tuple with both ports zeroed, so [`flow_hash`] depends on (client, VIP, protocol) only.
+#[inline(always)]
+pub fn three_tuple<A: Copy>(key: &FlowKey<A>) -> FlowKey<A> {
+    FlowKey {
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        ..*key
+    }
+}
 
 #[inline(always)]
 fn mix_word(hash: u32, word: u32) -> u32 {
@@ -473,6 +565,9 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for Endpoint6 {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for Fragment {}
+    unsafe impl aya::Pod for VipProtocol {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
@@ -487,7 +582,11 @@ const _: () = assert!(core::mem::size_of::<EndpointKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 24);
 const _: () = assert!(core::mem::size_of::<ReverseNat6>() == 28);
 const _: () = assert!(core::mem::size_of::<Flow>() == 32);
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentKey<[u8; 16]>>() == 40);
+const _: () = assert!(core::mem::size_of::<Fragment>() == 24);
+const _: () = assert!(core::mem::size_of::<VipProtocol>() == 8);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 48);
@@ -531,6 +630,15 @@ mod tests {
         assert_eq!(offset_of!(Flow, last_seen_ns), 16);
         assert_eq!(offset_of!(Flow, created_ns), 24);
         assert_eq!(offset_of!(Settings, udp_timeout_ns), 16);
+        assert_eq!(offset_of!(Settings, fragment_timeout_ns), 24);
+        assert_eq!(offset_of!(Service, flags), 5);
+        assert_eq!(offset_of!(FragmentKey, dst_addr), 4);
+        assert_eq!(offset_of!(FragmentKey, id), 8);
+        assert_eq!(offset_of!(FragmentKey, protocol), 12);
+        assert_eq!(offset_of!(FragmentKey<[u8; 16]>, id), 32);
+        assert_eq!(offset_of!(Fragment, generation), 8);
+        assert_eq!(offset_of!(Fragment, created_ns), 16);
+        assert_eq!(offset_of!(VipProtocol, protocol), 4);
         assert_eq!(offset_of!(ReverseNat, service_port), 4);
         assert_eq!(offset_of!(ReverseNat, service_id), 8);
         assert_eq!(offset_of!(ReverseNat, backend_id), 12);

@@ -14,6 +14,7 @@
 
 mod checksum;
 mod egress;
+mod fragments;
 mod headers;
 mod icmp;
 mod maps;
@@ -26,8 +27,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler, Backend,
-    Flow, FlowKey, ReverseNat, Service, ServiceKey, TrafficStats,
+    backend_flags, backend_state, counter, flow_hash, flow_state, protocol, scheduler,
+    service_flags, three_tuple, Backend, Flow, FlowKey, FragmentKey, ReverseNat, Service,
+    ServiceKey, TrafficStats,
 };
 
 use crate::{
@@ -130,11 +132,18 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
     }
-    // Only the first fragment has ports, so fragments cannot be balanced one by one yet.
-    // FIXME(#5): track fragments by IP ID so every fragment follows the first one.
-    if u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK != 0 {
-        return Ok(Verdict::Pass(counter::PASS_FRAGMENT));
-    }
+    // Only a first fragment has ports: later ones follow it (see fragments.rs).
+    let first_fragment = match fragments::ipv4(
+        ctx,
+        ethernet,
+        ip,
+        l3_offset + header_len,
+        l3_offset + total_len,
+    )? {
+        fragments::Step::Whole => None,
+        fragments::Step::First(key) => Some(key),
+        fragments::Step::Done(verdict) => return Ok(verdict),
+    };
 
     let dst_addr = unsafe { (*ip).dst };
     // The transport header must lie inside the IP packet, not in the frame's padding.
@@ -160,7 +169,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
     if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
     {
-        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+        return Ok(not_for_a_service(first_fragment.as_ref()));
     }
 
     let tuple = FlowKey {
@@ -179,12 +188,25 @@ fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
     if let Some(service) = unsafe { SERVICES.get(&service_key) } {
-        return forward(ctx, ethernet, ip, &transport, &tuple, service);
+        let fragment = first_fragment.as_ref();
+        return forward(ctx, ethernet, ip, &transport, &tuple, service, fragment);
     }
-    if let Some(nat) = reverse_nat(&tuple) {
-        return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
+    // A fragment here is addressed to a VIP, so it is no reply to a client.
+    if first_fragment.is_none() {
+        if let Some(nat) = reverse_nat(&tuple) {
+            return Ok(reply(ctx, ethernet, ip, &transport, &tuple, &nat));
+        }
     }
-    Ok(Verdict::Pass(counter::PASS_NOT_SERVICE))
+    Ok(not_for_a_service(first_fragment.as_ref()))
+}
+
+/// A packet for no service passes; a first fragment's later fragments will pass too.
+#[inline(always)]
+fn not_for_a_service(first_fragment: Option<&FragmentKey>) -> Verdict {
+    match first_fragment {
+        Some(key) => fragments::pass_first(key),
+        None => Verdict::Pass(counter::PASS_NOT_SERVICE),
+    }
 }
 
 /// Steps over up to two VLAN tags (802.1ad outside, 802.1Q inside), which stay in the frame
@@ -237,7 +259,7 @@ fn transport_at(ctx: &XdpContext, offset: usize, ip_protocol: u8) -> Option<Tran
 }
 
 /// A client's packet for a service: pick the flow's backend, translate the destination and
-/// send it there.
+/// send it there. A first fragment's datagram is recorded, so its later fragments follow.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -246,23 +268,17 @@ fn forward(
     transport: &Transport,
     tuple: &FlowKey,
     service: &Service,
+    first_fragment: Option<&FragmentKey>,
 ) -> Result<Verdict, Drop> {
     let (backend_id, backend) = select_backend(ctx, tuple, service, transport.tcp_flags)?;
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    if let Some(key) = first_fragment {
+        fragments::record(key, service.id, backend_id, backend.generation);
+    }
 
     // SAFETY: ip and transport point into the bounds-checked packet.
     unsafe {
         rewrite(ip, transport, Side::Destination, ipv4_of(backend.addr), backend.port);
     }
-    add_traffic(service.id, backend_id, |stats| {
-        stats.packets += 1;
-        stats.bytes += frame_len;
-    });
-    if backend.flags & backend_flags::VIA_KERNEL != 0 {
-        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
-        return Ok(Verdict::Pass(counter::PASS_KERNEL_FORWARD));
-    }
-
     let route = Route {
         src: tuple.src_addr,
         dst: ipv4_of(backend.addr),
@@ -271,17 +287,42 @@ fn forward(
         dst_port: backend.port,
         total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
     };
+    Ok(send_to_backend(
+        ctx, ethernet, &route, service.id, backend_id, &backend,
+    ))
+}
+
+/// Counts a client packet translated towards `backend` and sends it there: through the
+/// kernel for a backend behind a bridge, else by `route::send`.
+#[inline(always)]
+pub(crate) fn send_to_backend(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    route: &Route,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+) -> Verdict {
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    add_traffic(service_id, backend_id, |stats| {
+        stats.packets += 1;
+        stats.bytes += frame_len;
+    });
+    if backend.flags & backend_flags::VIA_KERNEL != 0 {
+        // A bridge is no XDP_REDIRECT target: the kernel routes the translated packet on.
+        return Verdict::Pass(counter::PASS_KERNEL_FORWARD);
+    }
     let counters = SendCounters {
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
-    Ok(route::send(
+    route::send(
         ctx,
         ethernet,
-        &route,
+        route,
         &counters,
         NEXT_HOPS.get_ptr_mut(backend_id),
-    ))
+    )
 }
 
 /// A backend's reply to a balanced flow: make it come from the service again and send it to
@@ -520,15 +561,20 @@ pub(crate) fn note_reply_flags(tuple: &FlowKey, nat: &ReverseNat, tcp_flags: u8)
 }
 
 /// Picks a backend for a new flow from the service's table: a per-CPU cursor for the round
-/// robin schedulers, the flow's hash for Maglev.
+/// robin schedulers, the flow's hash for Maglev (without the ports for a 3-tuple service).
 #[inline(always)]
-fn schedule(service: &Service, tuple: &FlowKey) -> Result<u32, Drop> {
+pub(crate) fn schedule(service: &Service, tuple: &FlowKey) -> Result<u32, Drop> {
     let table_len = service.table_len;
     if table_len == 0 {
         return Err(Drop(counter::DROP_NO_BACKEND));
     }
     let slot = if service.scheduler == scheduler::MAGLEV {
-        flow_hash(tuple) % table_len
+        let hash = if service.flags & service_flags::HASH_3_TUPLE != 0 {
+            flow_hash(&three_tuple(tuple))
+        } else {
+            flow_hash(tuple)
+        };
+        hash % table_len
     } else {
         let cursor = RR_CURSORS
             .get_ptr_mut(service.id)

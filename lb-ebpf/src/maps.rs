@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    counter, Backend, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, NextHop,
+    ReverseNat, Service, ServiceKey, Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE,
+    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -41,6 +41,21 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
+/// Fragmented datagrams (addresses, IP ID, protocol) to where their later fragments go. A
+/// plain preallocated hash, not an LRU: when it is full an insert fails, which is counted
+/// (`fragment_table_full`), where an LRU would silently evict a live datagram. A new first
+/// fragment with the same key replaces its entry (that needs no free element), and `lb-user`
+/// sweeps timed-out entries periodically. Sized by `lb-user` at load.
+#[map]
+pub static FRAGMENTS: HashMap<FragmentKey, Fragment> =
+    HashMap::with_max_entries(FRAGMENT_TABLE_SIZE, 0);
+
+/// (VIP, protocol) to the key of its `maglev_key = "3-tuple"` service, if it has one: where a
+/// later fragment without a tracking entry is placed. Written by `lb-user` with the services.
+#[map]
+pub static THREE_TUPLE_SERVICES: HashMap<VipProtocol, ServiceKey> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
 /// Backend endpoints to the service they answer for (see `lb_common::Endpoint`).
 #[map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
@@ -50,29 +65,6 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> =
 /// backends whose endpoint serves several services (`backend_flags::SHARED_ENDPOINT`).
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseNat> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-
-// The IPv6 twins of the maps above, same roles and flags, keyed by 16-byte addresses. Services,
-// backends, schedules, cursors, counters and settings are shared by both families: a service
-// id or a backend id means the same thing in either.
-
-#[map]
-pub static SERVICES6: HashMap<ServiceKey6, Service> =
-    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-#[map]
-pub static VIP_ADDRESSES6: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
-
-#[map]
-pub static FLOWS6: LruHashMap<FlowKey6, Flow> =
-    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-
-#[map]
-pub static ENDPOINTS6: HashMap<EndpointKey6, Endpoint6> =
-    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
-
-#[map]
-pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many

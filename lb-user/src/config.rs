@@ -20,6 +20,11 @@
 //!                          # (or tcp_timeout, if shorter); at most tcp_timeout
 //! udp_timeout = "30s"      # idle timeout of a UDP flow; default "30s"
 //!
+//! [fragments]              # optional, and so is every key in it; fixed while running (below)
+//! table_size = 65536       # fragmented datagrams tracked at once; 1024..=16777216; default 65536
+//! timeout = "2s"           # how long after its first fragment a datagram's later fragments
+//!                          # still follow it; default "2s"; at most "60s"
+//!
 //! [[service]]
 //! name = "web"             # required, unique, 1..=32 chars of [A-Za-z0-9_.-]
 //! vip = "203.0.113.10"     # required IPv4 or IPv6 address, bare ("2001:db8::10", no brackets);
@@ -32,6 +37,10 @@
 //! maglev_table_size = 65537
 //!                          # maglev only (an error with another scheduler); default 65537;
 //!                          # prime; at least 100 per backend; at most 1000003
+//! maglev_key = "5-tuple"   # maglev only: what is hashed: "5-tuple" (default) or "3-tuple"
+//!                          # (client address, vip, protocol: every flow and fragment of a
+//!                          # client on one backend, whatever order fragments arrive in); at
+//!                          # most one "3-tuple" service per vip and protocol
 //!
 //! [service.health_check]   # optional for tcp services (defaults below); REQUIRED for udp services
 //! kind = "http"            # "tcp" (connect), "http" (GET), or "none" (always up);
@@ -75,8 +84,8 @@
 //!
 //! # Reloading
 //!
-//! A running balancer can take a new configuration whose `[flows]` table is unchanged; the flow
-//! tables are sized when the datapath loads, so a change there needs a restart.
+//! A running balancer can take a new configuration whose `[flows]` and `[fragments]` tables are
+//! unchanged; the tables are sized when the datapath loads, so a change there needs a restart.
 //! [`check_reloadable`] tells the two cases apart.
 
 use std::collections::HashMap;
@@ -122,6 +131,19 @@ const DEFAULT_TCP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_TCP_CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Fewest fragment-table entries; as for the flow table, smaller is a typo.
+const MIN_FRAGMENT_TABLE_SIZE: i64 = 1024;
+/// Most fragment-table entries: the table is preallocated, like the flow table.
+const MAX_FRAGMENT_TABLE_SIZE: i64 = 16_777_216;
+/// The fragments of one datagram leave their sender back to back, so even a reordering path
+/// delivers them within milliseconds: 2 s is generous. Much longer only keeps dead entries
+/// (lost fragments) in the table, and widens the window in which a 16-bit IP ID reused by a
+/// fast sender (RFC 4963) finds its predecessor's entry.
+const DEFAULT_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Twice Linux's reassembly timeout (30 s, `ipfrag_time`): a backend has discarded the
+/// datagram's fragments long before.
+const MAX_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Maglev table entries per backend, at least: the paper's rule for keeping every backend's
 /// share of the table within about 1% of even.
 const MAGLEV_ENTRIES_PER_BACKEND: usize = 100;
@@ -148,6 +170,28 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// The flow tables' size and timeouts; the defaults if there is no `[flows]` table.
     pub flows: FlowSettings,
+    /// The fragment table's size and timeout; the defaults if there is no `[fragments]` table.
+    pub fragments: FragmentSettings,
+}
+
+/// How many fragmented datagrams the datapath tracks and for how long. Fixed while the
+/// datapath runs; see [`check_reloadable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentSettings {
+    /// Entries in the fragment table; 1024..=16777216.
+    pub table_size: u32,
+    /// How long after its first fragment a datagram's later fragments follow it.
+    pub timeout: Duration,
+}
+
+impl Default for FragmentSettings {
+    /// The settings without a `[fragments]` table.
+    fn default() -> Self {
+        FragmentSettings {
+            table_size: lb_common::FRAGMENT_TABLE_SIZE,
+            timeout: DEFAULT_FRAGMENT_TIMEOUT,
+        }
+    }
 }
 
 /// How many flows the datapath tracks and how long it keeps them. Fixed while the datapath
@@ -236,7 +280,29 @@ pub enum Scheduler {
     Maglev {
         /// Entries in the lookup table: prime, at least 100 per backend, at most 1000003.
         table_size: u32,
+        /// What the hash covers.
+        key: MaglevKey,
     },
+}
+
+/// What a Maglev service hashes to pick a new flow's backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaglevKey {
+    /// Addresses, ports and protocol: a client's flows spread over the backends.
+    FiveTuple,
+    /// Client address, vip and protocol, ports zeroed: all of a client's flows on one backend,
+    /// and a fragment that arrives before its first fragment is placed without tracking.
+    ThreeTuple,
+}
+
+impl fmt::Display for MaglevKey {
+    /// The name as written in the configuration.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MaglevKey::FiveTuple => "5-tuple",
+            MaglevKey::ThreeTuple => "3-tuple",
+        })
+    }
 }
 
 impl fmt::Display for Scheduler {
@@ -417,8 +483,8 @@ pub enum ConfigError {
     },
     /// A new configuration changes a setting that a running datapath cannot change.
     #[error(
-        "{field}: cannot change from {old} to {new} while running: the [flows] settings are \
-         fixed when the datapath loads, so restart to apply them"
+        "{field}: cannot change from {old} to {new} while running: the [flows] and [fragments] \
+         settings are fixed when the datapath loads, so restart to apply them"
     )]
     NotReloadable {
         /// The setting's full path, e.g. `flows.table_size`.
@@ -532,7 +598,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 /// Checks that `new` can replace `old` in a running datapath without a restart: the `[flows]`
-/// table must be identical (its sizes are fixed when the program loads); returns an error naming
+/// and `[fragments]` tables must be identical (its sizes are fixed when the program loads); returns an error naming
 /// the first field that differs otherwise.
 pub fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
     // Destructured without `..`, so that a new field cannot be left out of the comparison.
@@ -542,6 +608,10 @@ pub fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
         tcp_closing_timeout,
         udp_timeout,
     } = old.flows;
+    let FragmentSettings {
+        table_size: fragment_table_size,
+        timeout: fragment_timeout,
+    } = old.fragments;
 
     let not_reloadable = |field: &str, old: String, new: String| ConfigError::NotReloadable {
         field: field.to_string(),
@@ -555,6 +625,13 @@ pub fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             new.flows.table_size.to_string(),
         ));
     }
+    if fragment_table_size != new.fragments.table_size {
+        return Err(not_reloadable(
+            "fragments.table_size",
+            fragment_table_size.to_string(),
+            new.fragments.table_size.to_string(),
+        ));
+    }
     for (field, running, proposed) in [
         ("flows.tcp_timeout", tcp_timeout, new.flows.tcp_timeout),
         (
@@ -563,6 +640,7 @@ pub fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             new.flows.tcp_closing_timeout,
         ),
         ("flows.udp_timeout", udp_timeout, new.flows.udp_timeout),
+        ("fragments.timeout", fragment_timeout, new.fragments.timeout),
     ] {
         if running != proposed {
             return Err(not_reloadable(
@@ -584,6 +662,14 @@ struct RawConfig {
     #[serde(default)]
     service: Vec<RawService>,
     flows: Option<RawFlows>,
+    fragments: Option<RawFragments>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFragments {
+    table_size: Option<i64>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -604,6 +690,7 @@ struct RawService {
     protocol: Option<String>,
     scheduler: Option<String>,
     maglev_table_size: Option<i64>,
+    maglev_key: Option<String>,
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -638,6 +725,7 @@ struct TableSpans {
     #[serde(default)]
     service: Vec<toml::Spanned<ServiceSpans>>,
     flows: Option<toml::Spanned<toml::Value>>,
+    fragments: Option<toml::Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -705,9 +793,12 @@ fn table_at(text: &str, spans: &TableSpans, offset: usize) -> String {
             return format!("service[{index}]");
         }
     }
-    if let Some(flows) = &spans.flows {
-        if flows.span().contains(&offset) {
-            return "flows".to_string();
+    for (name, table) in [("flows", &spans.flows), ("fragments", &spans.fragments)] {
+        if table
+            .as_ref()
+            .is_some_and(|table| table.span().contains(&offset))
+        {
+            return name.to_string();
         }
     }
     header_table(text, spans, offset).unwrap_or_else(|| "the top level".to_string())
@@ -734,6 +825,7 @@ fn header_table(text: &str, spans: &TableSpans, offset: usize) -> Option<String>
             Some(format!("service[{index}].health_check"))
         }
         (["flows", ""], _) => Some("flows".to_string()),
+        (["fragments", ""], _) => Some("fragments".to_string()),
         _ => None,
     }
 }
@@ -764,6 +856,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(raw_flows) => validate_flows(raw_flows)?,
         None => FlowSettings::default(),
     };
+    let fragments = match &raw.fragments {
+        Some(raw_fragments) => validate_fragments(raw_fragments)?,
+        None => FragmentSettings::default(),
+    };
 
     let services = raw
         .service
@@ -773,7 +869,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
 
     check_unique_services(&services)?;
-    Ok(Config { services, flows })
+    Ok(Config {
+        services,
+        flows,
+        fragments,
+    })
 }
 
 /// Rejects configurations larger than the datapath's maps before looking at any values.
@@ -962,6 +1062,27 @@ fn validate_flows(raw: &RawFlows) -> Result<FlowSettings, ConfigError> {
     })
 }
 
+fn validate_fragments(raw: &RawFragments) -> Result<FragmentSettings, ConfigError> {
+    let check = SettingsChecker { table: "fragments" };
+    let table_size = match raw.table_size {
+        Some(size) => check.bounded(
+            "table_size",
+            size,
+            MIN_FRAGMENT_TABLE_SIZE,
+            MAX_FRAGMENT_TABLE_SIZE,
+        )?,
+        None => lb_common::FRAGMENT_TABLE_SIZE,
+    };
+    let timeout = match &raw.timeout {
+        Some(text) => check.duration("timeout", text, MAX_FRAGMENT_TIMEOUT)?,
+        None => DEFAULT_FRAGMENT_TIMEOUT,
+    };
+    Ok(FragmentSettings {
+        table_size,
+        timeout,
+    })
+}
+
 fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, ConfigError> {
     let check = Checker {
         service: service_label(index, raw.name.as_deref()),
@@ -1012,8 +1133,26 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         &check,
         raw.scheduler.as_deref(),
         raw.maglev_table_size,
+        raw.maglev_key.as_deref(),
         backends.len(),
     )?;
+    // The 3-tuple key exists for fragment tracking, which the datapath does for IPv4 only.
+    if vip.is_ipv6()
+        && matches!(
+            scheduler,
+            Scheduler::Maglev {
+                key: MaglevKey::ThreeTuple,
+                ..
+            }
+        )
+    {
+        return Err(check.invalid(
+            "maglev_key",
+            "\"3-tuple\"".to_string(),
+            "is for IPv4 services only (it keeps IPv4 fragments together); an IPv6 service \
+             hashes the 5-tuple",
+        ));
+    }
 
     Ok(ServiceConfig {
         name: name.clone(),
@@ -1030,6 +1169,7 @@ fn validate_scheduler(
     check: &Checker,
     name: Option<&str>,
     maglev_table_size: Option<i64>,
+    maglev_key: Option<&str>,
     backend_count: usize,
 ) -> Result<Scheduler, ConfigError> {
     let scheduler = match name {
@@ -1040,7 +1180,18 @@ fn validate_scheduler(
                 Some(size) => validate_maglev_table_size(check, size, backend_count)?,
                 None => DEFAULT_MAGLEV_TABLE_SIZE,
             };
-            return Ok(Scheduler::Maglev { table_size });
+            let key = match maglev_key {
+                None | Some("5-tuple") => MaglevKey::FiveTuple,
+                Some("3-tuple") => MaglevKey::ThreeTuple,
+                Some(other) => {
+                    return Err(check.invalid(
+                        "maglev_key",
+                        format!("{other:?}"),
+                        "is not a Maglev key (\"5-tuple\" or \"3-tuple\")",
+                    ))
+                }
+            };
+            return Ok(Scheduler::Maglev { table_size, key });
         }
         Some(other) => {
             return Err(check.invalid(
@@ -1051,12 +1202,12 @@ fn validate_scheduler(
         }
     };
     // A setting that has no effect is more likely a mistake than a choice.
+    let only_maglev = format!("is only valid with scheduler \"maglev\", not \"{scheduler}\"");
     if let Some(size) = maglev_table_size {
-        return Err(check.invalid(
-            "maglev_table_size",
-            size.to_string(),
-            format!("is only valid with scheduler \"maglev\", not \"{scheduler}\""),
-        ));
+        return Err(check.invalid("maglev_table_size", size.to_string(), only_maglev));
+    }
+    if let Some(key) = maglev_key {
+        return Err(check.invalid("maglev_key", format!("{key:?}"), only_maglev));
     }
     Ok(scheduler)
 }
@@ -1438,6 +1589,7 @@ fn check_unique_services(services: &[ServiceConfig]) -> Result<(), ConfigError> 
     let mut names: HashMap<&str, usize> = HashMap::with_capacity(services.len());
     let mut listeners: HashMap<(IpAddr, u16, Protocol), usize> =
         HashMap::with_capacity(services.len());
+    let mut three_tuple: HashMap<(IpAddr, Protocol), usize> = HashMap::new();
 
     for (index, service) in services.iter().enumerate() {
         if let Some(&first) = names.get(service.name.as_str()) {
@@ -1459,6 +1611,31 @@ fn check_unique_services(services: &[ServiceConfig]) -> Result<(), ConfigError> 
             });
         }
         listeners.insert(listener, index);
+
+        // Later fragments without an entry are placed by the (vip, protocol)'s 3-tuple service:
+        // two would disagree.
+        if let Scheduler::Maglev {
+            key: MaglevKey::ThreeTuple,
+            ..
+        } = service.scheduler
+        {
+            let vip_protocol = (service.vip, service.protocol);
+            if let Some(&first) = three_tuple.get(&vip_protocol) {
+                return Err(ConfigError::Invalid {
+                    service: service_label(index, Some(&service.name)),
+                    field: "maglev_key".to_string(),
+                    value: "\"3-tuple\"".to_string(),
+                    problem: format!(
+                        "is already used for {} {} by {}: at most one 3-tuple service per vip \
+                         and protocol",
+                        service.protocol,
+                        service.vip,
+                        service_label(first, Some(&services[first].name))
+                    ),
+                });
+            }
+            three_tuple.insert(vip_protocol, index);
+        }
     }
     Ok(())
 }
@@ -1567,7 +1744,10 @@ address = "10.0.2.2"
                     vip: IpAddr::from([203, 0, 113, 10]),
                     port: 80,
                     protocol: Protocol::Tcp,
-                    scheduler: Scheduler::Maglev { table_size: 1009 },
+                    scheduler: Scheduler::Maglev {
+                        table_size: 1009,
+                        key: MaglevKey::FiveTuple,
+                    },
                     backends: vec![backend("10.0.0.2:8000", 3), backend("10.0.0.3:80", 0)],
                     health_check: HealthCheck {
                         probe: Probe::Http {
@@ -1613,6 +1793,7 @@ address = "10.0.2.2"
                 tcp_closing_timeout: Duration::from_secs(5),
                 udp_timeout: Duration::from_secs(120),
             },
+            fragments: FragmentSettings::default(),
         };
         assert_eq!(config, expected);
     }
@@ -1957,6 +2138,18 @@ address = "10.0.2.2"
                 &["backend[0].address", &format!("\"{address}\""), problem],
             );
         }
+    }
+
+    #[test]
+    fn rejects_a_three_tuple_maglev_key_on_an_ipv6_service() {
+        let text = ipv6_service(&["address = \"fd00:200::11:2\""]).replace(
+            "port = 80\n",
+            "port = 80\nscheduler = \"maglev\"\nmaglev_key = \"3-tuple\"\n",
+        );
+        assert_rejected(
+            &text,
+            &["service[0] \"web6\": maglev_key: \"3-tuple\" is for IPv4 services only"],
+        );
     }
 
     #[test]
@@ -2419,11 +2612,17 @@ address = "10.0.2.2"
             ("scheduler = \"weighted\"", Scheduler::Weighted),
             (
                 "scheduler = \"maglev\"",
-                Scheduler::Maglev { table_size: 65_537 },
+                Scheduler::Maglev {
+                    table_size: 65_537,
+                    key: MaglevKey::FiveTuple,
+                },
             ),
             (
                 "scheduler = \"maglev\"\nmaglev_table_size = 251",
-                Scheduler::Maglev { table_size: 251 },
+                Scheduler::Maglev {
+                    table_size: 251,
+                    key: MaglevKey::FiveTuple,
+                },
             ),
         ] {
             let config = parse(&service_with(text)).expect("valid");
@@ -2436,7 +2635,11 @@ address = "10.0.2.2"
         assert_eq!(Scheduler::RoundRobin.to_string(), "round-robin");
         assert_eq!(Scheduler::Weighted.to_string(), "weighted");
         assert_eq!(
-            Scheduler::Maglev { table_size: 65_537 }.to_string(),
+            Scheduler::Maglev {
+                table_size: 65_537,
+                key: MaglevKey::FiveTuple,
+            }
+            .to_string(),
             "maglev"
         );
     }
@@ -2476,18 +2679,25 @@ address = "10.0.2.2"
         // 307 is the first prime from 300 entries for 3 backends.
         assert_eq!(
             size_of(&maglev_service(Some(307), 3)),
-            Scheduler::Maglev { table_size: 307 }
+            Scheduler::Maglev {
+                table_size: 307,
+                key: MaglevKey::FiveTuple,
+            }
         );
         assert_eq!(
             size_of(&maglev_service(Some(1_000_003), 3)),
             Scheduler::Maglev {
-                table_size: 1_000_003
+                table_size: 1_000_003,
+                key: MaglevKey::FiveTuple,
             }
         );
         // The default fits the most backends a service may have.
         assert_eq!(
             size_of(&maglev_service(None, MAX_BACKENDS_PER_SERVICE)),
-            Scheduler::Maglev { table_size: 65_537 }
+            Scheduler::Maglev {
+                table_size: 65_537,
+                key: MaglevKey::FiveTuple,
+            }
         );
     }
 
@@ -2597,6 +2807,156 @@ address = "10.0.2.2"
                     "service[0] \"web\": backend[1].weight: {weight} must be between 0 and 1000"
                 )],
             );
+        }
+    }
+
+    /// A minimal valid service after a `[fragments]` table with `body`.
+    fn with_fragments(body: &str) -> String {
+        format!("[fragments]\n{body}\n{}", service_with(""))
+    }
+
+    #[test]
+    fn fragments_default_and_accept_values_at_their_bounds() {
+        let defaults = FragmentSettings {
+            table_size: 65_536,
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(FragmentSettings::default(), defaults);
+        assert_eq!(parse(&service_with("")).expect("valid").fragments, defaults);
+        assert_eq!(
+            parse(&with_fragments("")).expect("valid").fragments,
+            defaults
+        );
+        for (body, expected) in [
+            (
+                "table_size = 1024\ntimeout = \"1ms\"",
+                (1024, Duration::from_millis(1)),
+            ),
+            (
+                "table_size = 16777216\ntimeout = \"60s\"",
+                (16_777_216, Duration::from_secs(60)),
+            ),
+        ] {
+            let fragments = parse(&with_fragments(body)).expect("valid").fragments;
+            assert_eq!(
+                (fragments.table_size, fragments.timeout),
+                expected,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_fragment_settings() {
+        for size in ["0", "1023", "16777217"] {
+            assert_rejected(
+                &with_fragments(&format!("table_size = {size}")),
+                &[&format!(
+                    "fragments.table_size: {size} must be between 1024 and 16777216"
+                )],
+            );
+        }
+        for (value, problem) in [
+            ("0s", "must be greater than zero"),
+            ("61s", "must be at most 1m"),
+            ("2", "is not a duration"),
+        ] {
+            assert_rejected(
+                &with_fragments(&format!("timeout = \"{value}\"")),
+                &[&format!("fragments.timeout: \"{value}\" {problem}")],
+            );
+        }
+        assert_rejected(
+            &with_fragments("timeot = \"1s\""),
+            &["unknown key \"timeot\" in fragments", "line 2, column 1"],
+        );
+    }
+
+    #[test]
+    fn maglev_key_parses_and_is_only_for_maglev() {
+        for (text, key) in [
+            ("scheduler = \"maglev\"", MaglevKey::FiveTuple),
+            (
+                "scheduler = \"maglev\"\nmaglev_key = \"5-tuple\"",
+                MaglevKey::FiveTuple,
+            ),
+            (
+                "scheduler = \"maglev\"\nmaglev_key = \"3-tuple\"",
+                MaglevKey::ThreeTuple,
+            ),
+        ] {
+            let config = parse(&service_with(text)).expect("valid");
+            assert_eq!(
+                config.services[0].scheduler,
+                Scheduler::Maglev {
+                    table_size: 65_537,
+                    key
+                },
+                "{text}"
+            );
+        }
+        assert_eq!(MaglevKey::ThreeTuple.to_string(), "3-tuple");
+        assert_rejected(
+            &service_with("scheduler = \"maglev\"\nmaglev_key = \"4-tuple\""),
+            &["service[0] \"web\": maglev_key: \"4-tuple\" is not a Maglev key"],
+        );
+        assert_rejected(
+            &service_with("scheduler = \"weighted\"\nmaglev_key = \"3-tuple\""),
+            &[
+                "service[0] \"web\": maglev_key: \"3-tuple\" is only valid with scheduler \
+                 \"maglev\", not \"weighted\"",
+            ],
+        );
+        assert_rejected(
+            &service_with("maglev_key = \"3-tuple\""),
+            &["maglev_key: \"3-tuple\"", "not \"round-robin\""],
+        );
+    }
+
+    #[test]
+    fn rejects_a_second_3_tuple_service_for_a_vip_and_protocol() {
+        let three_tuple = |name: &str, port: u16, protocol: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"203.0.113.10\"\nport = {port}\n\
+                 protocol = \"{protocol}\"\nscheduler = \"maglev\"\nmaglev_key = \"3-tuple\"\n\
+                 [service.health_check]\nkind = \"none\"\n\
+                 [[service.backend]]\naddress = \"10.0.0.2\"\n"
+            )
+        };
+        let text = three_tuple("a", 53, "udp") + &three_tuple("b", 5353, "udp");
+        assert_rejected(
+            &text,
+            &[
+                "service[1] \"b\": maglev_key: \"3-tuple\" is already used for udp \
+                 203.0.113.10 by service[0] \"a\"",
+            ],
+        );
+        // Another protocol, or a 5-tuple service on the same address, is fine.
+        let text = three_tuple("a", 53, "udp") + &three_tuple("b", 53, "tcp");
+        parse(&text).expect("one per protocol");
+        let text = three_tuple("a", 53, "udp")
+            + &three_tuple("b", 5353, "udp").replace("maglev_key = \"3-tuple\"\n", "");
+        parse(&text).expect("the second hashes the 5-tuple");
+    }
+
+    #[test]
+    fn check_reloadable_refuses_a_change_of_fragments() {
+        let old = parse(&service_with("")).expect("valid");
+        for (body, needles) in [
+            (
+                "table_size = 2048",
+                ["fragments.table_size", "from 65536 to 2048", "restart"],
+            ),
+            (
+                "timeout = \"3s\"",
+                ["fragments.timeout", "from \"2s\" to \"3s\"", "restart"],
+            ),
+        ] {
+            let new = parse(&with_fragments(body)).expect("valid");
+            let error = check_reloadable(&old, &new).expect_err(body).to_string();
+            for needle in needles {
+                assert!(error.contains(needle), "{error} lacks {needle}");
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     config::{self, Config},
     control::{self, Call, FlowEntry, Request, Response},
-    dataplane::{LoadOptions, XdpDataplane},
+    dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     netdev,
     services::ServiceTable,
@@ -82,14 +82,18 @@ pub async fn run(options: Options) -> Result<()> {
     let verifier_log = options.socket.with_file_name("verifier.log");
     let load_options = LoadOptions {
         flow_table_size: config.flows.table_size,
+        fragment_table_size: config.fragments.table_size,
         schedule_size,
     };
     let mut dataplane =
         XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
     tracing::info!(
-        "XDP program loaded (flow table {} entries, scheduling table {schedule_size} entries)",
-        config.flows.table_size
+        "XDP program loaded (flow table {} entries, fragment table {} entries, scheduling table \
+         {schedule_size} entries)",
+        config.flows.table_size,
+        config.fragments.table_size
     );
+    check_ipv6_support(&dataplane, &config)?;
     table
         .install(&mut dataplane)
         .context("writing services and backends to the datapath")?;
@@ -147,7 +151,10 @@ pub async fn run(options: Options) -> Result<()> {
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = reconcile.tick() => daemon.reconcile_interfaces(),
+            _ = reconcile.tick() => {
+                daemon.reconcile_interfaces();
+                daemon.sweep_fragments();
+            }
             Some(event) = health_events.recv() => daemon.apply_health_event(event),
             Some((request, reply)) = control_calls.recv() => {
                 let response = daemon.handle(request);
@@ -185,6 +192,17 @@ pub async fn run(options: Options) -> Result<()> {
 }
 
 impl Daemon {
+    /// Frees the fragment-table entries past their timeout (the datapath never deletes them).
+    fn sweep_fragments(&mut self) {
+        let timeout = self.config.fragments.timeout.as_nanos();
+        let timeout = u64::try_from(timeout).unwrap_or(u64::MAX);
+        match self.dataplane.sweep_fragments(monotonic_ns(), timeout) {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!("swept {swept} timed-out fragment-table entries"),
+            Err(error) => tracing::warn!("sweeping the fragment table: {error}"),
+        }
+    }
+
     /// Re-attaches to interfaces that were recreated, and attaches to new ones backends are
     /// routed through.
     fn reconcile_interfaces(&mut self) {
@@ -306,6 +324,7 @@ impl Daemon {
                     .map(|backend| (backend.id, backend.up))
             })
             .collect();
+        check_ipv6_support(&self.dataplane, &config)?;
         let summary = self.table.reload(&config, &mut self.dataplane)?;
         self.config = config;
         // New backends may be routed through interfaces not attached yet.
@@ -423,18 +442,6 @@ impl Daemon {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
-    // CLOCK_MONOTONIC.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// Warns about backend endpoints that serve more than one service (as the table marked them
 /// when it was installed): NAT keeps the client's address, so if one client uses the same
 /// source port towards both services, the backend sees one connection and the replies cannot
@@ -532,6 +539,26 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
 /// A backend as the control socket names it: `ADDRESS:PORT`, `[ADDRESS]:PORT` for IPv6.
 fn parse_backend(text: &str) -> Result<SocketAddr, std::net::AddrParseError> {
     text.parse()
+}
+
+/// Refuses IPv6 services, by name, when the loaded datapath was built without IPv6 maps.
+/// Checked before anything is written or attached.
+fn check_ipv6_support(dataplane: &XdpDataplane, config: &Config) -> Result<()> {
+    let ipv6: Vec<&str> = config
+        .services
+        .iter()
+        .filter(|service| service.vip.is_ipv6())
+        .map(|service| service.name.as_str())
+        .collect();
+    if !ipv6.is_empty() && !dataplane.supports_ipv6() {
+        anyhow::bail!(
+            "services {} are IPv6, but this build's datapath has no IPv6 maps (SERVICES6, \
+             FLOWS6, ...): it balances IPv4 only. Remove the IPv6 services, or run a build with \
+             the IPv6 datapath",
+            ipv6.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Checks the forwarding settings of every interface the datapath forwards through, for each

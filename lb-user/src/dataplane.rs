@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
+    Fragment, FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
 };
 
 /// A service's key in its family's map: `SERVICES` for IPv4, `SERVICES6` for IPv6.
@@ -91,6 +91,8 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 pub struct LoadOptions {
     /// Entries in each flow table and each reverse-translation table (both families).
     pub flow_table_size: u32,
+    /// Entries in the fragment table.
+    pub fragment_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
     pub schedule_size: u32,
 }
@@ -99,6 +101,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            fragment_table_size: lb_common::FRAGMENT_TABLE_SIZE,
             schedule_size: lb_common::SCHEDULE_SIZE,
         }
     }
@@ -125,6 +128,11 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Program(#[from] ProgramError),
+    #[error(
+        "the loaded datapath has no IPv6 maps ({map} missing): this build balances IPv4 only, \
+         so it cannot take IPv6 services"
+    )]
+    NoIpv6 { map: &'static str },
 }
 
 /// Maps an update or removal error of map `map`.
@@ -162,6 +170,14 @@ pub trait Dataplane {
     fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
+    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol); IPv4 only (fragment
+    /// tracking is IPv4's).
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError>;
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
@@ -191,17 +207,17 @@ macro_rules! loaded_program {
 pub struct XdpDataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, Service>,
-    services6: HashMap<MapData, ServiceKey6, Service>,
     vip_addresses: HashMap<MapData, [u8; 4], u32>,
-    vip_addresses6: HashMap<MapData, [u8; 16], u32>,
     backends: Array<MapData, Backend>,
     schedule: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
     ports: Array<MapData, u64>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
-    endpoints6: HashMap<MapData, EndpointKey6, Endpoint6>,
+    /// `None` when the object has no IPv6 maps (see [`Ipv6Maps`]).
+    ipv6: Option<Ipv6Maps>,
     flows: HashMap<MapData, FlowKey, Flow>,
-    flows6: HashMap<MapData, FlowKey6, Flow>,
+    fragments: HashMap<MapData, FragmentKey, Fragment>,
+    three_tuple_services: HashMap<MapData, VipProtocol, ServiceKey>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -226,6 +242,7 @@ impl XdpDataplane {
             .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
             .map_max_entries("FLOWS6", options.flow_table_size)
             .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
+            .map_max_entries("FRAGMENTS", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)
             .load(PROGRAM_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
@@ -246,17 +263,16 @@ impl XdpDataplane {
         }
         Ok(Self {
             services: take_map(&mut ebpf, "SERVICES", HashMap::try_from)?,
-            services6: take_map(&mut ebpf, "SERVICES6", HashMap::try_from)?,
             vip_addresses: take_map(&mut ebpf, "VIP_ADDRESSES", HashMap::try_from)?,
-            vip_addresses6: take_map(&mut ebpf, "VIP_ADDRESSES6", HashMap::try_from)?,
             backends: take_map(&mut ebpf, "BACKENDS", Array::try_from)?,
             schedule: take_map(&mut ebpf, "SCHEDULE", Array::try_from)?,
             settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
-            endpoints6: take_map(&mut ebpf, "ENDPOINTS6", HashMap::try_from)?,
+            ipv6: Ipv6Maps::take(&mut ebpf)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
-            flows6: take_map(&mut ebpf, "FLOWS6", HashMap::try_from)?,
+            fragments: take_map(&mut ebpf, "FRAGMENTS", HashMap::try_from)?,
+            three_tuple_services: take_map(&mut ebpf, "THREE_TUPLE_SERVICES", HashMap::try_from)?,
             counters: take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             service_stats: take_map(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
@@ -470,11 +486,59 @@ impl XdpDataplane {
     /// Every entry of both flow tables (`FLOWS`, then `FLOWS6`), as [`Self::flows`] reads them.
     pub fn all_flows(&self) -> Result<Vec<(AnyFlowKey, Flow)>, DataplaneError> {
         let v4 = self.flows.iter().filter_map(Result::ok);
-        let v6 = self.flows6.iter().filter_map(Result::ok);
+        let v6 = self
+            .ipv6
+            .iter()
+            .flat_map(|maps| maps.flows.iter().filter_map(Result::ok));
         Ok(v4
             .map(|(key, flow)| (AnyFlowKey::V4(key), flow))
             .chain(v6.map(|(key, flow)| (AnyFlowKey::V6(key), flow)))
             .collect())
+    }
+
+    /// Removes the fragment-table entries older than `timeout_ns` at `now_ns` (the datapath's
+    /// coarse CLOCK_MONOTONIC): a later fragment could no longer use them, and the table is a
+    /// plain hash that does not evict, so without this it fills up. Returns how many went.
+    pub fn sweep_fragments(
+        &mut self,
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> Result<usize, DataplaneError> {
+        let expired: Vec<FragmentKey> = self
+            .fragments
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) > timeout_ns)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &expired {
+            match self.fragments.remove(key) {
+                // Replaced or removed meanwhile: a new first fragment's entry stays anyway.
+                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
+                Err(cause) => {
+                    return Err(DataplaneError::Map {
+                        map: "FRAGMENTS",
+                        cause,
+                    })
+                }
+            }
+        }
+        Ok(expired.len())
+    }
+
+    /// Every entry of the fragment table, for tests.
+    pub fn fragments(&self) -> Vec<(FragmentKey, Fragment)> {
+        self.fragments.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Whether the loaded datapath has the IPv6 maps, and so can take IPv6 services.
+    pub fn supports_ipv6(&self) -> bool {
+        self.ipv6.is_some()
+    }
+
+    /// The IPv6 maps, or the error that names `map` as missing.
+    fn ipv6_maps(&mut self, map: &'static str) -> Result<&mut Ipv6Maps, DataplaneError> {
+        self.ipv6.as_mut().ok_or(DataplaneError::NoIpv6 { map })
     }
 
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
@@ -488,6 +552,33 @@ impl Drop for XdpDataplane {
         for (interface, error) in self.detach_all() {
             tracing::warn!("detaching XDP program from {interface}: {error}");
         }
+    }
+}
+
+/// The IPv6 twins of the per-family maps that userspace writes or reads. A datapath may be
+/// built without them (main keeps them out until the IPv6 datapath lands, so that unused IPv6
+/// flow tables preallocate no kernel memory): lb-user then runs IPv4 services only and refuses
+/// IPv6 ones by name (see `daemon.rs`).
+struct Ipv6Maps {
+    services: HashMap<MapData, ServiceKey6, Service>,
+    vip_addresses: HashMap<MapData, [u8; 16], u32>,
+    endpoints: HashMap<MapData, EndpointKey6, Endpoint6>,
+    flows: HashMap<MapData, FlowKey6, Flow>,
+}
+
+impl Ipv6Maps {
+    /// Takes the IPv6 maps out of `ebpf`, or `None` if it has none (`SERVICES6` absent); an
+    /// object with some but not all of them is an error.
+    fn take(ebpf: &mut Ebpf) -> Result<Option<Self>, DataplaneError> {
+        if ebpf.map("SERVICES6").is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            services: take_map(ebpf, "SERVICES6", HashMap::try_from)?,
+            vip_addresses: take_map(ebpf, "VIP_ADDRESSES6", HashMap::try_from)?,
+            endpoints: take_map(ebpf, "ENDPOINTS6", HashMap::try_from)?,
+            flows: take_map(ebpf, "FLOWS6", HashMap::try_from)?,
+        }))
     }
 }
 
@@ -523,6 +614,19 @@ fn take_map<T>(
     })
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads (and the coarse variant
+/// the datapath's timestamps come from, a jiffy behind at most).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given and cannot fail for
+    // CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
     values
         .iter()
@@ -548,7 +652,8 @@ impl Dataplane for XdpDataplane {
                 .insert(key, narrow_endpoint(endpoint), 0)
                 .map_err(map_error("ENDPOINTS")),
             AnyEndpointKey::V6(key) => self
-                .endpoints6
+                .ipv6_maps("ENDPOINTS6")?
+                .endpoints
                 .insert(key, endpoint, 0)
                 .map_err(map_error("ENDPOINTS6")),
         }
@@ -557,14 +662,20 @@ impl Dataplane for XdpDataplane {
     fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
         match key {
             AnyEndpointKey::V4(key) => removed("ENDPOINTS", self.endpoints.remove(&key)),
-            AnyEndpointKey::V6(key) => removed("ENDPOINTS6", self.endpoints6.remove(&key)),
+            AnyEndpointKey::V6(key) => {
+                let maps = self.ipv6_maps("ENDPOINTS6")?;
+                removed("ENDPOINTS6", maps.endpoints.remove(&key))
+            }
         }
     }
 
     fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
         match key {
             AnyServiceKey::V4(key) => removed("SERVICES", self.services.remove(&key)),
-            AnyServiceKey::V6(key) => removed("SERVICES6", self.services6.remove(&key)),
+            AnyServiceKey::V6(key) => {
+                let maps = self.ipv6_maps("SERVICES6")?;
+                removed("SERVICES6", maps.services.remove(&key))
+            }
         }
     }
 
@@ -605,7 +716,8 @@ impl Dataplane for XdpDataplane {
         match addr {
             IpAddr::V4(addr) => removed("VIP_ADDRESSES", self.vip_addresses.remove(&addr.octets())),
             IpAddr::V6(addr) => {
-                removed("VIP_ADDRESSES6", self.vip_addresses6.remove(&addr.octets()))
+                let maps = self.ipv6_maps("VIP_ADDRESSES6")?;
+                removed("VIP_ADDRESSES6", maps.vip_addresses.remove(&addr.octets()))
             }
         }
     }
@@ -617,7 +729,8 @@ impl Dataplane for XdpDataplane {
                 .insert(key, service, 0)
                 .map_err(map_error("SERVICES")),
             AnyServiceKey::V6(key) => self
-                .services6
+                .ipv6_maps("SERVICES6")?
+                .services
                 .insert(key, service, 0)
                 .map_err(map_error("SERVICES6")),
         }
@@ -639,9 +752,33 @@ impl Dataplane for XdpDataplane {
                 .insert(addr.octets(), 1, 0)
                 .map_err(map_error("VIP_ADDRESSES")),
             IpAddr::V6(addr) => self
-                .vip_addresses6
+                .ipv6_maps("VIP_ADDRESSES6")?
+                .vip_addresses
                 .insert(addr.octets(), 1, 0)
                 .map_err(map_error("VIP_ADDRESSES6")),
+        }
+    }
+
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.three_tuple_services
+            .insert(key, service, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            })
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        match self.three_tuple_services.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(cause) => Err(DataplaneError::Map {
+                map: "THREE_TUPLE_SERVICES",
+                cause,
+            }),
         }
     }
 
@@ -691,6 +828,7 @@ pub struct MemoryDataplane {
     pub backends: StdHashMap<u32, Backend>,
     /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
     pub vip_addresses: Vec<IpAddr>,
+    pub three_tuple_services: StdHashMap<VipProtocol, ServiceKey>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
@@ -771,6 +909,22 @@ impl Dataplane for MemoryDataplane {
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);
         }
+        Ok(())
+    }
+
+    fn set_three_tuple_service(
+        &mut self,
+        key: VipProtocol,
+        service: &ServiceKey,
+    ) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.insert(key, *service);
+        Ok(())
+    }
+
+    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.three_tuple_services.remove(&key);
         Ok(())
     }
 

@@ -23,12 +23,12 @@ use std::{
 };
 
 use lb_common::{
-    backend_flags, backend_state, scheduler, Address, Backend, EndpointKey, Service, ServiceKey,
-    Settings, MAX_BACKENDS, MAX_SERVICES,
+    backend_flags, backend_state, scheduler, service_flags, Address, Backend, EndpointKey, Service,
+    ServiceKey, Settings, VipProtocol, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::{
-    config::{Config, FlowSettings, Scheduler, ServiceConfig},
+    config::{Config, FlowSettings, FragmentSettings, MaglevKey, Scheduler, ServiceConfig},
     dataplane::{AnyEndpointKey, AnyServiceKey, Dataplane, DataplaneError, WideEndpoint},
     scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
 };
@@ -105,6 +105,7 @@ pub struct ServiceState {
 pub struct ServiceTable {
     pub services: Vec<ServiceState>,
     pub flows: FlowSettings,
+    pub fragments: FragmentSettings,
     /// Generation of every backend id ever given out (index = id).
     generations: Vec<u32>,
     schedule_size: u32,
@@ -146,6 +147,7 @@ impl ServiceTable {
         let mut table = Self {
             services: Vec::new(),
             flows: config.flows,
+            fragments: config.fragments,
             generations: Vec::new(),
             schedule_size,
             schedule_next: 0,
@@ -186,7 +188,7 @@ impl ServiceTable {
     /// datapath.
     pub fn install(&mut self, dataplane: &mut impl Dataplane) -> Result<(), DataplaneError> {
         mark_shared_endpoints(&mut self.services);
-        dataplane.set_settings(&settings(&self.flows))?;
+        dataplane.set_settings(&settings(&self.flows, &self.fragments))?;
         dataplane.set_ports(&port_bitmap(&self.services))?;
         for (key, endpoint) in endpoints(&self.services) {
             dataplane.set_endpoint(key, &endpoint)?;
@@ -198,6 +200,9 @@ impl ServiceTable {
             }
             dataplane.add_vip_address(service.config.vip)?;
             self.publish(index, dataplane)?;
+        }
+        for (key, service) in three_tuple_services(&self.services) {
+            dataplane.set_three_tuple_service(key, &service)?;
         }
         Ok(())
     }
@@ -267,6 +272,7 @@ impl ServiceTable {
         let mut next = self.clone();
         next.handed_out.clear();
         next.flows = config.flows;
+        next.fragments = config.fragments;
         let mut summary = ReloadSummary::default();
         let mut services = Vec::with_capacity(config.services.len());
         let old_services = std::mem::take(&mut next.services);
@@ -398,6 +404,16 @@ impl ServiceTable {
             next.publish(index, dataplane)?;
         }
         dataplane.set_ports(&port_bitmap(&next.services))?;
+        let new_three_tuple = three_tuple_services(&next.services);
+        for (key, service) in &new_three_tuple {
+            dataplane.set_three_tuple_service(*key, service)?;
+        }
+        for key in three_tuple_services(&old_services)
+            .keys()
+            .filter(|key| !new_three_tuple.contains_key(key))
+        {
+            dataplane.remove_three_tuple_service(*key)?;
+        }
         let old_endpoints = endpoints(&old_services);
         for key in old_endpoints
             .keys()
@@ -449,7 +465,8 @@ impl ServiceTable {
         let value = Service {
             id: service.id,
             scheduler: scheduler_value(service.config.scheduler),
-            _pad: [0; 3],
+            flags: flags_value(service.config.scheduler),
+            _pad: [0; 2],
             table_offset: offset,
             table_len: table_len as u32,
         };
@@ -621,7 +638,7 @@ fn capacity(service: &ServiceConfig) -> u32 {
     match service.scheduler {
         Scheduler::RoundRobin => service.backends.len() as u32,
         Scheduler::Weighted => service.backends.iter().map(|backend| backend.weight).sum(),
-        Scheduler::Maglev { table_size } => table_size,
+        Scheduler::Maglev { table_size, .. } => table_size,
     }
 }
 
@@ -641,7 +658,7 @@ fn build_table(service: &ServiceState) -> Vec<u32> {
     match service.config.scheduler {
         Scheduler::RoundRobin => round_robin_table(&eligible),
         Scheduler::Weighted => smooth_weighted_table(&eligible),
-        Scheduler::Maglev { table_size } => maglev_table(&eligible, table_size),
+        Scheduler::Maglev { table_size, .. } => maglev_table(&eligible, table_size),
     }
 }
 
@@ -653,15 +670,49 @@ fn scheduler_value(scheduler: Scheduler) -> u8 {
     }
 }
 
+fn flags_value(scheduler: Scheduler) -> u8 {
+    match scheduler {
+        Scheduler::Maglev {
+            key: MaglevKey::ThreeTuple,
+            ..
+        } => service_flags::HASH_3_TUPLE,
+        _ => 0,
+    }
+}
+
+/// The (vip, protocol) of every `maglev_key = "3-tuple"` service, and its key: the datapath's
+/// `THREE_TUPLE_SERVICES`. The configuration allows one per (vip, protocol).
+pub fn three_tuple_services(services: &[ServiceState]) -> BTreeMap<VipProtocol, ServiceKey> {
+    services
+        .iter()
+        .filter(|service| flags_value(service.config.scheduler) & service_flags::HASH_3_TUPLE != 0)
+        .filter_map(|service| {
+            // IPv4 only: the configuration refuses a 3-tuple key on an IPv6 service.
+            let (IpAddr::V4(vip), AnyServiceKey::V4(service_key)) =
+                (service.config.vip, service_key(&service.config))
+            else {
+                return None;
+            };
+            let key = VipProtocol {
+                addr: vip.octets(),
+                protocol: service.config.protocol.number(),
+                _pad: [0; 3],
+            };
+            Some((key, service_key))
+        })
+        .collect()
+}
+
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-pub fn settings(flows: &FlowSettings) -> Settings {
+pub fn settings(flows: &FlowSettings, fragments: &FragmentSettings) -> Settings {
     Settings {
         tcp_timeout_ns: nanos(flows.tcp_timeout),
         tcp_closing_timeout_ns: nanos(flows.tcp_closing_timeout),
         udp_timeout_ns: nanos(flows.udp_timeout),
+        fragment_timeout_ns: nanos(fragments.timeout),
     }
 }
 
@@ -1178,6 +1229,45 @@ mod tests {
     }
 
     #[test]
+    fn three_tuple_services_are_flagged_and_mapped_and_follow_reloads() {
+        let three_tuple = CONFIG.replace(
+            "maglev_table_size = 1009",
+            "maglev_table_size = 1009\nmaglev_key = \"3-tuple\"",
+        );
+        let (table, dataplane) = installed(&three_tuple);
+        let dns = key(&table, "dns");
+        assert_eq!(dataplane.services[&dns].flags, service_flags::HASH_3_TUPLE);
+        let vip_udp = VipProtocol {
+            addr: [10, 200, 1, 1],
+            protocol: lb_common::protocol::UDP,
+            _pad: [0; 3],
+        };
+        let AnyServiceKey::V4(dns_key) = dns else {
+            panic!("dns is an IPv4 service: {dns:?}");
+        };
+        assert_eq!(
+            dataplane.three_tuple_services,
+            [(vip_udp, dns_key)].into_iter().collect()
+        );
+        assert_eq!(
+            dataplane.settings.expect("written").fragment_timeout_ns,
+            2_000_000_000
+        );
+
+        // Back to the 5-tuple: the flag and the map entry go.
+        let (mut table, mut dataplane) = (table, dataplane);
+        let config = config::parse(CONFIG).expect("valid");
+        table.reload(&config, &mut dataplane).expect("fits");
+        assert_eq!(dataplane.services[&dns].flags, 0);
+        assert!(dataplane.three_tuple_services.is_empty());
+
+        // And again to the 3-tuple.
+        let config = config::parse(&three_tuple).expect("valid");
+        table.reload(&config, &mut dataplane).expect("fits");
+        assert_eq!(dataplane.three_tuple_services.get(&vip_udp), Some(&dns_key));
+    }
+
+    #[test]
     fn a_reload_that_does_not_fit_changes_nothing() {
         let config = config::parse(CONFIG).expect("valid");
         let mut table = ServiceTable::new(&config, 2 * (2 + 1009)).expect("just fits");
@@ -1193,7 +1283,10 @@ mod tests {
         assert_eq!((dataplane.writes, table.services[1].table.clone()), before);
         assert_eq!(
             table.services[1].config.scheduler,
-            Scheduler::Maglev { table_size: 1009 }
+            Scheduler::Maglev {
+                table_size: 1009,
+                key: MaglevKey::FiveTuple,
+            }
         );
     }
 }

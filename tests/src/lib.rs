@@ -19,6 +19,7 @@ pub mod nginx;
 pub mod packet;
 pub mod process;
 pub mod topology;
+pub mod udp_echo;
 pub mod xdp_pass;
 
 pub use client::Client;
@@ -31,6 +32,7 @@ pub use topology::{
     ipv6_of, Backend, Layout, Topology, CLIENT_ADDRESS, CLIENT_ADDRESS6, PUBLIC_INTERFACE,
     SERVICE_PORT, SSH_PORT, VIP, VIP6,
 };
+pub use udp_echo::UdpEcho;
 
 /// Whether this process runs as root.
 pub fn is_root() -> bool {

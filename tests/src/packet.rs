@@ -529,3 +529,136 @@ pub fn expected_forward(
     frame[l4 + 2..l4 + 4].copy_from_slice(&port.to_be_bytes());
     with_fresh_checksums(frame)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fragments: split, reassembled and checked independently of the datapath.
+
+/// A whole UDP datagram from the client to the VIP with IP ID `id` and `len` payload bytes of
+/// a fixed pattern; checksums from etherparse.
+pub fn udp_datagram(id: u16, src_port: u16, dst_port: u16, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|index| (index * 7 % 251) as u8).collect();
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv4(CLIENT, VIP, 64)
+        .udp(src_port, dst_port)
+        .write(&mut frame, &payload)
+        .expect("build frame");
+    with_ip_id(frame, id)
+}
+
+/// A whole TCP segment (ACK, with `len` payload bytes) from the client to the VIP, IP ID `id`.
+pub fn tcp_datagram(id: u16, src_port: u16, dst_port: u16, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|index| (index * 13 % 253) as u8).collect();
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv4(CLIENT, VIP, 64)
+        .tcp(src_port, dst_port, 0x1234_5678, 64240)
+        .ack(0x0102_0304)
+        .write(&mut frame, &payload)
+        .expect("build frame");
+    with_ip_id(frame, id)
+}
+
+/// `frame` with IP ID `id` and a header checksum computed afresh.
+fn with_ip_id(mut frame: Vec<u8>, id: u16) -> Vec<u8> {
+    let (mut header, _) = Ipv4Header::from_slice(&frame[14..]).expect("IPv4 header");
+    header.identification = id;
+    let mut bytes = Vec::new();
+    header.write(&mut bytes).expect("write header");
+    frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+    frame
+}
+
+/// Splits a whole IPv4 frame into fragments, cutting its IP payload at `cuts` (multiples of 8,
+/// ascending). Each fragment keeps the Ethernet header and the IP header (with MF and offset
+/// set, total length and checksum computed by etherparse).
+pub fn split(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let (header, _) = Ipv4Header::from_slice(&frame[14..]).expect("IPv4 header");
+    let start = 14 + header.header_len();
+    let payload = &frame[start..14 + usize::from(header.total_len)];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(payload.len());
+    bounds
+        .windows(2)
+        .map(|bound| {
+            let (from, to) = (bound[0], bound[1]);
+            assert_eq!(from % 8, 0, "fragment offsets are multiples of 8");
+            let mut piece = header.clone();
+            piece.dont_fragment = false;
+            piece.more_fragments = to < payload.len();
+            piece.fragment_offset =
+                etherparse::IpFragOffset::try_new((from / 8) as u16).expect("offset");
+            piece
+                .set_payload_len(to - from)
+                .expect("fits an IPv4 packet");
+            let mut out = frame[..14].to_vec();
+            piece.write(&mut out).expect("write header");
+            out.extend_from_slice(&payload[from..to]);
+            out
+        })
+        .collect()
+}
+
+/// Puts fragments (any order) back together into one whole frame, as the receiver's kernel
+/// would: the first fragment's Ethernet and IP header, the payloads at their offsets, MF and
+/// offset cleared, total length and header checksum computed afresh. Panics on a gap or on
+/// fragments that disagree about the datagram they belong to.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let mut pieces: Vec<(Ipv4Header, &[u8])> = fragments
+        .iter()
+        .map(|frame| {
+            let (header, rest) = Ipv4Header::from_slice(&frame[14..]).expect("IPv4 header");
+            let len = usize::from(header.total_len) - header.header_len();
+            (header, &rest[..len])
+        })
+        .collect();
+    pieces.sort_by_key(|(header, _)| header.fragment_offset.value());
+    let (first, _) = &pieces[0];
+    let mut payload = Vec::new();
+    for (header, data) in &pieces {
+        assert_eq!(
+            (
+                header.source,
+                header.destination,
+                header.identification,
+                header.protocol
+            ),
+            (
+                first.source,
+                first.destination,
+                first.identification,
+                first.protocol
+            ),
+            "fragments of one datagram"
+        );
+        assert_eq!(
+            usize::from(header.fragment_offset.value()) * 8,
+            payload.len(),
+            "no gap, no overlap"
+        );
+        payload.extend_from_slice(data);
+    }
+    assert!(
+        !pieces[pieces.len() - 1].0.more_fragments,
+        "the last fragment came"
+    );
+    let mut whole = first.clone();
+    whole.more_fragments = false;
+    whole.fragment_offset = etherparse::IpFragOffset::ZERO;
+    whole.set_payload_len(payload.len()).expect("fits");
+    let first_frame = fragments
+        .iter()
+        .find(|frame| frame[20] & 0x1f == 0 && frame[21] == 0)
+        .expect("a first fragment");
+    let mut out = first_frame[..14].to_vec();
+    whole.write(&mut out).expect("write header");
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks a whole frame's IPv4 and transport checksums by computing them from scratch.
+pub fn assert_checksums_valid(frame: &[u8], what: &str) {
+    let fresh = with_fresh_checksums(frame.to_vec());
+    assert_frames_equal(frame, &fresh, what);
+}
