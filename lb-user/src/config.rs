@@ -6,7 +6,7 @@
 //! setting); then [`parse`] validates each field and builds the typed [`Config`]. Keeping
 //! addresses, ports and durations as strings or wide integers in the raw tables lets every
 //! validation error name the field path and quote the offending value, e.g.
-//! `service[1] "api": vip: "10.0.0.256" is not an IPv4 address`.
+//! `service[1] "api": vip: "10.0.0.256" is not an IP address`.
 //!
 //! # Format
 //!
@@ -27,7 +27,9 @@
 //!
 //! [[service]]
 //! name = "web"             # required, unique, 1..=32 chars of [A-Za-z0-9_.-]
-//! vip = "203.0.113.10"     # required IPv4 address (not 0.0.0.0, not multicast/broadcast)
+//! vip = "203.0.113.10"     # required IPv4 or IPv6 address, bare ("2001:db8::10", no brackets);
+//!                          # a host address: not unspecified, multicast, broadcast, link-local
+//!                          # (fe80::/10) or IPv4-mapped (::ffff:a.b.c.d: write a.b.c.d)
 //! port = 80                # required, 1..=65535
 //! protocol = "tcp"         # "tcp" (default) or "udp"
 //! scheduler = "maglev"     # how new flows pick a backend: "round-robin" (default), "weighted"
@@ -53,7 +55,8 @@
 //! fall = 3                 # consecutive failures to go down; default 3; 1..=100
 //!
 //! [[service.backend]]
-//! address = "10.0.0.2"     # required IPv4 (not 0.0.0.0, broadcast, multicast, or the vip)
+//! address = "10.0.0.2"     # required, of the vip's family (IPv6 vip: IPv6 backends); a host
+//!                          # address as for the vip, and not the vip itself
 //! port = 80                # optional, defaults to the service's port
 //! weight = 1               # 0..=1000, default 1; 0 drains the backend: it keeps its flows but
 //!                          # gets no new ones. round-robin treats all other weights alike
@@ -63,7 +66,13 @@
 //! than zero: at most one hour (`"60m"`) in a health check, at most a day (`"1440m"`) in
 //! `[flows]`. Limits: 1 to 1024 services, 1 to 256 backends per service, 4096 backends in all.
 //! Two services may not share a name, nor the same vip, port and protocol; a service may not list
-//! the same backend address and port twice.
+//! the same backend address and port twice (IPv6 addresses are compared as addresses, so
+//! `fd00::2` and `fd00:0::2` are the same backend).
+//!
+//! A service is of one address family: an IPv4 vip balances over IPv4 backends, an IPv6 vip
+//! over IPv6 backends. Mixing them is refused: the datapath rewrites addresses, not headers, so
+//! an IPv6 client reaching an IPv4 backend would need NAT64, which it does not do. IPv4 and IPv6
+//! services may share one configuration (dual stack).
 //!
 //! A udp service must say how its backends are checked, because the default tcp connect probe
 //! cannot reach a udp port: use kind `"tcp"` with a `port` that accepts TCP (or the service's
@@ -81,7 +90,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -217,8 +226,8 @@ impl Default for FlowSettings {
 pub struct ServiceConfig {
     /// Unique name, 1 to 32 characters of `[A-Za-z0-9_.-]`.
     pub name: String,
-    /// The virtual address clients connect to.
-    pub vip: Ipv4Addr,
+    /// The virtual address clients connect to; its family is every backend's family.
+    pub vip: IpAddr,
     /// The virtual port clients connect to; never 0.
     pub port: u16,
     /// The transport protocol balanced.
@@ -310,8 +319,9 @@ impl fmt::Display for Scheduler {
 /// One backend of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
-    /// The backend's address and port (the service's port unless the table gave one).
-    pub addr: SocketAddrV4,
+    /// The backend's address and port (the service's port unless the table gave one); of the
+    /// service's vip's family.
+    pub addr: SocketAddr,
     /// Relative share of new flows, 0..=1000; 0 drains the backend: its existing flows stay,
     /// it gets no new ones.
     pub weight: u32,
@@ -336,8 +346,8 @@ pub struct HealthCheck {
 
 impl HealthCheck {
     /// The address a probe of `backend` connects to: the backend's address, on `port` if set.
-    pub fn probe_target(&self, backend: SocketAddrV4) -> SocketAddrV4 {
-        SocketAddrV4::new(*backend.ip(), self.port.unwrap_or(backend.port()))
+    pub fn probe_target(&self, backend: SocketAddr) -> SocketAddr {
+        SocketAddr::new(backend.ip(), self.port.unwrap_or(backend.port()))
     }
 }
 
@@ -495,16 +505,14 @@ pub enum ConfigError {
         second: usize,
     },
     /// Two services listen on the same vip, port and protocol.
-    #[error("{second}: {protocol} {vip}:{port} (vip, port, protocol) is already used by {first}")]
+    #[error("{second}: {protocol} {listener} (vip, port, protocol) is already used by {first}")]
     DuplicateListener {
         /// The first service, e.g. `service[0] "web"`.
         first: String,
         /// The second.
         second: String,
-        /// The shared vip.
-        vip: Ipv4Addr,
-        /// The shared port.
-        port: u16,
+        /// The shared vip and port (`[addr]:port` for IPv6).
+        listener: SocketAddr,
         /// The shared protocol.
         protocol: Protocol,
     },
@@ -520,11 +528,32 @@ pub enum ConfigError {
         /// Which service.
         service: String,
         /// The repeated address and port.
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Index of the first listing.
         first: usize,
         /// Index of the repeat.
         second: usize,
+    },
+    /// A backend is of another address family than its service's vip.
+    #[error(
+        "{service}: backend[{index}].address: {address:?} is an {backend_family} address, but \
+         the service's vip {vip:?} is {vip_family}: a service's backends must be of its vip's \
+         family (the datapath translates addresses, not IPv4 to IPv6; give the {backend_family} \
+         backends their own service with an {backend_family} vip)"
+    )]
+    MixedFamilies {
+        /// Which service, e.g. `service[0] "web"`.
+        service: String,
+        /// Index of the backend.
+        index: usize,
+        /// The backend's address as written.
+        address: String,
+        /// "IPv4" or "IPv6".
+        backend_family: &'static str,
+        /// The vip.
+        vip: String,
+        /// "IPv4" or "IPv6".
+        vip_family: &'static str,
     },
     /// A udp service has no `[service.health_check]` table.
     #[error(
@@ -1069,7 +1098,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
     }
 
     let vip_text = check.required("vip", &raw.vip)?;
-    let vip = parse_ipv4(&check, "vip", vip_text)?;
+    let vip = parse_ip(&check, "vip", vip_text)?;
     if let Some(problem) = unusable_address(vip) {
         return Err(check.invalid("vip", format!("{vip_text:?}"), problem));
     }
@@ -1107,6 +1136,23 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         raw.maglev_key.as_deref(),
         backends.len(),
     )?;
+    // The 3-tuple key exists for fragment tracking, which the datapath does for IPv4 only.
+    if vip.is_ipv6()
+        && matches!(
+            scheduler,
+            Scheduler::Maglev {
+                key: MaglevKey::ThreeTuple,
+                ..
+            }
+        )
+    {
+        return Err(check.invalid(
+            "maglev_key",
+            "\"3-tuple\"".to_string(),
+            "is for IPv4 services only (it keeps IPv4 fragments together); an IPv6 service \
+             hashes the 5-tuple",
+        ));
+    }
 
     Ok(ServiceConfig {
         name: name.clone(),
@@ -1230,21 +1276,56 @@ fn valid_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
 }
 
-fn parse_ipv4(check: &Checker, field: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
-    Ipv4Addr::from_str(text)
-        .map_err(|_| check.invalid(field, format!("{text:?}"), "is not an IPv4 address"))
+/// An IPv4 or IPv6 address, bare. A bracketed IPv6 address (`[fd00::1]`, as in a URL) gets
+/// its own message: the brackets only separate an address from a port, which has its own key.
+fn parse_ip(check: &Checker, field: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    if let Some(inner) = text
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        if inner.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(check.invalid(
+                field,
+                format!("{text:?}"),
+                format!("has brackets: write the IPv6 address bare ({inner:?})"),
+            ));
+        }
+    }
+    IpAddr::from_str(text).map_err(|_| {
+        check.invalid(
+            field,
+            format!("{text:?}"),
+            "is not an IP address (IPv4 like \"10.0.0.2\" or IPv6 like \"fd00::2\")",
+        )
+    })
 }
 
-/// Why an address can be neither a vip nor a backend: it does not name one host.
-fn unusable_address(addr: Ipv4Addr) -> Option<&'static str> {
-    if addr.is_unspecified() {
-        Some("is the unspecified address, not a host")
-    } else if addr.is_broadcast() {
-        Some("is the broadcast address, not a host")
-    } else if addr.is_multicast() {
-        Some("is a multicast address, not a host")
-    } else {
-        None
+/// "IPv4" or "IPv6", for messages.
+pub fn family_name(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
+/// Why an address can be neither a vip nor a backend: it does not name one host, or (IPv6)
+/// not one the datapath can route to without an interface to scope it.
+fn unusable_address(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(addr) if addr.is_broadcast() => Some("is the broadcast address, not a host"),
+        IpAddr::V6(addr) if addr.to_ipv4_mapped().is_some() => Some(
+            "is an IPv4-mapped IPv6 address: write the IPv4 address itself (a.b.c.d), which \
+             makes it an IPv4 service or backend",
+        ),
+        // A link-local address names a host only together with an interface; the datapath's
+        // route lookups and the configuration have none.
+        IpAddr::V6(addr) if addr.is_unicast_link_local() => Some(
+            "is a link-local address (fe80::/10), which needs an interface to be unambiguous: use \
+             a global or unique-local (fc00::/7) address",
+        ),
+        addr if addr.is_unspecified() => Some("is the unspecified address, not a host"),
+        addr if addr.is_multicast() => Some("is a multicast address, not a host"),
+        _ => None,
     }
 }
 
@@ -1389,7 +1470,7 @@ fn validate_http_path(check: &Checker, path: &str) -> Result<String, ConfigError
 fn validate_backends(
     check: &Checker,
     raw: &[RawBackend],
-    vip: Ipv4Addr,
+    vip: IpAddr,
     service_port: u16,
 ) -> Result<Vec<BackendConfig>, ConfigError> {
     if raw.is_empty() {
@@ -1405,7 +1486,7 @@ fn validate_backends(
         });
     }
 
-    let mut seen: HashMap<SocketAddrV4, usize> = HashMap::with_capacity(raw.len());
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::with_capacity(raw.len());
     let mut backends = Vec::with_capacity(raw.len());
     for (index, raw_backend) in raw.iter().enumerate() {
         let backend = validate_backend(check, index, raw_backend, vip, service_port)?;
@@ -1427,14 +1508,24 @@ fn validate_backend(
     check: &Checker,
     index: usize,
     raw: &RawBackend,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     service_port: u16,
 ) -> Result<BackendConfig, ConfigError> {
     let address_field = format!("backend[{index}].address");
     let text = check.required(&address_field, &raw.address)?;
-    let address = parse_ipv4(check, &address_field, text)?;
+    let address = parse_ip(check, &address_field, text)?;
     if let Some(problem) = unusable_address(address) {
         return Err(check.invalid(&address_field, format!("{text:?}"), problem));
+    }
+    if address.is_ipv4() != vip.is_ipv4() {
+        return Err(ConfigError::MixedFamilies {
+            service: check.service.clone(),
+            index,
+            address: text.clone(),
+            backend_family: family_name(address),
+            vip: vip.to_string(),
+            vip_family: family_name(vip),
+        });
     }
     if address == vip {
         return Err(check.invalid(
@@ -1457,7 +1548,7 @@ fn validate_backend(
     };
 
     Ok(BackendConfig {
-        addr: SocketAddrV4::new(address, port),
+        addr: SocketAddr::new(address, port),
         weight,
     })
 }
@@ -1496,9 +1587,9 @@ fn format_duration(duration: Duration) -> String {
 /// Rejects services that would collide in the datapath's service map, or in logs by name.
 fn check_unique_services(services: &[ServiceConfig]) -> Result<(), ConfigError> {
     let mut names: HashMap<&str, usize> = HashMap::with_capacity(services.len());
-    let mut listeners: HashMap<(Ipv4Addr, u16, Protocol), usize> =
+    let mut listeners: HashMap<(IpAddr, u16, Protocol), usize> =
         HashMap::with_capacity(services.len());
-    let mut three_tuple: HashMap<(Ipv4Addr, Protocol), usize> = HashMap::new();
+    let mut three_tuple: HashMap<(IpAddr, Protocol), usize> = HashMap::new();
 
     for (index, service) in services.iter().enumerate() {
         if let Some(&first) = names.get(service.name.as_str()) {
@@ -1515,8 +1606,7 @@ fn check_unique_services(services: &[ServiceConfig]) -> Result<(), ConfigError> 
             return Err(ConfigError::DuplicateListener {
                 first: service_label(first, Some(&services[first].name)),
                 second: service_label(index, Some(&service.name)),
-                vip: service.vip,
-                port: service.port,
+                listener: SocketAddr::new(service.vip, service.port),
                 protocol: service.protocol,
             });
         }
@@ -1651,7 +1741,7 @@ address = "10.0.2.2"
             services: vec![
                 ServiceConfig {
                     name: "web".to_string(),
-                    vip: Ipv4Addr::new(203, 0, 113, 10),
+                    vip: IpAddr::from([203, 0, 113, 10]),
                     port: 80,
                     protocol: Protocol::Tcp,
                     scheduler: Scheduler::Maglev {
@@ -1673,7 +1763,7 @@ address = "10.0.2.2"
                 },
                 ServiceConfig {
                     name: "dns".to_string(),
-                    vip: Ipv4Addr::new(203, 0, 113, 10),
+                    vip: IpAddr::from([203, 0, 113, 10]),
                     port: 53,
                     protocol: Protocol::Udp,
                     scheduler: Scheduler::Weighted,
@@ -1689,7 +1779,7 @@ address = "10.0.2.2"
                 },
                 ServiceConfig {
                     name: "ssh.bastion-1".to_string(),
-                    vip: Ipv4Addr::new(203, 0, 113, 11),
+                    vip: IpAddr::from([203, 0, 113, 11]),
                     port: 22,
                     protocol: Protocol::Tcp,
                     scheduler: Scheduler::RoundRobin,
@@ -1765,7 +1855,7 @@ address = "10.0.2.2"
 
     #[test]
     fn probe_target_uses_check_port_when_set() {
-        let backend: SocketAddrV4 = "10.0.0.2:80".parse().expect("test address");
+        let backend: SocketAddr = "10.0.0.2:80".parse().expect("test address");
         let mut check = HealthCheck::default();
         assert_eq!(check.probe_target(backend), backend);
         check.port = Some(8080);
@@ -1915,8 +2005,8 @@ address = "10.0.2.2"
             ("0.0.0.0", "unspecified"),
             ("255.255.255.255", "broadcast"),
             ("224.0.0.1", "multicast"),
-            ("10.0.0.256", "not an IPv4 address"),
-            ("example.com", "not an IPv4 address"),
+            ("10.0.0.256", "not an IP address"),
+            ("example.com", "not an IP address"),
         ] {
             let text =
                 service_with("") + &format!("[[service.backend]]\naddress = \"{address}\"\n");
@@ -1945,11 +2035,16 @@ address = "10.0.2.2"
     #[test]
     fn rejects_bad_vips() {
         for (vip, problem) in [
-            ("10.0.0.256", "is not an IPv4 address"),
+            ("10.0.0.256", "is not an IP address"),
             ("0.0.0.0", "unspecified"),
             ("255.255.255.255", "broadcast"),
             ("239.1.2.3", "multicast"),
-            ("::1", "is not an IPv4 address"),
+            ("::", "unspecified"),
+            ("ff02::1", "multicast"),
+            ("fe80::1", "link-local"),
+            ("::ffff:10.0.0.1", "IPv4-mapped"),
+            ("[fd00::1]", "write the IPv6 address bare"),
+            ("fd00::1::2", "is not an IP address"),
         ] {
             let text = service_with("").replace("203.0.113.10", vip);
             assert_rejected(
@@ -1957,6 +2052,127 @@ address = "10.0.2.2"
                 &["service[0] \"web\": vip", &format!("\"{vip}\""), problem],
             );
         }
+    }
+
+    /// One IPv6 service: `vip` and its backends' `address = ...` lines.
+    fn ipv6_service(backends: &[&str]) -> String {
+        let mut text =
+            "[[service]]\nname = \"web6\"\nvip = \"fd00:200::1:1\"\nport = 80\n".to_string();
+        for backend in backends {
+            text.push_str(&format!("[[service.backend]]\n{backend}\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn ipv6_services_parse() {
+        let text = ipv6_service(&[
+            "address = \"fd00:200::11:2\"",
+            "address = \"fd00:200::12:2\"\nport = 8080",
+        ]);
+        let config = parse(&text).expect("IPv6 service is valid");
+        let service = &config.services[0];
+        assert_eq!(
+            service.vip,
+            "fd00:200::1:1".parse::<IpAddr>().expect("address")
+        );
+        let backends: Vec<String> = service
+            .backends
+            .iter()
+            .map(|backend| backend.addr.to_string())
+            .collect();
+        assert_eq!(backends, ["[fd00:200::11:2]:80", "[fd00:200::12:2]:8080"]);
+        assert_eq!(
+            service.health_check.probe_target(service.backends[1].addr),
+            "[fd00:200::12:2]:8080".parse().expect("address")
+        );
+    }
+
+    #[test]
+    fn dual_stack_services_share_a_configuration_and_a_port() {
+        let text = service_with("") + &ipv6_service(&["address = \"fd00:200::11:2\""]);
+        let config = parse(&text).expect("an IPv4 and an IPv6 service");
+        let families: Vec<bool> = config.services.iter().map(|s| s.vip.is_ipv6()).collect();
+        assert_eq!(families, [false, true]);
+        assert_eq!(config.services[0].port, config.services[1].port);
+    }
+
+    #[test]
+    fn rejects_mixed_families_in_one_service_naming_both() {
+        let text = ipv6_service(&["address = \"fd00:200::11:2\"", "address = \"10.200.12.2\""]);
+        assert_rejected(
+            &text,
+            &[
+                "service[0] \"web6\"",
+                "backend[1].address",
+                "\"10.200.12.2\" is an IPv4 address",
+                "vip \"fd00:200::1:1\" is IPv6",
+            ],
+        );
+        let text = service_with("") + "[[service.backend]]\naddress = \"fd00:200::12:2\"\n";
+        assert_rejected(
+            &text,
+            &[
+                "service[0] \"web\"",
+                "backend[1].address",
+                "\"fd00:200::12:2\" is an IPv6 address",
+                "vip \"203.0.113.10\" is IPv4",
+            ],
+        );
+    }
+
+    #[test]
+    fn rejects_unusable_ipv6_backend_addresses() {
+        for (address, problem) in [
+            ("::", "unspecified"),
+            ("ff02::2", "multicast"),
+            ("fe80::2", "link-local"),
+            ("::ffff:10.0.0.2", "IPv4-mapped"),
+            ("[fd00:200::11:2]", "bare"),
+            ("fd00:200::1:1", "the service's own vip"),
+            ("fd00:200:0:0:0:0:1:1", "the service's own vip"),
+        ] {
+            let text = ipv6_service(&[&format!("address = \"{address}\"")]);
+            assert_rejected(
+                &text,
+                &["backend[0].address", &format!("\"{address}\""), problem],
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_a_three_tuple_maglev_key_on_an_ipv6_service() {
+        let text = ipv6_service(&["address = \"fd00:200::11:2\""]).replace(
+            "port = 80\n",
+            "port = 80\nscheduler = \"maglev\"\nmaglev_key = \"3-tuple\"\n",
+        );
+        assert_rejected(
+            &text,
+            &["service[0] \"web6\": maglev_key: \"3-tuple\" is for IPv4 services only"],
+        );
+    }
+
+    #[test]
+    fn ipv6_duplicates_are_found_however_they_are_written() {
+        let text = ipv6_service(&[
+            "address = \"fd00:200::11:2\"",
+            "address = \"FD00:200:0::11:2\"\nport = 80",
+        ]);
+        assert_rejected(
+            &text,
+            &["backend[1]: [fd00:200::11:2]:80 is the same backend as backend[0]"],
+        );
+        let second = ipv6_service(&["address = \"fd00:200::11:2\""])
+            .replace("web6", "other")
+            .replace("fd00:200::1:1", "fd00:200:0:0::1:1");
+        let text = ipv6_service(&["address = \"fd00:200::11:2\""]) + &second;
+        assert_rejected(
+            &text,
+            &[
+                "service[1] \"other\": tcp [fd00:200::1:1]:80",
+                "service[0] \"web6\"",
+            ],
+        );
     }
 
     #[test]

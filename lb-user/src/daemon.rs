@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
 
@@ -60,10 +60,10 @@ struct Daemon {
     /// the backends routed through them are reached through the kernel meanwhile.
     unready_targets: BTreeSet<String>,
     /// Backends behind a bridge: always reached through the kernel.
-    bridge_paths: BTreeSet<Ipv4Addr>,
+    bridge_paths: BTreeSet<IpAddr>,
     /// The backend addresses routed through each interface, and their names for messages, as
     /// the routing table said last.
-    addresses_via: HashMap<String, BTreeSet<Ipv4Addr>>,
+    addresses_via: HashMap<String, BTreeSet<IpAddr>>,
     backends_via: HashMap<String, Vec<String>>,
 }
 
@@ -72,9 +72,7 @@ pub async fn run(options: Options) -> Result<()> {
     let config = config::load(&options.config)
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let paths = paths_for(&options.interface, &config)?;
-    for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
-        topology::check_forwarding(interface)?;
-    }
+    check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
         if let Some(interface) = unready.first() {
@@ -103,6 +101,7 @@ pub async fn run(options: Options) -> Result<()> {
         config.flows.table_size,
         config.fragments.table_size
     );
+    check_ipv6_support(&dataplane, &config)?;
     table
         .install(&mut dataplane)
         .context("writing services and backends to the datapath")?;
@@ -252,7 +251,7 @@ impl Daemon {
     /// frame without a trace. Logs each change once. The public interface cannot be helped
     /// this way (replies are redirected into it): it only gets the warning.
     fn follow_redirect_readiness(&mut self, unready: BTreeSet<String>) {
-        let kernel_paths: BTreeSet<Ipv4Addr> = unready
+        let kernel_paths: BTreeSet<IpAddr> = unready
             .iter()
             .filter_map(|interface| self.addresses_via.get(interface))
             .flatten()
@@ -334,8 +333,10 @@ impl Daemon {
     }
 
     fn drain(&mut self, service: &str, backend: &str, drained: bool) -> Response {
-        let Ok(addr) = backend.parse::<SocketAddrV4>() else {
-            return Response::error(format!("backend {backend:?} is not ADDRESS:PORT"));
+        let Ok(addr) = parse_backend(backend) else {
+            return Response::error(format!(
+                "backend {backend:?} is not ADDRESS:PORT (IPv6: [ADDRESS]:PORT)"
+            ));
         };
         let verb = if drained { "drained" } else { "undrained" };
         match self
@@ -359,9 +360,8 @@ impl Daemon {
             .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
         config::check_reloadable(&self.config, &config)?;
         let paths = paths_for(&self.public_interface, &config)?;
-        for bridge in &paths.bridges {
-            topology::check_forwarding(bridge)?;
-        }
+        // Every interface: a reload may bring the first service of a family.
+        check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
         if !paths.kernel_paths.is_empty() {
             attach_egress(&mut self.dataplane, &self.public_interface, &paths)?;
         }
@@ -386,6 +386,7 @@ impl Daemon {
                     .map(|backend| (backend.id, backend.up))
             })
             .collect();
+        check_ipv6_support(&self.dataplane, &config)?;
         let summary = self.table.reload(&config, &mut self.dataplane)?;
         self.config = config;
         // New backends may be routed through interfaces not attached yet.
@@ -449,13 +450,14 @@ impl Daemon {
     fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<Vec<FlowEntry>> {
         let backend_filter = backend
             .map(|text| {
-                text.parse::<SocketAddrV4>()
-                    .with_context(|| format!("backend {text:?} is not ADDRESS:PORT"))
+                parse_backend(&text).with_context(|| {
+                    format!("backend {text:?} is not ADDRESS:PORT (IPv6: [ADDRESS]:PORT)")
+                })
             })
             .transpose()?;
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for (key, flow) in self.dataplane.flows()? {
+        for (key, flow) in self.dataplane.all_flows()? {
             let Some((index, position)) = self.table.find_backend_id(flow.backend_id) else {
                 continue;
             };
@@ -473,7 +475,7 @@ impl Daemon {
             }
             let idle_ns = now.saturating_sub(flow.last_seen_ns);
             let flows = &self.config.flows;
-            let is_tcp = key.protocol == protocol::TCP;
+            let is_tcp = key.protocol() == protocol::TCP;
             let closing = flow.state == flow_state::CLOSING;
             let timeout = if !is_tcp {
                 flows.udp_timeout
@@ -486,8 +488,7 @@ impl Daemon {
                 continue; // expired: the next packet starts a fresh flow
             }
             entries.push(FlowEntry {
-                client: SocketAddrV4::new(key.src_addr.into(), u16::from_be_bytes(key.src_port))
-                    .to_string(),
+                client: key.client().to_string(),
                 service: state.config.name.clone(),
                 protocol: state.config.protocol.to_string(),
                 backend: backend.addr.to_string(),
@@ -508,7 +509,7 @@ impl Daemon {
 /// source port towards both services, the backend sees one connection and the replies cannot
 /// be told apart.
 fn warn_shared_backends(table: &ServiceTable) {
-    let mut users: std::collections::BTreeMap<SocketAddrV4, Vec<&str>> = Default::default();
+    let mut users: std::collections::BTreeMap<SocketAddr, Vec<&str>> = Default::default();
     for service in &table.services {
         for backend in service
             .backends
@@ -538,10 +539,9 @@ fn log_service(service: &crate::services::ServiceState) {
         .map(|backend| format!("{} (weight {})", backend.addr, backend.weight))
         .collect();
     tracing::info!(
-        "service {} {}:{}/{} ({}) with backends {}",
+        "service {} {}/{} ({}) with backends {}",
         config.name,
-        config.vip,
-        config.port,
+        SocketAddr::new(config.vip, config.port),
         config.protocol,
         config.scheduler,
         backends.join(", ")
@@ -556,11 +556,11 @@ struct Paths {
     /// Bridges backends sit behind: XDP cannot redirect into them.
     bridges: Vec<String>,
     /// Backends behind a bridge: the kernel forwards to them, tc egress translates replies.
-    kernel_paths: BTreeSet<Ipv4Addr>,
+    kernel_paths: BTreeSet<IpAddr>,
     /// The backends routed through each device, for messages about that device.
     backends_via: HashMap<String, Vec<String>>,
     /// The backend addresses routed through each device that is not a bridge.
-    addresses_via: HashMap<String, BTreeSet<Ipv4Addr>>,
+    addresses_via: HashMap<String, BTreeSet<IpAddr>>,
 }
 
 fn paths_for(public: &str, config: &Config) -> Result<Paths> {
@@ -575,7 +575,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
     };
     for service in &config.services {
         for backend in &service.backends {
-            let device = topology::route_device(*backend.addr.ip())?;
+            let device = topology::route_device(backend.addr.ip())?;
             topology::check_ethernet(&device).with_context(|| {
                 format!(
                     "backend {} of service {} is routed through {device}; route it through an \
@@ -589,7 +589,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
                 .or_default()
                 .push(format!("{} of {}", backend.addr, service.name));
             if topology::is_bridge(&device) {
-                paths.kernel_paths.insert(*backend.addr.ip());
+                paths.kernel_paths.insert(backend.addr.ip());
                 if !paths.bridges.contains(&device) {
                     paths.bridges.push(device);
                 }
@@ -598,7 +598,7 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
                     .addresses_via
                     .entry(device.clone())
                     .or_default()
-                    .insert(*backend.addr.ip());
+                    .insert(backend.addr.ip());
                 if !paths.xdp_interfaces.contains(&device) {
                     paths.xdp_interfaces.push(device);
                 }
@@ -606,6 +606,50 @@ fn paths_for(public: &str, config: &Config) -> Result<Paths> {
         }
     }
     Ok(paths)
+}
+
+/// A backend as the control socket names it: `ADDRESS:PORT`, `[ADDRESS]:PORT` for IPv6.
+fn parse_backend(text: &str) -> Result<SocketAddr, std::net::AddrParseError> {
+    text.parse()
+}
+
+/// Refuses IPv6 services, by name, when the loaded datapath was built without IPv6 maps.
+/// Checked before anything is written or attached.
+fn check_ipv6_support(dataplane: &XdpDataplane, config: &Config) -> Result<()> {
+    let ipv6: Vec<&str> = config
+        .services
+        .iter()
+        .filter(|service| service.vip.is_ipv6())
+        .map(|service| service.name.as_str())
+        .collect();
+    if !ipv6.is_empty() && !dataplane.supports_ipv6() {
+        anyhow::bail!(
+            "services {} are IPv6, but this build's datapath has no IPv6 maps (SERVICES6, \
+             FLOWS6, ...): it balances IPv4 only. Remove the IPv6 services, or run a build with \
+             the IPv6 datapath",
+            ipv6.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Checks the forwarding settings of every interface the datapath forwards through, for each
+/// address family the configuration has services of.
+fn check_forwarding<'a>(
+    interfaces: impl Iterator<Item = &'a String>,
+    config: &Config,
+) -> Result<()> {
+    let has_ipv4 = config.services.iter().any(|service| service.vip.is_ipv4());
+    let has_ipv6 = config.services.iter().any(|service| service.vip.is_ipv6());
+    for interface in interfaces {
+        if has_ipv4 {
+            topology::check_forwarding(interface)?;
+        }
+        if has_ipv6 {
+            topology::check_ipv6_forwarding(interface)?;
+        }
+    }
+    Ok(())
 }
 
 /// The interfaces XDP_REDIRECT will send into that cannot take redirects now: every

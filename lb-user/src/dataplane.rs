@@ -1,7 +1,12 @@
 //! The datapath's maps as the control plane sees them: a [`Dataplane`] trait, the real XDP
 //! implementation on aya, and an in-memory one for tests that need no kernel.
+//!
+//! Each address family has its own service, VIP-address, endpoint and flow maps (`SERVICES`
+//! and `SERVICES6`, ...); the trait takes keys that say their family ([`AnyServiceKey`],
+//! [`AnyEndpointKey`], [`IpAddr`]), so callers write one code path for both and the map is
+//! chosen here. Backends, schedules, ports and counters are shared by both families.
 
-use std::{collections::HashMap as StdHashMap, path::Path};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
 use crate::topology;
 use aya::{
@@ -10,9 +15,66 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, Fragment,
-    FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
+    counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
+    Fragment, FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
 };
+
+/// A service's key in its family's map: `SERVICES` for IPv4, `SERVICES6` for IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnyServiceKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+/// A backend endpoint's key in its family's map: `ENDPOINTS` or `ENDPOINTS6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnyEndpointKey {
+    V4(EndpointKey),
+    V6(EndpointKey6),
+}
+
+/// An `ENDPOINTS` or `ENDPOINTS6` value in one shape for both families: the service address
+/// in 16 bytes, IPv4 in the first four (as `Backend::addr` holds it). Written to the map of its
+/// key's family, narrowed there for IPv4; so a value cannot be of the other family than its key.
+pub type WideEndpoint = Endpoint<[u8; 16]>;
+
+/// A flow-table entry of either family, as `lb-user flows` reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnyFlowKey {
+    V4(FlowKey),
+    V6(FlowKey6),
+}
+
+impl AnyFlowKey {
+    /// The client's address and port.
+    pub fn client(&self) -> std::net::SocketAddr {
+        match self {
+            AnyFlowKey::V4(key) => (IpAddr::from(key.src_addr), u16::from_be_bytes(key.src_port)),
+            AnyFlowKey::V6(key) => (IpAddr::from(key.src_addr), u16::from_be_bytes(key.src_port)),
+        }
+        .into()
+    }
+
+    /// The IP protocol number.
+    pub fn protocol(&self) -> u8 {
+        match self {
+            AnyFlowKey::V4(key) => key.protocol,
+            AnyFlowKey::V6(key) => key.protocol,
+        }
+    }
+}
+
+/// The IPv4 form of a wide endpoint value: its service address's first four bytes.
+fn narrow_endpoint(endpoint: &WideEndpoint) -> Endpoint {
+    let [a, b, c, d, ..] = endpoint.service_addr;
+    Endpoint {
+        service_addr: [a, b, c, d],
+        service_port: endpoint.service_port,
+        shared: endpoint.shared,
+        _pad: endpoint._pad,
+        service_id: endpoint.service_id,
+    }
+}
 
 /// The XDP object built by `build.rs` from `lb-ebpf`.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -34,7 +96,7 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 /// Sizes chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Entries in the flow table and in the reverse-translation table.
+    /// Entries in each flow table and each reverse-translation table (both families).
     pub flow_table_size: u32,
     /// Entries in the fragment table.
     pub fragment_table_size: u32,
@@ -78,25 +140,50 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Program(#[from] ProgramError),
+    #[error(
+        "the loaded datapath has no IPv6 maps ({map} missing): this build balances IPv4 only, \
+         so it cannot take IPv6 services"
+    )]
+    NoIpv6 { map: &'static str },
+}
+
+/// Maps an update or removal error of map `map`.
+fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |cause| DataplaneError::Map { map, cause }
+}
+
+/// Removal that treats an absent key as done.
+fn removed(
+    map: &'static str,
+    result: Result<(), aya::maps::MapError>,
+) -> Result<(), DataplaneError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(cause) => Err(DataplaneError::Map { map, cause }),
+    }
 }
 
 /// What the control plane writes to and reads from the datapath.
 pub trait Dataplane {
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError>;
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError>;
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError>;
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError>;
     /// Writes `entries` into `SCHEDULE` from `offset` on.
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError>;
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError>;
-    fn set_endpoint(&mut self, key: EndpointKey, endpoint: &Endpoint)
-        -> Result<(), DataplaneError>;
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError>;
+    fn set_endpoint(
+        &mut self,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
+    ) -> Result<(), DataplaneError>;
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError>;
     /// Replaces the bitmap of service and backend ports (`lb_common::PORT_BITMAP_WORDS`
     /// words; bit `p % 64` of word `p / 64` is port `p`).
     fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError>;
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError>;
-    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol).
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
+    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol); IPv4 only (fragment
+    /// tracking is IPv4's).
     fn set_three_tuple_service(
         &mut self,
         key: VipProtocol,
@@ -138,6 +225,8 @@ pub struct XdpDataplane {
     settings: Array<MapData, Settings>,
     ports: Array<MapData, u64>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// `None` when the object has no IPv6 maps (see [`Ipv6Maps`]).
+    ipv6: Option<Ipv6Maps>,
     flows: HashMap<MapData, FlowKey, Flow>,
     fragments: HashMap<MapData, FragmentKey, Fragment>,
     three_tuple_services: HashMap<MapData, VipProtocol, ServiceKey>,
@@ -206,6 +295,7 @@ impl XdpDataplane {
             settings: take_map(&mut ebpf, "SETTINGS", Array::try_from)?,
             ports: take_map(&mut ebpf, "PORTS", Array::try_from)?,
             endpoints: take_map(&mut ebpf, "ENDPOINTS", HashMap::try_from)?,
+            ipv6: Ipv6Maps::take(&mut ebpf)?,
             flows: take_map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             fragments: take_map(&mut ebpf, "FRAGMENTS", HashMap::try_from)?,
             three_tuple_services: take_map(&mut ebpf, "THREE_TUPLE_SERVICES", HashMap::try_from)?,
@@ -403,47 +493,6 @@ impl XdpDataplane {
         failures
     }
 
-    /// Writes an IPv6 service into `SERVICES6`. The IPv6 maps are written directly for now
-    /// (the packet tests use this); the configuration does not accept IPv6 services yet.
-    pub fn set_service6(
-        &mut self,
-        key: ServiceKey6,
-        service: &Service,
-    ) -> Result<(), DataplaneError> {
-        self.insert6("SERVICES6", key, *service)
-    }
-
-    /// Adds an IPv6 address to `VIP_ADDRESSES6` (see [`Self::set_service6`]).
-    pub fn add_vip_address6(&mut self, addr: [u8; 16]) -> Result<(), DataplaneError> {
-        self.insert6("VIP_ADDRESSES6", addr, 1u32)
-    }
-
-    /// Writes an IPv6 backend endpoint into `ENDPOINTS6` (see [`Self::set_service6`]).
-    pub fn set_endpoint6(
-        &mut self,
-        key: EndpointKey6,
-        endpoint: &Endpoint6,
-    ) -> Result<(), DataplaneError> {
-        self.insert6("ENDPOINTS6", key, *endpoint)
-    }
-
-    fn insert6<K: aya::Pod, V: aya::Pod>(
-        &mut self,
-        map: &'static str,
-        key: K,
-        value: V,
-    ) -> Result<(), DataplaneError> {
-        let data = self.ebpf.map_mut(map).ok_or(DataplaneError::Missing {
-            kind: "map",
-            name: map,
-        })?;
-        let mut table: HashMap<_, K, V> =
-            HashMap::try_from(data).map_err(|cause| DataplaneError::Map { map, cause })?;
-        table
-            .insert(key, value, 0)
-            .map_err(|cause| DataplaneError::Map { map, cause })
-    }
-
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
         xdp_program(&mut self.ebpf)
@@ -454,10 +503,23 @@ impl XdpDataplane {
         loaded_program!(self.ebpf, Xdp, FLOOR_PROGRAM_NAME)
     }
 
-    /// Every entry of the flow table, expired ones included. Entries that vanish while the
-    /// table is walked (LRU eviction) are skipped.
+    /// Every entry of the IPv4 flow table, expired ones included. Entries that vanish while
+    /// the table is walked (LRU eviction) are skipped.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, DataplaneError> {
         Ok(self.flows.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Every entry of both flow tables (`FLOWS`, then `FLOWS6`), as [`Self::flows`] reads them.
+    pub fn all_flows(&self) -> Result<Vec<(AnyFlowKey, Flow)>, DataplaneError> {
+        let v4 = self.flows.iter().filter_map(Result::ok);
+        let v6 = self
+            .ipv6
+            .iter()
+            .flat_map(|maps| maps.flows.iter().filter_map(Result::ok));
+        Ok(v4
+            .map(|(key, flow)| (AnyFlowKey::V4(key), flow))
+            .chain(v6.map(|(key, flow)| (AnyFlowKey::V6(key), flow)))
+            .collect())
     }
 
     /// Removes the fragment-table entries older than `timeout_ns` at `now_ns` (the datapath's
@@ -495,6 +557,16 @@ impl XdpDataplane {
         self.fragments.iter().filter_map(Result::ok).collect()
     }
 
+    /// Whether the loaded datapath has the IPv6 maps, and so can take IPv6 services.
+    pub fn supports_ipv6(&self) -> bool {
+        self.ipv6.is_some()
+    }
+
+    /// The IPv6 maps, or the error that names `map` as missing.
+    fn ipv6_maps(&mut self, map: &'static str) -> Result<&mut Ipv6Maps, DataplaneError> {
+        self.ipv6.as_mut().ok_or(DataplaneError::NoIpv6 { map })
+    }
+
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.
     pub fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
         self.ebpf.map_mut(name)
@@ -506,6 +578,33 @@ impl Drop for XdpDataplane {
         for (interface, error) in self.detach_all() {
             tracing::warn!("detaching XDP program from {interface}: {error}");
         }
+    }
+}
+
+/// The IPv6 twins of the per-family maps that userspace writes or reads. A datapath may be
+/// built without them (main keeps them out until the IPv6 datapath lands, so that unused IPv6
+/// flow tables preallocate no kernel memory): lb-user then runs IPv4 services only and refuses
+/// IPv6 ones by name (see `daemon.rs`).
+struct Ipv6Maps {
+    services: HashMap<MapData, ServiceKey6, Service>,
+    vip_addresses: HashMap<MapData, [u8; 16], u32>,
+    endpoints: HashMap<MapData, EndpointKey6, Endpoint6>,
+    flows: HashMap<MapData, FlowKey6, Flow>,
+}
+
+impl Ipv6Maps {
+    /// Takes the IPv6 maps out of `ebpf`, or `None` if it has none (`SERVICES6` absent); an
+    /// object with some but not all of them is an error.
+    fn take(ebpf: &mut Ebpf) -> Result<Option<Self>, DataplaneError> {
+        if ebpf.map("SERVICES6").is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            services: take_map(ebpf, "SERVICES6", HashMap::try_from)?,
+            vip_addresses: take_map(ebpf, "VIP_ADDRESSES6", HashMap::try_from)?,
+            endpoints: take_map(ebpf, "ENDPOINTS6", HashMap::try_from)?,
+            flows: take_map(ebpf, "FLOWS6", HashMap::try_from)?,
+        }))
     }
 }
 
@@ -611,34 +710,39 @@ fn sum_stats(values: PerCpuValues<TrafficStats>) -> TrafficStats {
 impl Dataplane for XdpDataplane {
     fn set_endpoint(
         &mut self,
-        key: EndpointKey,
-        endpoint: &Endpoint,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError> {
-        self.endpoints
-            .insert(key, endpoint, 0)
-            .map_err(|cause| DataplaneError::Map {
-                map: "ENDPOINTS",
-                cause,
-            })
-    }
-
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
-        match self.endpoints.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "ENDPOINTS",
-                cause,
-            }),
+        match key {
+            AnyEndpointKey::V4(key) => self
+                .endpoints
+                .insert(key, narrow_endpoint(endpoint), 0)
+                .map_err(map_error("ENDPOINTS")),
+            AnyEndpointKey::V6(key) => self
+                .ipv6_maps("ENDPOINTS6")?
+                .endpoints
+                .insert(key, endpoint, 0)
+                .map_err(map_error("ENDPOINTS6")),
         }
     }
 
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
-        match self.services.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "SERVICES",
-                cause,
-            }),
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
+        match key {
+            AnyEndpointKey::V4(key) => removed("ENDPOINTS", self.endpoints.remove(&key)),
+            AnyEndpointKey::V6(key) => {
+                let maps = self.ipv6_maps("ENDPOINTS6")?;
+                removed("ENDPOINTS6", maps.endpoints.remove(&key))
+            }
+        }
+    }
+
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
+        match key {
+            AnyServiceKey::V4(key) => removed("SERVICES", self.services.remove(&key)),
+            AnyServiceKey::V6(key) => {
+                let maps = self.ipv6_maps("SERVICES6")?;
+                removed("SERVICES6", maps.services.remove(&key))
+            }
         }
     }
 
@@ -675,23 +779,28 @@ impl Dataplane for XdpDataplane {
             })
     }
 
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
-        match self.vip_addresses.remove(&addr) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "VIP_ADDRESSES",
-                cause,
-            }),
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        match addr {
+            IpAddr::V4(addr) => removed("VIP_ADDRESSES", self.vip_addresses.remove(&addr.octets())),
+            IpAddr::V6(addr) => {
+                let maps = self.ipv6_maps("VIP_ADDRESSES6")?;
+                removed("VIP_ADDRESSES6", maps.vip_addresses.remove(&addr.octets()))
+            }
         }
     }
 
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
-        self.services
-            .insert(key, service, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: "SERVICES",
-                cause: source,
-            })
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError> {
+        match key {
+            AnyServiceKey::V4(key) => self
+                .services
+                .insert(key, service, 0)
+                .map_err(map_error("SERVICES")),
+            AnyServiceKey::V6(key) => self
+                .ipv6_maps("SERVICES6")?
+                .services
+                .insert(key, service, 0)
+                .map_err(map_error("SERVICES6")),
+        }
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
@@ -703,13 +812,18 @@ impl Dataplane for XdpDataplane {
             })
     }
 
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
-        self.vip_addresses
-            .insert(addr, 1, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: "VIP_ADDRESSES",
-                cause: source,
-            })
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        match addr {
+            IpAddr::V4(addr) => self
+                .vip_addresses
+                .insert(addr.octets(), 1, 0)
+                .map_err(map_error("VIP_ADDRESSES")),
+            IpAddr::V6(addr) => self
+                .ipv6_maps("VIP_ADDRESSES6")?
+                .vip_addresses
+                .insert(addr.octets(), 1, 0)
+                .map_err(map_error("VIP_ADDRESSES6")),
+        }
     }
 
     fn set_three_tuple_service(
@@ -773,13 +887,14 @@ impl Dataplane for XdpDataplane {
 /// A dataplane that only remembers what it was told, for control-plane tests without a kernel.
 #[derive(Debug, Default)]
 pub struct MemoryDataplane {
-    pub services: StdHashMap<ServiceKey, Service>,
+    pub services: StdHashMap<AnyServiceKey, Service>,
     pub schedule: StdHashMap<u32, u32>,
     pub settings: Option<Settings>,
     pub ports: Vec<u64>,
-    pub endpoints: StdHashMap<EndpointKey, Endpoint>,
+    pub endpoints: StdHashMap<AnyEndpointKey, WideEndpoint>,
     pub backends: StdHashMap<u32, Backend>,
-    pub vip_addresses: Vec<[u8; 4]>,
+    /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
+    pub vip_addresses: Vec<IpAddr>,
     pub three_tuple_services: StdHashMap<VipProtocol, ServiceKey>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
@@ -787,7 +902,7 @@ pub struct MemoryDataplane {
 
 impl MemoryDataplane {
     /// The table the datapath would read for the service under `key`.
-    pub fn table(&self, key: &ServiceKey) -> Vec<u32> {
+    pub fn table(&self, key: &AnyServiceKey) -> Vec<u32> {
         let service = &self.services[key];
         (0..service.table_len)
             .map(|slot| self.schedule[&(service.table_offset + slot)])
@@ -798,21 +913,21 @@ impl MemoryDataplane {
 impl Dataplane for MemoryDataplane {
     fn set_endpoint(
         &mut self,
-        key: EndpointKey,
-        endpoint: &Endpoint,
+        key: AnyEndpointKey,
+        endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.endpoints.insert(key, *endpoint);
         Ok(())
     }
 
-    fn remove_endpoint(&mut self, key: EndpointKey) -> Result<(), DataplaneError> {
+    fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.endpoints.remove(&key);
         Ok(())
     }
 
-    fn remove_service(&mut self, key: ServiceKey) -> Result<(), DataplaneError> {
+    fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.remove(&key);
         Ok(())
@@ -838,13 +953,13 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn remove_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+    fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.vip_addresses.retain(|known| *known != addr);
         Ok(())
     }
 
-    fn set_service(&mut self, key: ServiceKey, service: &Service) -> Result<(), DataplaneError> {
+    fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.services.insert(key, *service);
         Ok(())
@@ -856,7 +971,7 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn add_vip_address(&mut self, addr: [u8; 4]) -> Result<(), DataplaneError> {
+    fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         self.writes += 1;
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);

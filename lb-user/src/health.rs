@@ -3,10 +3,11 @@
 //! backend that reports state changes.
 //!
 //! Probes go straight to the backend's address, not through the vip, so they test the backend
-//! itself whatever the datapath currently does with its traffic.
+//! itself whatever the datapath currently does with its traffic. IPv4 and IPv6 backends are
+//! probed alike: the target is a socket address of either family.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,14 +118,10 @@ pub enum ProbeError {
 }
 
 /// One probe against `target` (already the probe port). Tcp: connect within timeout, then close.
-/// Http: connect, send `GET {path} HTTP/1.1\r\nHost: {ip}\r\nUser-Agent: lb-user-health\r\n
+/// Http: connect, send `GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\nUser-Agent: lb-user-health\r\n
 /// Connection: close\r\n\r\n`, read the status line (bounded read, at most 4 KiB), compare the
 /// code. Whole probe bounded by `timeout`. Probe::None always succeeds.
-pub async fn probe(
-    probe: &Probe,
-    target: SocketAddrV4,
-    timeout: Duration,
-) -> Result<(), ProbeError> {
+pub async fn probe(probe: &Probe, target: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
     let attempt = async {
         match probe {
             Probe::Tcp => connect(target).await.map(drop),
@@ -141,19 +138,18 @@ pub async fn probe(
     }
 }
 
-async fn connect(target: SocketAddrV4) -> Result<TcpStream, ProbeError> {
+async fn connect(target: SocketAddr) -> Result<TcpStream, ProbeError> {
     TcpStream::connect(target)
         .await
         .map_err(ProbeError::Connect)
 }
 
-async fn http_get(target: SocketAddrV4, path: &str, expect_status: u16) -> Result<(), ProbeError> {
+async fn http_get(target: SocketAddr, path: &str, expect_status: u16) -> Result<(), ProbeError> {
     let mut stream = connect(target).await?;
 
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nUser-Agent: lb-user-health\r\n\
-         Connection: close\r\n\r\n",
-        ip = target.ip()
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: lb-user-health\r\n\
+         Connection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -242,7 +238,7 @@ pub struct HealthEvent {
 pub fn spawn_checker(
     service: usize,
     backend: usize,
-    target: SocketAddrV4,
+    target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
     resume_from: Option<bool>,
@@ -260,7 +256,7 @@ pub fn spawn_checker(
 async fn run_checker(
     service: usize,
     backend: usize,
-    target: SocketAddrV4,
+    target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
     resume_from: Option<bool>,
@@ -336,7 +332,7 @@ impl Streak {
 mod tests {
     use super::*;
 
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     use std::time::Instant;
 
     use tokio::net::TcpListener;
@@ -344,19 +340,21 @@ mod tests {
     /// How long a test waits for something that should happen well before.
     const PATIENCE: Duration = Duration::from_secs(5);
 
-    async fn listen() -> (TcpListener, SocketAddrV4) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    async fn listen() -> (TcpListener, SocketAddr) {
+        listen_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// A listener on loopback address `ip` (127.0.0.1 or ::1), on a free port.
+    async fn listen_on(ip: IpAddr) -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind((ip, 0))
             .await
             .expect("bind loopback listener");
-        let addr = match listener.local_addr().expect("listener address") {
-            std::net::SocketAddr::V4(addr) => addr,
-            other => panic!("loopback listener has a non-IPv4 address {other}"),
-        };
+        let addr = listener.local_addr().expect("listener address");
         (listener, addr)
     }
 
     /// A loopback port with nothing listening: bound by a listener that is then dropped.
-    async fn closed_port() -> SocketAddrV4 {
+    async fn closed_port() -> SocketAddr {
         let (listener, addr) = listen().await;
         drop(listener);
         addr
@@ -364,8 +362,16 @@ mod tests {
 
     /// Serves every connection with `response` after reading the request head, and passes
     /// each request head to the returned receiver.
-    async fn http_server(response: String) -> (SocketAddrV4, mpsc::UnboundedReceiver<String>) {
-        let (listener, addr) = listen().await;
+    async fn http_server(response: String) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+        http_server_on(Ipv4Addr::LOCALHOST.into(), response).await
+    }
+
+    /// [`http_server`] on loopback address `ip`.
+    async fn http_server_on(
+        ip: IpAddr,
+        response: String,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+        let (listener, addr) = listen_on(ip).await;
         let (requests, received) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
@@ -549,9 +555,36 @@ mod tests {
         let request = requests.recv().await.expect("server saw the request");
         assert_eq!(
             request,
-            "GET /healthz?full=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: lb-user-health\r\n\
-             Connection: close\r\n\r\n"
+            format!(
+                "GET /healthz?full=1 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: \
+                 lb-user-health\r\nConnection: close\r\n\r\n",
+                target.port()
+            )
         );
+    }
+
+    #[tokio::test]
+    async fn probes_reach_ipv6_backends_with_a_bracketed_host() {
+        let (target, mut requests) = http_server_on(
+            Ipv6Addr::LOCALHOST.into(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into(),
+        )
+        .await;
+        probe(&http("/", 200), target, PATIENCE)
+            .await
+            .expect("server on ::1 answers 200");
+        let request = requests.recv().await.expect("server saw the request");
+        assert!(
+            request.contains(&format!("\r\nHost: [::1]:{}\r\n", target.port())),
+            "{request:?}"
+        );
+        probe(&Probe::Tcp, target, PATIENCE)
+            .await
+            .expect("tcp connect to ::1");
+        let (listener, closed) = listen_on(Ipv6Addr::LOCALHOST.into()).await;
+        drop(listener);
+        let error = probe(&Probe::Tcp, closed, PATIENCE).await;
+        assert!(matches!(error, Err(ProbeError::Connect(_))), "{error:?}");
     }
 
     #[tokio::test]

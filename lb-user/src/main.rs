@@ -64,7 +64,7 @@ enum Command {
         /// The service's name.
         #[arg(long)]
         service: String,
-        /// The backend, ADDRESS:PORT as configured.
+        /// The backend, ADDRESS:PORT as configured; an IPv6 one as [ADDRESS]:PORT.
         #[arg(long)]
         backend: String,
         /// The running daemon's control socket.
@@ -76,7 +76,7 @@ enum Command {
         /// The service's name.
         #[arg(long)]
         service: String,
-        /// The backend, ADDRESS:PORT as configured.
+        /// The backend, ADDRESS:PORT as configured; an IPv6 one as [ADDRESS]:PORT.
         #[arg(long)]
         backend: String,
         /// The running daemon's control socket.
@@ -94,7 +94,7 @@ enum Command {
         /// Only this service's flows.
         #[arg(long)]
         service: Option<String>,
-        /// Only flows on this backend (ADDRESS:PORT).
+        /// Only flows on this backend (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6).
         #[arg(long)]
         backend: Option<String>,
         /// Machine-readable JSON instead of a table.
@@ -192,13 +192,14 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
             } else {
+                // Wide enough for most IPv6 clients and backends too ([addr]:port).
                 println!(
-                    "{:<22} {:<16} {:<5} {:<22} {:>7} {:>6} STATE",
+                    "{:<30} {:<16} {:<5} {:<30} {:>7} {:>6} STATE",
                     "CLIENT", "SERVICE", "PROTO", "BACKEND", "AGE", "IDLE"
                 );
                 for flow in &flows {
                     println!(
-                        "{:<22} {:<16} {:<5} {:<22} {:>6}s {:>5}s {}",
+                        "{:<30} {:<16} {:<5} {:<30} {:>6}s {:>5}s {}",
                         flow.client,
                         flow.service,
                         flow.protocol,
@@ -216,10 +217,12 @@ fn run(cli: Cli) -> Result<()> {
             let parsed = config::load(&config)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let backends: usize = parsed.services.iter().map(|s| s.backends.len()).sum();
+            let ipv6 = parsed.services.iter().filter(|s| s.vip.is_ipv6()).count();
             println!(
-                "{}: {} service(s), {backends} backend(s): valid",
+                "{}: {} service(s) ({} IPv4, {ipv6} IPv6), {backends} backend(s): valid",
                 config.display(),
-                parsed.services.len()
+                parsed.services.len(),
+                parsed.services.len() - ipv6
             );
             Ok(())
         }

@@ -7,24 +7,29 @@
 //! new ones the lowest free ids; a backend id given to another backend gets a new generation, so
 //! flows pinned to the old holder are rescheduled instead of following the id.
 //!
+//! Both address families go through the same code: a service's key, VIP address and backend
+//! endpoints go to its family's maps (`SERVICES` or `SERVICES6`, ...; see
+//! [`crate::dataplane`]), while ids, backends and scheduling tables are shared, so an IPv6
+//! service is numbered, scheduled, drained and reloaded exactly like an IPv4 one.
+//!
 //! Each service owns two regions of the shared `SCHEDULE` array. Its table is rebuilt into the
 //! region not in use, then the service entry is switched to it in one map update: the datapath
 //! never sees a half-written table.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use lb_common::{
-    backend_flags, backend_state, scheduler, service_flags, Backend, Endpoint, EndpointKey,
-    Service, ServiceKey, Settings, VipProtocol, MAX_BACKENDS, MAX_SERVICES,
+    backend_flags, backend_state, scheduler, service_flags, Address, Backend, EndpointKey, Service,
+    ServiceKey, Settings, VipProtocol, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::{
     config::{Config, FlowSettings, FragmentSettings, MaglevKey, Scheduler, ServiceConfig},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{AnyEndpointKey, AnyServiceKey, Dataplane, DataplaneError, WideEndpoint},
     scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
 };
 
@@ -37,7 +42,7 @@ pub enum TableError {
     #[error("service {service:?} has no backend {backend}")]
     NoSuchBackend {
         service: String,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
     },
     #[error(
         "the scheduling table has room for {free} more entries, and this change needs {needed}: \
@@ -52,7 +57,7 @@ pub enum TableError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendState {
     pub id: u32,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub up: bool,
     /// The configured weight.
     pub weight: u32,
@@ -109,7 +114,7 @@ pub struct ServiceTable {
     /// Backend ids given out by the reload in progress.
     handed_out: Vec<u32>,
     /// Backend addresses reached through the kernel's forwarding (see `set_kernel_paths`).
-    kernel_paths: BTreeSet<std::net::Ipv4Addr>,
+    kernel_paths: BTreeSet<IpAddr>,
 }
 
 /// Generation written for a backend id the first time it is given out.
@@ -170,10 +175,10 @@ impl ServiceTable {
     /// Says which backend addresses are reached through the kernel's forwarding rather than
     /// XDP_REDIRECT (those behind a bridge). Applies to the backends now and to those a reload
     /// adds; call it before `install` and before each `reload`.
-    pub fn set_kernel_paths(&mut self, addresses: BTreeSet<std::net::Ipv4Addr>) {
+    pub fn set_kernel_paths(&mut self, addresses: BTreeSet<IpAddr>) {
         for service in &mut self.services {
             for backend in &mut service.backends {
-                backend.via_kernel = addresses.contains(backend.addr.ip());
+                backend.via_kernel = addresses.contains(&backend.addr.ip());
             }
         }
         self.kernel_paths = addresses;
@@ -184,13 +189,13 @@ impl ServiceTable {
     /// error, the backends written before it keep their new path.
     pub fn update_kernel_paths(
         &mut self,
-        addresses: BTreeSet<std::net::Ipv4Addr>,
+        addresses: BTreeSet<std::net::IpAddr>,
         dataplane: &mut impl Dataplane,
     ) -> Result<Vec<String>, DataplaneError> {
         let mut changed = Vec::new();
         for service in &mut self.services {
             for backend in &mut service.backends {
-                let via_kernel = addresses.contains(backend.addr.ip());
+                let via_kernel = addresses.contains(&backend.addr.ip());
                 if backend.via_kernel != via_kernel {
                     backend.via_kernel = via_kernel;
                     dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
@@ -216,7 +221,7 @@ impl ServiceTable {
             for backend in &service.backends {
                 dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
             }
-            dataplane.add_vip_address(service.config.vip.octets())?;
+            dataplane.add_vip_address(service.config.vip)?;
             self.publish(index, dataplane)?;
         }
         for (key, service) in three_tuple_services(&self.services) {
@@ -253,7 +258,7 @@ impl ServiceTable {
     pub fn set_drained(
         &mut self,
         service_name: &str,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         drained: bool,
         dataplane: &mut impl Dataplane,
     ) -> Result<bool, TableError> {
@@ -328,7 +333,7 @@ impl ServiceTable {
                 match kept {
                     Some(kept) => backends.push(BackendState {
                         weight: backend.weight,
-                        via_kernel: next.kernel_paths.contains(backend.addr.ip()),
+                        via_kernel: next.kernel_paths.contains(&backend.addr.ip()),
                         ..kept.clone()
                     }),
                     None => {
@@ -418,7 +423,7 @@ impl ServiceTable {
             for backend in &service.backends {
                 dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
             }
-            dataplane.add_vip_address(service.config.vip.octets())?;
+            dataplane.add_vip_address(service.config.vip)?;
             next.publish(index, dataplane)?;
         }
         dataplane.set_ports(&port_bitmap(&next.services))?;
@@ -446,7 +451,7 @@ impl ServiceTable {
                 .iter()
                 .any(|service| service.config.vip == vip)
             {
-                dataplane.remove_vip_address(vip.octets())?;
+                dataplane.remove_vip_address(vip)?;
             }
         }
         *self = next;
@@ -510,7 +515,7 @@ impl ServiceTable {
         })
     }
 
-    fn new_backend(&mut self, addr: SocketAddrV4, weight: u32) -> Result<BackendState, TableError> {
+    fn new_backend(&mut self, addr: SocketAddr, weight: u32) -> Result<BackendState, TableError> {
         let id = self.generations.len() as u32;
         if id >= MAX_BACKENDS {
             return Err(TableError::OutOfIds);
@@ -523,7 +528,7 @@ impl ServiceTable {
             weight,
             drained: false,
             generation: FIRST_GENERATION,
-            via_kernel: self.kernel_paths.contains(addr.ip()),
+            via_kernel: self.kernel_paths.contains(&addr.ip()),
             shared_endpoint: false,
         })
     }
@@ -532,7 +537,7 @@ impl ServiceTable {
     /// out already by this reload.
     fn new_backend_after(
         &mut self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         weight: u32,
         kept_ids: &BTreeSet<u32>,
     ) -> Result<BackendState, TableError> {
@@ -558,29 +563,48 @@ impl ServiceTable {
             weight,
             drained: false,
             generation,
-            via_kernel: self.kernel_paths.contains(addr.ip()),
+            via_kernel: self.kernel_paths.contains(&addr.ip()),
             shared_endpoint: false,
         })
     }
 }
 
-fn endpoint_key(service: &ServiceConfig, addr: SocketAddrV4) -> EndpointKey {
-    EndpointKey {
-        addr: addr.ip().octets(),
-        port: addr.port().to_be_bytes(),
-        protocol: service.protocol.number(),
-        _pad: 0,
+/// An endpoint key of `addr`'s family.
+fn endpoint_key(service: &ServiceConfig, addr: SocketAddr) -> AnyEndpointKey {
+    let (port, protocol) = (addr.port().to_be_bytes(), service.protocol.number());
+    match addr.ip() {
+        IpAddr::V4(ip) => AnyEndpointKey::V4(EndpointKey {
+            addr: ip.octets(),
+            port,
+            protocol,
+            _pad: 0,
+        }),
+        IpAddr::V6(ip) => AnyEndpointKey::V6(EndpointKey {
+            addr: ip.octets(),
+            port,
+            protocol,
+            _pad: 0,
+        }),
     }
 }
 
-/// Every backend endpoint and the service it answers for (`shared` when several).
-pub fn endpoints(services: &[ServiceState]) -> BTreeMap<EndpointKey, Endpoint> {
-    let mut endpoints: BTreeMap<EndpointKey, Endpoint> = BTreeMap::new();
+/// An address in the datapath's 16-byte form: IPv4 in the first four bytes, the rest zero.
+pub fn wide_address(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(ip) => ip.octets().widen(),
+        IpAddr::V6(ip) => ip.octets(),
+    }
+}
+
+/// Every backend endpoint and the service it answers for (`shared` when several). The two
+/// families' endpoints never meet: their keys differ in kind, as their maps do.
+pub fn endpoints(services: &[ServiceState]) -> BTreeMap<AnyEndpointKey, WideEndpoint> {
+    let mut endpoints: BTreeMap<AnyEndpointKey, WideEndpoint> = BTreeMap::new();
     for service in services {
         for backend in &service.backends {
             let key = endpoint_key(&service.config, backend.addr);
-            let value = Endpoint {
-                service_addr: service.config.vip.octets(),
+            let value = WideEndpoint {
+                service_addr: wide_address(service.config.vip),
                 service_port: service.config.port.to_be_bytes(),
                 shared: 0,
                 _pad: 0,
@@ -685,13 +709,19 @@ pub fn three_tuple_services(services: &[ServiceState]) -> BTreeMap<VipProtocol, 
     services
         .iter()
         .filter(|service| flags_value(service.config.scheduler) & service_flags::HASH_3_TUPLE != 0)
-        .map(|service| {
+        .filter_map(|service| {
+            // IPv4 only: the configuration refuses a 3-tuple key on an IPv6 service.
+            let (IpAddr::V4(vip), AnyServiceKey::V4(service_key)) =
+                (service.config.vip, service_key(&service.config))
+            else {
+                return None;
+            };
             let key = VipProtocol {
-                addr: service.config.vip.octets(),
+                addr: vip.octets(),
                 protocol: service.config.protocol.number(),
                 _pad: [0; 3],
             };
-            (key, service_key(&service.config))
+            Some((key, service_key))
         })
         .collect()
 }
@@ -709,18 +739,28 @@ pub fn settings(flows: &FlowSettings, fragments: &FragmentSettings) -> Settings 
     }
 }
 
-pub fn service_key(config: &ServiceConfig) -> ServiceKey {
-    ServiceKey {
-        addr: config.vip.octets(),
-        port: config.port.to_be_bytes(),
-        protocol: config.protocol.number(),
-        _pad: 0,
+/// The service's key in its family's map.
+pub fn service_key(config: &ServiceConfig) -> AnyServiceKey {
+    let (port, protocol) = (config.port.to_be_bytes(), config.protocol.number());
+    match config.vip {
+        IpAddr::V4(vip) => AnyServiceKey::V4(ServiceKey {
+            addr: vip.octets(),
+            port,
+            protocol,
+            _pad: 0,
+        }),
+        IpAddr::V6(vip) => AnyServiceKey::V6(ServiceKey {
+            addr: vip.octets(),
+            port,
+            protocol,
+            _pad: 0,
+        }),
     }
 }
 
 pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
     Backend {
-        addr: lb_common::Address::widen(backend.addr.ip().octets()),
+        addr: wide_address(backend.addr.ip()),
         port: backend.addr.port().to_be_bytes(),
         state: if backend.up {
             backend_state::UP
@@ -733,6 +773,10 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
             0
         } | if backend.shared_endpoint {
             backend_flags::SHARED_ENDPOINT
+        } else {
+            0
+        } | if backend.addr.is_ipv6() {
+            backend_flags::IPV6
         } else {
             0
         },
@@ -795,7 +839,7 @@ mod tests {
         }
     }
 
-    fn key(table: &ServiceTable, name: &str) -> ServiceKey {
+    fn key(table: &ServiceTable, name: &str) -> AnyServiceKey {
         let service = table
             .services
             .iter()
@@ -833,7 +877,10 @@ mod tests {
         assert_eq!(dataplane.services[&key(&table, "web")].table_len, 0);
         let dns = dataplane.services[&key(&table, "dns")];
         assert_eq!(dns.scheduler, scheduler::MAGLEV);
-        assert_eq!(dataplane.vip_addresses, vec![[10, 200, 1, 1]]);
+        assert_eq!(
+            dataplane.vip_addresses,
+            ["10.200.1.1".parse::<IpAddr>().expect("ip")]
+        );
         let settings = dataplane.settings.expect("settings written");
         let bit = |port: u16| dataplane.ports[usize::from(port / 64)] & (1u64 << (port % 64)) != 0;
         assert!(
@@ -884,7 +931,7 @@ mod tests {
             "weight 3 of 4 should get ~757 entries: {heavy}"
         );
 
-        let addr: SocketAddrV4 = "10.200.12.2:53".parse().expect("address");
+        let addr: SocketAddr = "10.200.12.2:53".parse().expect("address");
         assert!(table
             .set_drained("dns", addr, true, &mut dataplane)
             .expect("ok"));
@@ -931,7 +978,7 @@ mod tests {
         let (mut table, mut dataplane) = installed(CONFIG);
         all_up(&mut table, &mut dataplane);
         let first = table.services[0].backends[0].clone();
-        let moved = BTreeSet::from([*first.addr.ip()]);
+        let moved = BTreeSet::from([first.addr.ip()]);
         let changed = table
             .update_kernel_paths(moved.clone(), &mut dataplane)
             .expect("update");
@@ -1022,12 +1069,224 @@ mod tests {
         assert!(!dataplane.services.contains_key(&service_key(
             &config::parse(CONFIG).expect("valid").services[1]
         )));
-        assert!(dataplane.vip_addresses.contains(&[10, 200, 1, 5]));
+        assert!(dataplane
+            .vip_addresses
+            .contains(&"10.200.1.5".parse().expect("ip")));
         // The removed backend 10.200.11.2:80 of web gave its id 0 to 10.200.13.2:80: down, and
         // of a new generation, so flows pinned to the old backend move.
         assert_eq!(added.id, 0);
         assert_eq!(dataplane.backends[&0].state, backend_state::DOWN);
         assert_eq!(dataplane.backends[&0].addr[..4], [10, 200, 13, 2]);
+    }
+
+    /// A dual-stack configuration: an IPv4 service, and two IPv6 services sharing the backend
+    /// endpoint [fd00:200::11:2]:80 (the IPv4 one shares port 80 but not the family).
+    const DUAL_STACK: &str = r#"
+        [[service]]
+        name = "web"
+        vip = "10.200.1.1"
+        port = 80
+        [[service.backend]]
+        address = "10.200.11.2"
+
+        [[service]]
+        name = "web6"
+        vip = "fd00:200::1:1"
+        port = 80
+        [[service.backend]]
+        address = "fd00:200::11:2"
+        [[service.backend]]
+        address = "fd00:200::12:2"
+        port = 8080
+
+        [[service]]
+        name = "alt6"
+        vip = "fd00:200::1:1"
+        port = 8000
+        [[service.backend]]
+        address = "fd00:200::11:2"
+        port = 80
+    "#;
+
+    fn v6(text: &str) -> [u8; 16] {
+        text.parse::<std::net::Ipv6Addr>()
+            .expect("test address")
+            .octets()
+    }
+
+    #[test]
+    fn ipv6_services_go_to_the_ipv6_maps() {
+        let (mut table, mut dataplane) = installed(DUAL_STACK);
+        let web6 = key(&table, "web6");
+        assert_eq!(
+            web6,
+            AnyServiceKey::V6(ServiceKey {
+                addr: v6("fd00:200::1:1"),
+                port: 80u16.to_be_bytes(),
+                protocol: lb_common::protocol::TCP,
+                _pad: 0,
+            })
+        );
+        assert!(matches!(key(&table, "web"), AnyServiceKey::V4(_)));
+        assert_eq!(dataplane.services.len(), 3);
+        assert_eq!(
+            dataplane.vip_addresses,
+            [
+                "10.200.1.1".parse::<IpAddr>().expect("ip"),
+                IpAddr::from(v6("fd00:200::1:1"))
+            ],
+            "one entry per address, each in its family's map"
+        );
+
+        let backend = dataplane.backends[&2];
+        assert_eq!(backend.addr, v6("fd00:200::12:2"));
+        assert_eq!(backend.port, 8080u16.to_be_bytes());
+        assert_eq!(backend.flags & backend_flags::IPV6, backend_flags::IPV6);
+        assert_eq!(dataplane.backends[&0].flags & backend_flags::IPV6, 0);
+
+        all_up(&mut table, &mut dataplane);
+        assert_eq!(dataplane.table(&web6), vec![1, 2]);
+        let bit = |port: u16| dataplane.ports[usize::from(port / 64)] & (1u64 << (port % 64)) != 0;
+        assert!(
+            bit(80) && bit(8080) && bit(8000),
+            "IPv6 ports share the bitmap"
+        );
+    }
+
+    #[test]
+    fn endpoints_are_shared_per_family() {
+        let (table, dataplane) = installed(DUAL_STACK);
+        // Every service here is tcp, so any service's config gives the key's protocol.
+        let endpoint = |addr: &str| {
+            let addr = addr.parse().expect("test address");
+            dataplane.endpoints[&endpoint_key(&table.services[0].config, addr)]
+        };
+        let shared = endpoint("[fd00:200::11:2]:80");
+        assert_eq!(
+            shared.shared, 1,
+            "two IPv6 services use [fd00:200::11:2]:80"
+        );
+        let single = endpoint("[fd00:200::12:2]:8080");
+        assert_eq!(
+            (single.shared, single.service_addr, single.service_id),
+            (0, v6("fd00:200::1:1"), 1)
+        );
+        let ipv4 = endpoint("10.200.11.2:80");
+        assert_eq!(
+            ipv4.shared, 0,
+            "port 80 of an IPv4 backend is another endpoint"
+        );
+        assert_eq!(ipv4.service_addr[..4], [10, 200, 1, 1]);
+        assert_eq!(ipv4.service_addr[4..], [0; 12]);
+        let flags: Vec<bool> = table.services[1]
+            .backends
+            .iter()
+            .map(|backend| backend.shared_endpoint)
+            .collect();
+        assert_eq!(flags, [true, false]);
+        assert_ne!(
+            dataplane.backends[&1].flags & backend_flags::SHARED_ENDPOINT,
+            0
+        );
+    }
+
+    #[test]
+    fn ipv6_backends_drain_and_undrain() {
+        let (mut table, mut dataplane) = installed(DUAL_STACK);
+        all_up(&mut table, &mut dataplane);
+        let web6 = key(&table, "web6");
+        let addr: SocketAddr = "[fd00:200::12:2]:8080".parse().expect("address");
+        assert!(table
+            .set_drained("web6", addr, true, &mut dataplane)
+            .expect("ok"));
+        assert_eq!(dataplane.table(&web6), vec![1]);
+        assert!(table
+            .set_drained("web6", addr, false, &mut dataplane)
+            .expect("ok"));
+        assert_eq!(dataplane.table(&web6), vec![1, 2]);
+        let other_spelling: SocketAddr = "[fd00:200:0:0::12:2]:8080".parse().expect("address");
+        assert!(table
+            .set_drained("web6", other_spelling, true, &mut dataplane)
+            .expect("the same backend, written otherwise"));
+        let error = table.set_drained(
+            "web6",
+            "[fd00:200::12:2]:80".parse().expect("address"),
+            true,
+            &mut dataplane,
+        );
+        assert!(
+            matches!(error, Err(TableError::NoSuchBackend { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn reload_matches_ipv6_backends_by_address_and_removes_what_goes() {
+        let (mut table, mut dataplane) = installed(DUAL_STACK);
+        all_up(&mut table, &mut dataplane);
+        let reloaded = r#"
+            [[service]]
+            name = "web6"
+            vip = "fd00:200::1:1"
+            port = 80
+            [[service.backend]]
+            address = "fd00:200:0::12:2"
+            port = 8080
+            [[service.backend]]
+            address = "fd00:200::13:2"
+
+            [[service]]
+            name = "web"
+            vip = "10.200.1.1"
+            port = 80
+            [[service.backend]]
+            address = "10.200.11.2"
+        "#;
+        let old_alt6 = key(&table, "alt6");
+        let summary = table
+            .reload(&config::parse(reloaded).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_removed, vec!["alt6"]);
+        assert_eq!(summary.backends_added, vec!["[fd00:200::13:2]:80 of web6"]);
+        assert_eq!(
+            summary.backends_removed,
+            vec!["[fd00:200::11:2]:80 of web6", "[fd00:200::11:2]:80 of alt6"]
+        );
+        let web6 = &table.services[0];
+        assert_eq!((web6.backends[0].id, web6.backends[0].up), (2, true));
+        assert!(!dataplane.services.contains_key(&old_alt6));
+        assert_eq!(dataplane.table(&key(&table, "web6")), vec![2]);
+        let gone = endpoint_key(
+            &table.services[0].config,
+            "[fd00:200::11:2]:80".parse().expect("address"),
+        );
+        assert!(!dataplane.endpoints.contains_key(&gone));
+        assert_eq!(
+            dataplane.vip_addresses.len(),
+            2,
+            "the IPv6 vip stays: web6 still uses it"
+        );
+
+        let ipv4_only = r#"
+            [[service]]
+            name = "web"
+            vip = "10.200.1.1"
+            port = 80
+            [[service.backend]]
+            address = "10.200.11.2"
+        "#;
+        table
+            .reload(&config::parse(ipv4_only).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(
+            dataplane.vip_addresses,
+            ["10.200.1.1".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(dataplane.services.len(), 1);
+        assert!(dataplane
+            .endpoints
+            .keys()
+            .all(|key| matches!(key, AnyEndpointKey::V4(_))));
     }
 
     #[test]
@@ -1044,9 +1303,12 @@ mod tests {
             protocol: lb_common::protocol::UDP,
             _pad: [0; 3],
         };
+        let AnyServiceKey::V4(dns_key) = dns else {
+            panic!("dns is an IPv4 service: {dns:?}");
+        };
         assert_eq!(
             dataplane.three_tuple_services,
-            [(vip_udp, dns)].into_iter().collect()
+            [(vip_udp, dns_key)].into_iter().collect()
         );
         assert_eq!(
             dataplane.settings.expect("written").fragment_timeout_ns,
@@ -1063,7 +1325,7 @@ mod tests {
         // And again to the 3-tuple.
         let config = config::parse(&three_tuple).expect("valid");
         table.reload(&config, &mut dataplane).expect("fits");
-        assert_eq!(dataplane.three_tuple_services.get(&vip_udp), Some(&dns));
+        assert_eq!(dataplane.three_tuple_services.get(&vip_udp), Some(&dns_key));
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl Snapshot {
         let mut out = String::new();
         out.push_str(&format!("interfaces: {}\n\n", self.interfaces.join(", ")));
         out.push_str(&format!(
-            "{:<40} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+            "{:<48} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
             "SERVICE / BACKEND",
             "STATE",
             "PACKETS",
@@ -134,8 +134,11 @@ impl Snapshot {
                 .filter(|backend| backend.state == "up")
                 .count();
             let title = format!(
-                "{} {}:{}/{} {}",
-                service.name, service.vip, service.port, service.protocol, service.scheduler
+                "{} {}/{} {}",
+                service.name,
+                host_port(&service.vip, service.port),
+                service.protocol,
+                service.scheduler
             );
             write_row(
                 &mut out,
@@ -144,7 +147,11 @@ impl Snapshot {
                 &service.traffic,
             );
             for backend in &service.backends {
-                let title = format!("  {}:{} w{}", backend.address, backend.port, backend.weight);
+                let title = format!(
+                    "  {} w{}",
+                    host_port(&backend.address, backend.port),
+                    backend.weight
+                );
                 let state = if backend.drained {
                     format!("{} drained", backend.state)
                 } else {
@@ -164,6 +171,16 @@ impl Snapshot {
             out.push_str(&format!("{name:<28} {value:>8}\n"));
         }
         out
+    }
+}
+
+/// `address:port`, with the address in brackets when it is IPv6 (`[fd00::1]:80`), as URLs and
+/// the rest of lb-user write them.
+fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
     }
 }
 
@@ -193,7 +210,7 @@ fn verdict_totals(values: &[u64]) -> serde_json::Map<String, serde_json::Value> 
 
 fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
     out.push_str(&format!(
-        "{:<40} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
+        "{:<48} {:<10} {:>10} {:>12} {:>9} {:>10} {:>12} {:>11}\n",
         title,
         state,
         traffic.packets,
@@ -208,6 +225,12 @@ fn write_row(out: &mut String, title: &str, state: &str, traffic: &Traffic) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_with_their_port_ipv6_in_brackets() {
+        assert_eq!(host_port("10.200.1.1", 80), "10.200.1.1:80");
+        assert_eq!(host_port("fd00:200::1:1", 80), "[fd00:200::1:1]:80");
+    }
 
     #[test]
     fn verdict_totals_sum_each_verdicts_reasons_and_skip_events() {

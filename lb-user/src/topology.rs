@@ -5,25 +5,35 @@
 //! Routes are asked from the kernel with `ip -json route get`, the same answer the datapath's
 //! `bpf_fib_lookup` will get, without pulling a netlink library into the daemon.
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{net::IpAddr, path::Path, process::Command};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("interface {0} does not exist (see `ip link`)")]
     NoSuchInterface(String),
     #[error("asking the kernel for the route to backend {backend}: {detail}")]
-    Route { backend: Ipv4Addr, detail: String },
+    Route { backend: IpAddr, detail: String },
     #[error(
         "backend {backend} is an address of this host (route via {device}): NAT mode forwards \
          to other hosts; run the server on another host or namespace"
     )]
-    LocalBackend { backend: Ipv4Addr, device: String },
+    LocalBackend { backend: IpAddr, device: String },
     #[error(
         "{setting} is {value}: NAT mode forwards packets between interfaces, so IPv4 forwarding \
          must be on. Enable it with `sysctl -w net.ipv4.conf.all.forwarding=1` (and \
          `sysctl -w {setting}=1`), or persist it in /etc/sysctl.d/"
     )]
     ForwardingDisabled { setting: String, value: String },
+    #[error(
+        "{setting} is {value}: IPv6 services need IPv6 forwarding (the datapath's IPv6 route \
+         lookup answers \"forwarding disabled\" without it, and the kernel forwards nothing). \
+         Enable it with `sysctl -w net.ipv6.conf.all.forwarding=1` (which sets every \
+         interface's too), or persist it in /etc/sysctl.d/. Note: with forwarding on, the \
+         kernel ignores router advertisements on an interface unless its accept_ra is 2, so \
+         if this host takes its own IPv6 address or default route from them, also set \
+         `sysctl -w net.ipv6.conf.<interface>.accept_ra=2` there first"
+    )]
+    Ipv6ForwardingDisabled { setting: String, value: String },
     #[error(
         "{device} is not an Ethernet device (ARPHRD type {kind}): the load balancer rewrites \
          and forwards Ethernet frames"
@@ -57,11 +67,12 @@ pub fn check_interface(interface: &str) -> Result<(), TopologyError> {
     }
 }
 
-/// The device the kernel routes `backend` through.
-pub fn route_device(backend: Ipv4Addr) -> Result<String, TopologyError> {
+/// The device the kernel routes `backend` (either family) through.
+pub fn route_device(backend: IpAddr) -> Result<String, TopologyError> {
     let route_error = |detail: String| TopologyError::Route { backend, detail };
+    let family = if backend.is_ipv6() { "-6" } else { "-4" };
     let output = Command::new("ip")
-        .args(["-json", "-4", "route", "get"])
+        .args(["-json", family, "route", "get"])
         .arg(backend.to_string())
         .output()
         .map_err(|error| route_error(format!("running `ip`: {error}")))?;
@@ -120,18 +131,41 @@ pub fn is_bridge(device: &str) -> bool {
 /// Fails unless IPv4 forwarding is on for `interface`: `bpf_fib_lookup` refuses to route
 /// packets that arrive on an interface without it, and so does the kernel's own path.
 pub fn check_forwarding(interface: &str) -> Result<(), TopologyError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
-    let value = std::fs::read_to_string(&path).map_err(|source| TopologyError::Read {
-        path: path.clone(),
-        cause: source,
-    })?;
-    let value = value.trim();
+    let value = read_sysctl(&format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"))?;
     if value == "1" {
         Ok(())
     } else {
         Err(TopologyError::ForwardingDisabled {
             setting: format!("net.ipv4.conf.{interface}.forwarding"),
-            value: value.to_string(),
+            value,
         })
     }
+}
+
+/// Fails unless IPv6 forwarding is on globally and for `interface`. The kernel's IPv6 fib
+/// lookup for BPF (`bpf_ipv6_fib_lookup` in net/core/filter.c) answers
+/// `BPF_FIB_LKUP_RET_FWD_DISABLED` unless the ingress device's `forwarding` is set, and the
+/// kernel's own forwarding path (`ip6_forward`) reads `all.forwarding`; setting `all` sets
+/// every interface's, which is the fix given.
+pub fn check_ipv6_forwarding(interface: &str) -> Result<(), TopologyError> {
+    for scope in ["all", interface] {
+        let value = read_sysctl(&format!("/proc/sys/net/ipv6/conf/{scope}/forwarding"))?;
+        if value != "1" {
+            return Err(TopologyError::Ipv6ForwardingDisabled {
+                setting: format!("net.ipv6.conf.{scope}.forwarding"),
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A sysctl's value, trimmed.
+fn read_sysctl(path: &str) -> Result<String, TopologyError> {
+    std::fs::read_to_string(path)
+        .map(|value| value.trim().to_string())
+        .map_err(|cause| TopologyError::Read {
+            path: path.to_string(),
+            cause,
+        })
 }

@@ -24,19 +24,39 @@ impl Client {
         }
     }
 
-    /// `curl -sS --max-time 2 URL`; returns the body. Any failure, including an HTTP error
-    /// status, is an error carrying curl's message.
+    /// `curl -sS -g --max-time 2 URL`; returns the body. Any failure, including an HTTP error
+    /// status, is an error carrying curl's message. `-g` (no URL globbing) lets IPv6 URLs
+    /// through as they are (`http://[fd00:200::1:1]/`).
     pub fn get(&self, url: &str) -> Result<String, CommandError> {
         self.netns
-            .exec(["curl", "-sS", "--fail", "--max-time", "2", url])
+            .exec(["curl", "-sS", "-g", "--fail", "--max-time", "2", url])
     }
 
-    /// `curl -sS --fail --max-time 10 -o PATH URL`: saves the body to `path`, for downloads too
+    /// Sends `count` requests to `url`, one connection each; any failure is an error naming
+    /// `what` and the request. Returns how many each backend answered (by the body it answers
+    /// with, its name).
+    pub fn answers(
+        &self,
+        url: &str,
+        count: u64,
+        what: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let mut answers = std::collections::BTreeMap::new();
+        for request in 1..=count {
+            let body = self
+                .get(url)
+                .with_context(|| format!("{what}: request {request} of {count} to {url}"))?;
+            *answers.entry(body.trim().to_string()).or_default() += 1;
+        }
+        Ok(answers)
+    }
+
+    /// `curl -sS -g --fail --max-time 10 -o PATH URL`: saves the body to `path`, for downloads too
     /// large for a string.
     pub fn download(&self, url: &str, path: &std::path::Path) -> Result<(), CommandError> {
         let mut command = self.netns.command("curl");
         command
-            .args(["-sS", "--fail", "--max-time", "10", "-o"])
+            .args(["-sS", "-g", "--fail", "--max-time", "10", "-o"])
             .arg(path)
             .arg(url);
         crate::process::run(&mut command).map(drop)
@@ -48,6 +68,7 @@ impl Client {
         let output = self.netns.exec([
             "curl",
             "-sS",
+            "-g",
             "--fail",
             "--max-time",
             "2",

@@ -432,6 +432,14 @@ struct World {
     services: Vec<Service>,
 }
 
+/// An address of [`CONFIG`], which has IPv4 services only.
+fn ipv4_octets(addr: std::net::IpAddr) -> [u8; 4] {
+    match addr {
+        std::net::IpAddr::V4(addr) => addr.octets(),
+        std::net::IpAddr::V6(addr) => panic!("the fuzz configuration is IPv4 only, not {addr}"),
+    }
+}
+
 impl World {
     fn new() -> Self {
         let config = config::parse(CONFIG).expect("the fuzz configuration is valid");
@@ -440,13 +448,13 @@ impl World {
             .iter()
             .map(|service| Service {
                 name: service.name.clone(),
-                vip: service.vip.octets(),
+                vip: ipv4_octets(service.vip),
                 port: service.port,
                 protocol: service.protocol.number(),
                 backends: service
                     .backends
                     .iter()
-                    .map(|backend| (backend.addr.ip().octets(), backend.addr.port()))
+                    .map(|backend| (ipv4_octets(backend.addr.ip()), backend.addr.port()))
                     .collect(),
                 three_tuple: matches!(
                     service.scheduler,

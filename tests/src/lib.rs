@@ -29,8 +29,8 @@ pub use netns::{Netns, NetnsName};
 pub use nginx::Nginx;
 pub use process::{pid_alive, unique_name, CommandError};
 pub use topology::{
-    Backend, Layout, Offloads, PeerState, Topology, CLIENT_ADDRESS, PUBLIC_INTERFACE, SERVICE_PORT,
-    SSH_PORT, VIP,
+    ipv6_of, Backend, Layout, Offloads, PeerState, Topology, CLIENT_ADDRESS, CLIENT_ADDRESS6,
+    PUBLIC_INTERFACE, SERVICE_PORT, SSH_PORT, VIP, VIP6,
 };
 pub use udp_echo::UdpEcho;
 

@@ -3,10 +3,11 @@
 //! Each instance has its own configuration, PID file and logs in a private temporary
 //! directory, runs in the foreground as a child of the test (`daemon off`), answers every
 //! request with a body naming it (`backend1\n`), and logs each request as a line starting
-//! with the client address.
+//! with the client address. It listens on one address, or on an IPv4 and an IPv6 address at
+//! once ([`Nginx::start_dual`]) for dual-stack tests.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -22,13 +23,14 @@ const START_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long nginx gets to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One nginx master (with one worker) listening on one address and port in a namespace.
+/// One nginx master (with one worker) listening on one port of one or two addresses in a
+/// namespace.
 #[derive(Debug)]
 pub struct Nginx {
     body_name: String,
     netns: NetnsName,
-    address: Ipv4Addr,
-    port: u16,
+    /// Where it listens: the same port on each address.
+    listen: Vec<SocketAddr>,
     /// Holds the process, so it is dropped (stopped) before the directory is removed.
     process: Option<ChildProcess>,
     /// PIDs of every master this instance started, for leak checks.
@@ -45,12 +47,35 @@ impl Nginx {
         address: Ipv4Addr,
         port: u16,
     ) -> anyhow::Result<Self> {
+        Self::start_on(netns, body_name, &[address.into()], port)
+    }
+
+    /// Like [`Nginx::start`], listening on `address` and `address6` (both families), port
+    /// `port`; returns once both listening sockets exist.
+    pub fn start_dual(
+        netns: &Netns,
+        body_name: &str,
+        address: Ipv4Addr,
+        address6: Ipv6Addr,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        Self::start_on(netns, body_name, &[address.into(), address6.into()], port)
+    }
+
+    fn start_on(
+        netns: &Netns,
+        body_name: &str,
+        addresses: &[IpAddr],
+        port: u16,
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new(&format!("{}-nginx-{body_name}", unique_name()))?;
         let mut nginx = Self {
             body_name: body_name.to_string(),
             netns: netns.name().clone(),
-            address,
-            port,
+            listen: addresses
+                .iter()
+                .map(|&address| SocketAddr::new(address, port))
+                .collect(),
             process: None,
             spawned_pids: Vec::new(),
             dir,
@@ -163,16 +188,24 @@ impl Nginx {
     }
 
     fn description(&self) -> String {
+        let listen: Vec<String> = self.listen.iter().map(ToString::to_string).collect();
         format!(
-            "nginx {} on {}:{} in {}",
-            self.body_name, self.address, self.port, self.netns
+            "nginx {} on {} in {}",
+            self.body_name,
+            listen.join(" and "),
+            self.netns
         )
     }
 
     /// Waits until the listening socket exists. Checked with `ss` rather than a request, which
     /// would add a line from the namespace's own address to the access log the tests read.
     fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let filter = format!("src {}:{}", self.address, self.port);
+        // `ss` writes and reads IPv6 endpoints as [addr]:port, as SocketAddr does.
+        let filters: Vec<String> = self
+            .listen
+            .iter()
+            .map(|addr| format!("src {addr}"))
+            .collect();
         let what = format!("{} to listen", self.description());
         let netns = self.netns.clone();
         let result = wait_until(START_TIMEOUT, &what, || {
@@ -181,9 +214,11 @@ impl Nginx {
                     bail!("nginx exited with {status}");
                 }
             }
-            let sockets = netns.exec(["ss", "-H", "-l", "-t", "-n", &filter])?;
-            if sockets.trim().is_empty() {
-                return Ok(Poll::NotYet("no listening socket".to_string()));
+            for filter in &filters {
+                let sockets = netns.exec(["ss", "-H", "-l", "-t", "-n", filter])?;
+                if sockets.trim().is_empty() {
+                    return Ok(Poll::NotYet(format!("no listening socket ({filter})")));
+                }
             }
             Ok(Poll::Ready(()))
         });
@@ -204,6 +239,11 @@ impl Nginx {
 
     fn config(&self) -> String {
         let dir = self.dir.path().display();
+        let listen: String = self
+            .listen
+            .iter()
+            .map(|addr| format!("        listen {addr};\n"))
+            .collect();
         format!(
             r#"# Written by lb-tests for one instance; everything it writes stays in {dir}.
 daemon off;
@@ -232,8 +272,7 @@ http {{
     keepalive_requests 100000;
 
     server {{
-        listen {address}:{port};
-        location / {{
+{listen}        location / {{
             default_type text/plain;
             return 200 "{body}\n";
         }}
@@ -245,8 +284,6 @@ http {{
     }}
 }}
 "#,
-            address = self.address,
-            port = self.port,
             body = self.body_name,
         )
     }

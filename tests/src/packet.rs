@@ -166,7 +166,9 @@ impl Fixture {
             original,
         };
         let mut fixture = Self::build(guard, config, options);
-        fixture.table.set_kernel_paths(via_kernel);
+        fixture
+            .table
+            .set_kernel_paths(via_kernel.into_iter().map(std::net::IpAddr::V4).collect());
         fixture.install();
         fixture
     }

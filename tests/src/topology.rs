@@ -32,6 +32,16 @@
 //! Every backend's default route points at the load balancer (through the router, when there
 //! is one), so its replies come back through it; lb-user asks for nothing else of the backends.
 //!
+//! Dual stack: every namespace has an IPv6 address beside each IPv4 one, all inside
+//! fd00:200::/64 (the one IPv6 range the tests may use), in /112 subnets that mirror the IPv4
+//! ones: the third byte of the IPv4 address becomes the seventh group, written with the same
+//! digits, and the host byte the last group. So the client is fd00:200::1:2, the IPv6 VIP
+//! fd00:200::1:1 ([`VIP6`]), point-to-point backend1 fd00:200::11:2 behind fd00:200::11:1,
+//! bridge backends fd00:200::20:2 and ::20:3, routed ones fd00:200::31:2 and ::31:3 behind
+//! the router's fd00:200::30:2, one-armed ones fd00:200::40:2 and ::40:3. Addresses are added
+//! `nodad` and every namespace has `accept_dad` off, so they are usable at once; IPv6
+//! forwarding is on only in the lb and router namespaces, as IPv4 forwarding is.
+//!
 //! Offloads (see [`Offloads`]), set only where a veth stands in for something a physical wire
 //! does differently:
 //!
@@ -62,7 +72,7 @@
 //! More backends can be wired with [`Topology::add_backend`], for tests that add a backend to a
 //! running balancer.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context};
 
@@ -77,6 +87,12 @@ pub const PUBLIC_INTERFACE: &str = "lbpub";
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
 /// The client's address on its `eth0`.
 pub const CLIENT_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+/// The IPv6 service address: the lb namespace's IPv6 address on [`PUBLIC_INTERFACE`].
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0x1, 0x1);
+/// The client's IPv6 address on its `eth0`.
+pub const CLIENT_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0x1, 0x2);
+/// Prefix length of every IPv6 subnet of the testbed (carved out of fd00:200::/64).
+const PREFIX6: u8 = 112;
 /// The port the demo service and the backends' nginx listen on.
 pub const SERVICE_PORT: u16 = 80;
 /// The port of the stand-in for the operator's SSH, on the VIP, not a service.
@@ -149,6 +165,24 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// The datapath counters this layout's traffic moves (at least once per request), and
+    /// those of the other layouts' paths, which it must leave at zero.
+    pub fn path_counters(self) -> (&'static [&'static str], &'static [&'static str]) {
+        const ALL: [&str; 6] = [
+            "pass_kernel_forward",
+            "reply_egress",
+            "forward_redirect",
+            "reply_redirect",
+            "forward_tx",
+            "reply_tx",
+        ];
+        match self {
+            Self::Bridge => (&ALL[0..2], &ALL[2..6]),
+            Self::PointToPoint | Self::Routed => (&ALL[2..4], &[ALL[0], ALL[1], ALL[4], ALL[5]]),
+            Self::OneArmed => (&ALL[4..6], &ALL[0..4]),
+        }
+    }
+
     /// The name tests and the demo print: `point-to-point`, `bridge`, `routed`, `one-armed`.
     pub fn name(self) -> &'static str {
         match self {
@@ -168,11 +202,15 @@ pub struct Backend {
     pub netns: Netns,
     /// The backend's address on its `eth0`.
     pub address: Ipv4Addr,
+    /// The backend's IPv6 address on its `eth0`.
+    pub address6: Ipv6Addr,
     /// The lb namespace's interface the backend is routed through: `lbb1` (point to point),
     /// `br0` (bridge), `lbr0` (routed), `lbpub` (one-armed).
     pub lb_interface: String,
     /// The lb namespace's address on that interface: the source of its health probes.
     pub lb_address: Ipv4Addr,
+    /// The lb namespace's IPv6 address on that interface.
+    pub lb_address6: Ipv6Addr,
     /// The other end of the backend's `eth0`: `lbb1` in the lb namespace (point to point,
     /// bridge), `rb1` in the router (routed), `to-backend1` in the switch (one-armed).
     pub peer: String,
@@ -233,14 +271,14 @@ impl Topology {
     /// [`Topology::build`] with the given offloads.
     pub fn build_with(layout: Layout, offloads: Offloads) -> anyhow::Result<Self> {
         let prefix = unique_name();
-        let client = Netns::create(&format!("{prefix}c"))?;
-        let lb = Netns::create(&format!("{prefix}l"))?;
+        let client = create_netns(&format!("{prefix}c"))?;
+        let lb = create_netns(&format!("{prefix}l"))?;
         let router = match layout {
-            Layout::Routed => Some(Netns::create(&format!("{prefix}r"))?),
+            Layout::Routed => Some(create_netns(&format!("{prefix}r"))?),
             _ => None,
         };
         let switch = match layout {
-            Layout::OneArmed => Some(Netns::create(&format!("{prefix}s"))?),
+            Layout::OneArmed => Some(create_netns(&format!("{prefix}s"))?),
             _ => None,
         };
         let mut topology = Self {
@@ -294,6 +332,8 @@ impl Topology {
                 .ip(["address", "add", &vip, "dev", PUBLIC_INTERFACE])?;
             self.lb
                 .ip(["address", "add", &gateway, "dev", PUBLIC_INTERFACE])?;
+            add_address6(self.lb.name(), VIP6, PUBLIC_INTERFACE)?;
+            add_address6(self.lb.name(), ipv6_like(40, 1), PUBLIC_INTERFACE)?;
             self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
             // XDP on lbpub sees whatever to-lb transmits, and XDP_TX sends back into it.
             ethtool(&switch, SWITCH_LB_PORT, &self.sender_settings(&[]))?;
@@ -305,6 +345,7 @@ impl Topology {
             .ip(veth_pair("eth0", None, PUBLIC_INTERFACE, lb))?;
         self.lb
             .ip(["address", "add", &vip, "dev", PUBLIC_INTERFACE])?;
+        add_address6(self.lb.name(), VIP6, PUBLIC_INTERFACE)?;
         self.lb.ip(["link", "set", PUBLIC_INTERFACE, "up"])?;
         self.configure_client()?;
         // Replies are redirected into lbpub unless they leave through the kernel (bridge).
@@ -329,9 +370,12 @@ impl Topology {
         let client_address = format!("{CLIENT_ADDRESS}/24");
         self.client
             .ip(["address", "add", &client_address, "dev", "eth0"])?;
+        add_address6(self.client.name(), CLIENT_ADDRESS6, "eth0")?;
         self.client.ip(["link", "set", "eth0", "up"])?;
         self.client
             .ip(["route", "add", "default", "via", &VIP.to_string()])?;
+        self.client
+            .ip(["-6", "route", "add", "default", "via", &VIP6.to_string()])?;
         Ok(())
     }
 
@@ -357,6 +401,7 @@ impl Topology {
                 ])?;
                 let gateway = format!("{BRIDGE_GATEWAY}/24");
                 self.lb.ip(["address", "add", &gateway, "dev", BRIDGE])?;
+                add_address6(self.lb.name(), ipv6_like(20, 1), BRIDGE)?;
                 self.lb.ip(["link", "set", BRIDGE, "up"])?;
                 Ok(())
             }
@@ -367,15 +412,18 @@ impl Topology {
                 let lb_side = format!("{LB_ROUTER_SIDE}/24");
                 self.lb
                     .ip(["address", "add", &lb_side, "dev", ROUTER_LINK])?;
+                add_address6(self.lb.name(), ipv6_like(30, 1), ROUTER_LINK)?;
                 self.lb.ip(["link", "set", ROUTER_LINK, "up"])?;
                 let router_side = format!("{ROUTER_LB_SIDE}/24");
                 router.ip(["address", "add", &router_side, "dev", "eth0"])?;
+                add_address6(router.name(), ipv6_like(30, 2), "eth0")?;
                 router.ip(["link", "set", "eth0", "up"])?;
                 // Forwards are redirected into lbr0; XDP on lbr0 sees what eth0 transmits.
                 ethtool(router.name(), "eth0", &self.sender_settings(&["gro", "on"]))?;
                 router.ip(["link", "add", BRIDGE, "type", "bridge"])?;
                 let gateway = format!("{ROUTER_GATEWAY}/24");
                 router.ip(["address", "add", &gateway, "dev", BRIDGE])?;
+                add_address6(router.name(), ipv6_like(31, 1), BRIDGE)?;
                 router.ip(["link", "set", BRIDGE, "up"])?;
                 // Replies to clients go back through the load balancer.
                 router.ip([
@@ -391,6 +439,23 @@ impl Topology {
                     ROUTED_NETWORK,
                     "via",
                     &ROUTER_LB_SIDE.to_string(),
+                ])?;
+                router.ip([
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &ipv6_like(30, 1).to_string(),
+                ])?;
+                let routed6 = format!("{}/{PREFIX6}", ipv6_like(31, 0));
+                self.lb.ip([
+                    "-6",
+                    "route",
+                    "add",
+                    &routed6,
+                    "via",
+                    &ipv6_like(30, 2).to_string(),
                 ])?;
                 Ok(())
             }
@@ -416,13 +481,15 @@ impl Topology {
     }
 
     fn connect_backend(&self, number: u8) -> anyhow::Result<Backend> {
-        let netns = Netns::create(&format!("{}b{number}", self.prefix))?;
+        let netns = create_netns(&format!("{}b{number}", self.prefix))?;
         let plan = self.plan(number)?;
         let program = self.link_backend(&netns, &plan)?;
         Ok(Backend {
             name: format!("backend{number}"),
             netns,
             address: plan.address,
+            address6: plan.address6(),
+            lb_address6: plan.lb_address6(),
             lb_interface: plan.lb_interface,
             lb_address: plan.lb_address,
             peer: plan.peer,
@@ -492,10 +559,22 @@ impl Topology {
             }
         }
         peer_netns.ip(["link", "set", &plan.peer, "up"])?;
+        if self.layout == Layout::PointToPoint {
+            add_address6(peer_netns, plan.lb_address6(), &plan.peer)?;
+        }
         let address = format!("{}/24", plan.address);
         netns.ip(["address", "add", &address, "dev", "eth0"])?;
+        add_address6(netns.name(), plan.address6(), "eth0")?;
         netns.ip(["link", "set", "eth0", "up"])?;
         netns.ip(["route", "add", "default", "via", &plan.gateway.to_string()])?;
+        netns.ip([
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &plan.gateway6().to_string(),
+        ])?;
         if self.layout != Layout::PointToPoint {
             return Ok(None);
         }
@@ -556,6 +635,8 @@ impl Topology {
         for netns in std::iter::once(&self.lb).chain(&self.router) {
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             netns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+            // Sets every interface's too, and the default for interfaces created later.
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
         Ok(())
     }
@@ -621,6 +702,21 @@ impl Topology {
                 .iter()
                 .map(|backend| (backend.address.to_string(), SERVICE_PORT))
                 .collect(),
+        }
+    }
+
+    /// The demo's service over IPv6: `web6`, HTTP on [`VIP6`], port 80, balanced over every
+    /// backend's IPv6 address, with the same health checks as [`Topology::demo_service`].
+    pub fn demo_service6(&self) -> ServiceConfig {
+        ServiceConfig {
+            name: "web6".to_string(),
+            vip: VIP6.to_string(),
+            backends: self
+                .backends
+                .iter()
+                .map(|backend| (backend.address6.to_string(), SERVICE_PORT))
+                .collect(),
+            ..self.demo_service()
         }
     }
 
@@ -726,6 +822,57 @@ struct BackendPlan {
     peer_netns: NetnsName,
 }
 
+impl BackendPlan {
+    // The IPv6 twins of the IPv4 addresses (see [`ipv6_of`]).
+
+    fn address6(&self) -> Ipv6Addr {
+        ipv6_of(self.address)
+    }
+
+    fn gateway6(&self) -> Ipv6Addr {
+        ipv6_of(self.gateway)
+    }
+
+    fn lb_address6(&self) -> Ipv6Addr {
+        ipv6_of(self.lb_address)
+    }
+}
+
+/// The IPv6 address that mirrors a testbed IPv4 address 10.200.X.Y: fd00:200::X:Y, X and Y
+/// written with the same decimal digits (10.200.11.2 becomes fd00:200::11:2), so the two read
+/// alike in logs. Inside fd00:200::/64 by construction.
+pub fn ipv6_of(address: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, network, host] = address.octets();
+    ipv6_like(network, host)
+}
+
+/// fd00:200::`network`:`host`, each written with its decimal digits.
+fn ipv6_like(network: u8, host: u8) -> Ipv6Addr {
+    // Three decimal digits read as hexadecimal stay below 0x256: always a valid group.
+    let group = |value: u8| u16::from_str_radix(&value.to_string(), 16).unwrap_or_default();
+    Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, group(network), group(host))
+}
+
+/// A namespace whose interfaces skip IPv6 duplicate address detection: addresses (link-local
+/// ones too) are usable as soon as they are added, not a second or two later.
+fn create_netns(name: &str) -> anyhow::Result<Netns> {
+    let netns = Netns::create(name)?;
+    for key in [
+        "net.ipv6.conf.all.accept_dad",
+        "net.ipv6.conf.default.accept_dad",
+    ] {
+        netns.sysctl(key, "0")?;
+    }
+    Ok(netns)
+}
+
+/// Adds `address`/112 to `interface` in `netns`, without duplicate address detection.
+fn add_address6(netns: &NetnsName, address: Ipv6Addr, interface: &str) -> anyhow::Result<()> {
+    let address = format!("{address}/{PREFIX6}");
+    netns.ip(["-6", "address", "add", &address, "dev", interface, "nodad"])?;
+    Ok(())
+}
+
 /// Arguments for `ip -n A` creating `name` (with `mac`, if given) in A and its peer `peer`
 /// directly in namespace `peer_netns`: neither end ever exists in the host namespace.
 fn veth_pair(name: &str, mac: Option<&str>, peer: &str, peer_netns: &str) -> Vec<String> {
@@ -801,6 +948,20 @@ mod tests {
         assert_eq!(snmp_value(snmp, "Tcp:", "InCsumErrors").expect("tcp"), 7);
         assert_eq!(snmp_value(snmp, "Udp:", "InCsumErrors").expect("udp"), 2);
         assert!(snmp_value(snmp, "Tcp:", "Missing").is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_mirror_the_ipv4_ones_inside_the_allowed_range() {
+        assert_eq!(
+            ipv6_of(Ipv4Addr::new(10, 200, 11, 2)).to_string(),
+            "fd00:200::11:2"
+        );
+        assert_eq!(ipv6_of(VIP), VIP6);
+        assert_eq!(ipv6_of(CLIENT_ADDRESS), CLIENT_ADDRESS6);
+        for (network, host) in [(255, 255), (1, 0), (40, 247)] {
+            let address = ipv6_like(network, host);
+            assert_eq!(address.segments()[..4], [0xfd00, 0x200, 0, 0], "{address}");
+        }
     }
 
     #[test]

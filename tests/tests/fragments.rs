@@ -182,14 +182,17 @@ fn fragments_in_any_order_reach_one_backend_with_the_3_tuple_policy() {
     let sticky = &fixture.table.services[STICKY];
     let slot = flow_hash(&key) as usize % sticky.table.len();
     let backend_id = sticky.table[slot];
-    let backend = sticky
+    let std::net::IpAddr::V4(backend) = sticky
         .backends
         .iter()
         .find(|backend| backend.id == backend_id)
         .expect("listed")
         .addr
         .ip()
-        .octets();
+    else {
+        panic!("the fragment tests' services are IPv4");
+    };
+    let backend = backend.octets();
 
     for (id, src_port) in [(100, 41000), (101, 41001), (102, 41002)] {
         let whole = sticky_datagram(id, src_port);

@@ -13,7 +13,7 @@ use lb_common::{
     Service, ServiceKey6, SCHEDULE_SIZE,
 };
 use lb_tests::{packet::*, skip_unless_privileged};
-use lb_user::dataplane::Dataplane;
+use lb_user::dataplane::{AnyEndpointKey, AnyServiceKey, Dataplane};
 
 /// Addresses inside fd00:200::/64: the client side (`pub`) is fd00:200::1:0:0:0/80, the
 /// backend side (`back`) fd00:200::2:0:0:0/80.
@@ -118,7 +118,9 @@ fn fixture6() -> Fixture {
             _pad: 0,
             service_id,
         };
-        dataplane.set_endpoint6(key, &endpoint).expect("endpoint");
+        dataplane
+            .set_endpoint(AnyEndpointKey::V6(key), &endpoint)
+            .expect("endpoint");
     }
     dataplane
         .set_schedule(offset, &[BACKEND_A_ID, BACKEND_B_ID, DNS_BACKEND_ID])
@@ -141,9 +143,13 @@ fn fixture6() -> Fixture {
             table_offset,
             table_len,
         };
-        dataplane.set_service6(key, &service).expect("service");
+        dataplane
+            .set_service(AnyServiceKey::V6(key), &service)
+            .expect("service");
     }
-    dataplane.add_vip_address6(VIP6).expect("VIP address");
+    dataplane
+        .add_vip_address(std::net::IpAddr::from(VIP6))
+        .expect("VIP address");
     fixture
 }
 

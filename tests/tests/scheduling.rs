@@ -146,7 +146,7 @@ fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
     assert_eq!(on_b.len(), 10);
 
-    let b: std::net::SocketAddrV4 = "10.200.2.11:8083".parse().expect("address");
+    let b: std::net::SocketAddr = "10.200.2.11:8083".parse().expect("address");
     assert!(fixture
         .table
         .set_drained("round-robin", b, true, &mut fixture.dataplane)
@@ -194,7 +194,10 @@ fn maglev_sends_a_mid_stream_miss_where_the_hash_says() {
     let backends: Vec<(u32, [u8; 4], u16)> = service
         .backends
         .iter()
-        .map(|b| (b.id, b.addr.ip().octets(), b.addr.port()))
+        .map(|b| match b.addr {
+            std::net::SocketAddr::V4(addr) => (b.id, addr.ip().octets(), addr.port()),
+            other => panic!("the test configuration is IPv4, not {other}"),
+        })
         .collect();
     assert_eq!(table.len(), 1009);
 

@@ -103,15 +103,7 @@ impl Testbed {
     /// Sends `count` requests, one connection each; any failure is an error. Returns how many
     /// each backend answered.
     fn requests(&self, count: u64, what: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-        let mut answers = BTreeMap::new();
-        for request in 1..=count {
-            let body = self
-                .client
-                .get(SERVICE_URL)
-                .with_context(|| format!("{what}: request {request} of {count}"))?;
-            *answers.entry(body.trim().to_string()).or_default() += 1;
-        }
-        Ok(answers)
+        self.client.answers(SERVICE_URL, count, what)
     }
 
     /// HTTP through the VIP: every request answered, each backend within a fifth of half.
@@ -206,26 +198,8 @@ impl Testbed {
     }
 }
 
-/// The counters a layout's path moves (each at least once per request), and those of the
-/// other paths, which must stay at zero.
-fn path_counters(layout: Layout) -> (&'static [&'static str], &'static [&'static str]) {
-    const ALL: [&str; 6] = [
-        "pass_kernel_forward",
-        "reply_egress",
-        "forward_redirect",
-        "reply_redirect",
-        "forward_tx",
-        "reply_tx",
-    ];
-    match layout {
-        Layout::Bridge => (&ALL[0..2], &ALL[2..6]),
-        Layout::PointToPoint | Layout::Routed => (&ALL[2..4], &[ALL[0], ALL[1], ALL[4], ALL[5]]),
-        Layout::OneArmed => (&ALL[4..6], &ALL[0..4]),
-    }
-}
-
 fn check_counters(layout: Layout, stats: &Stats) -> anyhow::Result<()> {
-    let (moving, idle) = path_counters(layout);
+    let (moving, idle) = layout.path_counters();
     for name in moving {
         let value = stats.counter(name)?;
         ensure!(
