@@ -19,7 +19,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
-    backend_state, counter, protocol, Address, Backend, FlowKey, Fragment, FragmentKey, ServiceKey,
+    backend_state, counter, protocol, Backend, FlowKey, Fragment, FragmentKey, ServiceKey,
     VipProtocol, FRAGMENT_TO_KERNEL,
 };
 
@@ -142,8 +142,8 @@ fn follow_ipv4(
     // Ports 0: a later fragment has none; they only matter to port-based policy routing.
     let route = Route {
         family: V4::AF,
-        src: key.src_addr.widen(),
-        dst: backend.addr,
+        src: key.src_addr,
+        dst: *V4::narrow_ref(&backend.addr),
         protocol: key.protocol,
         src_port: [0; 2],
         dst_port: [0; 2],

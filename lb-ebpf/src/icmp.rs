@@ -17,7 +17,7 @@
 //! own.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{backend_state, counter, protocol, Address as _, FlowKey};
+use lb_common::{backend_state, counter, protocol, FlowKey};
 
 use crate::{
     checksum,
@@ -128,8 +128,8 @@ pub fn translate_error<F: Family>(
             count(counter::ICMP_TO_BACKEND);
             let route = Route {
                 family: F::AF,
-                src: outer_src.widen(),
-                dst: backend.addr,
+                src: outer_src,
+                dst: *F::narrow_ref(&backend.addr),
                 protocol: F::ICMP_PROTOCOL,
                 src_port: [0; 2],
                 dst_port: [0; 2],
@@ -159,8 +159,8 @@ pub fn translate_error<F: Family>(
             count(counter::ICMP_TO_CLIENT);
             let route = Route {
                 family: F::AF,
-                src: addr.widen(),
-                dst: client.widen(),
+                src: addr,
+                dst: client,
                 protocol: F::ICMP_PROTOCOL,
                 src_port: [0; 2],
                 dst_port: [0; 2],

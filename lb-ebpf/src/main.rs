@@ -410,8 +410,8 @@ fn forward<F: Family>(
     };
     let route = Route {
         family: F::AF,
-        src: tuple.src_addr.widen(),
-        dst: backend.addr,
+        src: tuple.src_addr,
+        dst: *F::narrow_ref(&backend.addr),
         protocol: tuple.protocol,
         src_port: tuple.src_port,
         dst_port: backend.port,
@@ -426,10 +426,10 @@ fn forward<F: Family>(
 /// kernel for a backend behind a bridge, else by `route::send`. `partial` is the translated
 /// packet's partial checksum, if it came with one (`rewrite`); later fragments have none.
 #[inline(always)]
-pub(crate) fn send_to_backend(
+pub(crate) fn send_to_backend<A: Address>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    route: &Route,
+    route: &Route<A>,
     service_id: u32,
     backend_id: u32,
     backend: &Backend,
@@ -493,8 +493,8 @@ fn reply<F: Family>(
 
     let route = Route {
         family: F::AF,
-        src: nat.service_addr.widen(),
-        dst: tuple.dst_addr.widen(),
+        src: nat.service_addr,
+        dst: tuple.dst_addr,
         protocol: tuple.protocol,
         src_port: nat.service_port,
         dst_port: tuple.dst_port,
@@ -629,7 +629,7 @@ pub(crate) fn new_flow<F: Family>(
 ) -> u64 {
     let dropped = |counter: u32| NEW_FLOW_DROPPED | counter as u64;
     // Only new entries are checked: a flow that passed once keeps its entry.
-    if !route::arrives_on_its_route(ctx, F::AF, tuple.src_addr.widen(), tuple.dst_addr.widen()) {
+    if !route::arrives_on_its_route(ctx, F::AF, tuple.src_addr, tuple.dst_addr) {
         return dropped(counter::DROP_SPOOFED_SOURCE);
     }
     let backend_id = match schedule(service, tuple) {

@@ -12,15 +12,9 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{counter, NextHop};
+use lb_common::{counter, Address, NextHop};
 
 use crate::{family::AF_INET, headers::EthernetHeader, Verdict};
-
-/// Whether IPv4 inlines the route lookups instead of calling them. Inlined, they cost the
-/// IPv4 program's frame ~140 bytes of stack, more than it has beside the partial-checksum
-/// subprogram (FIXME: the IPv4 frame grew with the generic IPv6 code; shrinking it and
-/// inlining these again is worth ~30 ns per new flow).
-const INLINE_IPV4_LOOKUP: bool = false;
 
 /// How long a backend's cached next hop is used before the routing and neighbour tables are
 /// asked again: a route or MAC change takes effect within this time.
@@ -33,12 +27,13 @@ const FIB_NO_NEIGHBOUR: i64 = 7;
 const FIB_FRAGMENTATION_NEEDED: i64 = 8;
 
 /// The translated packet's addresses, as the route lookup needs them.
-pub struct Route {
+pub struct Route<A> {
     /// `Family::AF`.
     pub family: u8,
-    /// IPv4 in the first four bytes, as in `Backend::addr`.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Addresses of the family: 4 bytes for IPv4, so that its path copies and compares no
+    /// more than it needs.
+    pub src: A,
+    pub dst: A,
     pub protocol: u8,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
@@ -57,21 +52,22 @@ pub struct SendCounters {
 /// translation already applied: its forwarding path resolves neighbours (the packet is not
 /// black-holed while ARP runs), sends ICMP for oversized packets, and applies its own policy.
 #[inline(always)]
-pub fn send(
+pub fn send<A: Address>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    route: &Route,
+    route: &Route<A>,
     counters: &SendCounters,
     cache: Option<*mut NextHop>,
 ) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let dst = route.dst.widen();
     if let Some(hop) = cache {
         // SAFETY: a per-CPU map slot; only this program run touches it.
         let hop = unsafe { &*hop };
         if hop.expires_ns > now
             && hop.ingress_ifindex == ingress
-            && hop.addr == route.dst
+            && hop.addr == dst
             && route.total_len <= hop.ok_len
         {
             return deliver(ethernet, hop.ifindex, hop.smac, hop.dmac, ingress, counters);
@@ -85,7 +81,7 @@ pub fn send(
     };
     // IPv4 inlines the lookup; the IPv6 program calls it, having no stack to spare for the
     // request beside its 40-byte keys. `family` is a constant after inlining: one path stays.
-    let result = if route.family == AF_INET && INLINE_IPV4_LOOKUP {
+    let result = if route.family == AF_INET {
         look_up(ctx, route, &mut params)
     } else {
         look_up_apart(ctx, route, &mut params)
@@ -97,7 +93,7 @@ pub fn send(
                 let hop = unsafe { &mut *hop };
                 let fresh = hop.expires_ns > now
                     && hop.ingress_ifindex == ingress
-                    && hop.addr == route.dst
+                    && hop.addr == dst
                     && hop.ifindex == params.ifindex
                     && hop.dmac == params.dmac;
                 *hop = NextHop {
@@ -108,7 +104,7 @@ pub fn send(
                     } else {
                         now + NEXT_HOP_TTL_NS
                     },
-                    addr: route.dst,
+                    addr: dst,
                     smac: params.smac,
                     dmac: params.dmac,
                     ok_len: if fresh {
@@ -146,7 +142,7 @@ struct Found {
 /// Asks the kernel's routing and neighbour tables for `route`'s next hop; returns the helper's
 /// result code, and on success fills `found`.
 #[inline(always)]
-fn look_up(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
+fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Found) -> i64 {
     // The helper takes ports and addresses in network order: keep the wire bytes as they are.
     let mut params = fib_params(
         route.family,
@@ -172,7 +168,7 @@ fn look_up(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
 
 /// [`look_up`] as a function of its own (a BPF-to-BPF call), for the IPv6 program's stack.
 #[inline(never)]
-fn look_up_apart(ctx: &XdpContext, route: &Route, found: &mut Found) -> i64 {
+fn look_up_apart<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Found) -> i64 {
     look_up(ctx, route, found)
 }
 
@@ -205,14 +201,9 @@ fn deliver(
 /// public side) and must not create a reverse-translation entry: such an entry would capture
 /// the replies to this host's own connections to the backend, health probes included.
 #[inline(always)]
-pub fn arrives_on_its_route(
-    ctx: &XdpContext,
-    family: u8,
-    client: [u8; 16],
-    local: [u8; 16],
-) -> bool {
+pub fn arrives_on_its_route<A: Address>(ctx: &XdpContext, family: u8, client: A, local: A) -> bool {
     // As in `send`: inlined for IPv4, a call for IPv6.
-    if family == AF_INET && INLINE_IPV4_LOOKUP {
+    if family == AF_INET {
         reverse_path_ok(ctx, family, &client, &local)
     } else {
         reverse_path_apart(ctx, family, &client, &local)
@@ -220,12 +211,12 @@ pub fn arrives_on_its_route(
 }
 
 #[inline(never)]
-fn reverse_path_apart(ctx: &XdpContext, family: u8, client: &[u8; 16], local: &[u8; 16]) -> bool {
+fn reverse_path_apart<A: Address>(ctx: &XdpContext, family: u8, client: &A, local: &A) -> bool {
     reverse_path_ok(ctx, family, client, local)
 }
 
 #[inline(always)]
-fn reverse_path_ok(ctx: &XdpContext, family: u8, client: &[u8; 16], local: &[u8; 16]) -> bool {
+fn reverse_path_ok<A: Address>(ctx: &XdpContext, family: u8, client: &A, local: &A) -> bool {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut params = fib_params(family, ingress, local, client);
     // SAFETY: params is a live, correctly sized bpf_fib_lookup on this program's stack.
@@ -237,7 +228,7 @@ fn reverse_path_ok(ctx: &XdpContext, family: u8, client: &[u8; 16], local: &[u8;
 /// A route request with every field written out: `core::mem::zeroed()` here becomes a call to
 /// an out-of-line memset subprogram, which costs more than the stores.
 #[inline(always)]
-fn fib_params(family: u8, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibLookup {
+fn fib_params<A: Address>(family: u8, ifindex: u32, src: &A, dst: &A) -> FibLookup {
     let mut params = FibLookup {
         family,
         l4_protocol: 0,
@@ -254,13 +245,14 @@ fn fib_params(family: u8, ifindex: u32, src: &[u8; 16], dst: &[u8; 16]) -> FibLo
     };
     // Byte copies: IPv4 is the first word of each union, the rest stays zero. (Assembling
     // 32-bit words from the bytes instead spills every byte to the stack.)
-    // SAFETY: both unions are 16 bytes; an unaligned write of a byte array is always fine.
+    // SAFETY: both unions are 16 bytes, `A` is 4 or 16 bytes; an unaligned write of a byte
+    // array is always fine.
     unsafe {
         (&raw mut params.__bindgen_anon_3)
-            .cast::<[u8; 16]>()
+            .cast::<A>()
             .write_unaligned(*src);
         (&raw mut params.__bindgen_anon_4)
-            .cast::<[u8; 16]>()
+            .cast::<A>()
             .write_unaligned(*dst);
     }
     params
