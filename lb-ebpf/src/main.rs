@@ -24,7 +24,7 @@ mod partial;
 mod route;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, BPF_NOEXIST},
     helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::xdp,
     programs::XdpContext,
@@ -562,6 +562,23 @@ fn select_backend<F: Family>(
     let syn = is_tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = is_tcp && tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
+    // A SYN almost always starts a flow: insert it at once, and look for an entry only when
+    // the insert finds one (a retransmitted SYN, a reused port). One hash operation per new
+    // flow instead of a lookup that misses and then an insert.
+    if syn {
+        let start = NewFlow {
+            miss_counter: counter::FLOW_MISS_NEW,
+            rescheduled: false,
+            closing,
+            now,
+            only_if_absent: true,
+        };
+        let started = new_flow::<F>(ctx, tuple, service, &start);
+        if started != NEW_FLOW_EXISTS {
+            return started_flow(started);
+        }
+    }
+
     let mut miss = Miss::Absent;
     if let Some(flow) = F::flows().get_ptr_mut(tuple) {
         // SAFETY: map values stay valid for the whole program run (RCU); concurrent writers
@@ -595,12 +612,18 @@ fn select_backend<F: Family>(
         rescheduled: matches!(miss, Miss::BackendGone),
         closing,
         now,
+        only_if_absent: false,
     };
-    let backend_id = new_flow::<F>(ctx, tuple, service, &start);
-    if backend_id & NEW_FLOW_DROPPED != 0 {
-        return Err(Drop(backend_id as u32));
+    started_flow(new_flow::<F>(ctx, tuple, service, &start))
+}
+
+/// The backend of a flow [`new_flow`] started, or the drop it decided.
+#[inline(always)]
+fn started_flow(started: u64) -> Result<(u32, Backend), Drop> {
+    if started & NEW_FLOW_DROPPED != 0 {
+        return Err(Drop(started as u32));
     }
-    let backend_id = backend_id as u32;
+    let backend_id = started as u32;
     let backend = *BACKENDS
         .get(backend_id)
         .ok_or(Drop(counter::DROP_INTERNAL))?;
@@ -609,6 +632,11 @@ fn select_backend<F: Family>(
 
 /// Set in [`new_flow`]'s answer when the packet is dropped; the low 32 bits are the counter.
 const NEW_FLOW_DROPPED: u64 = 1 << 63;
+/// [`new_flow`]'s answer when `only_if_absent` found an entry: nothing was counted or written.
+const NEW_FLOW_EXISTS: u64 = 1 << 62;
+
+/// `-EEXIST`, as a map insert with `BPF_NOEXIST` returns it when the key is there.
+const EEXIST: i32 = 17;
 
 /// How a flow starts: why it needed a backend, and its first packet's state.
 pub(crate) struct NewFlow {
@@ -616,10 +644,13 @@ pub(crate) struct NewFlow {
     rescheduled: bool,
     closing: bool,
     now: u64,
+    /// Insert only if the 5-tuple has no entry, else answer [`NEW_FLOW_EXISTS`].
+    only_if_absent: bool,
 }
 
 /// Schedules a new flow (or moves one): checks its source, picks a backend, records the flow.
-/// Returns the backend's id, or [`NEW_FLOW_DROPPED`] with the drop counter.
+/// Returns the backend's id, [`NEW_FLOW_DROPPED`] with the drop counter, or
+/// [`NEW_FLOW_EXISTS`].
 #[inline(always)]
 pub(crate) fn new_flow<F: Family>(
     ctx: &XdpContext,
@@ -639,14 +670,6 @@ pub(crate) fn new_flow<F: Family>(
     let Some(backend) = BACKENDS.get(backend_id) else {
         return dropped(counter::DROP_INTERNAL);
     };
-    count(start.miss_counter);
-    add_traffic(service.id, backend_id, |stats| {
-        stats.new_flows += 1;
-        if start.rescheduled {
-            stats.rescheduled += 1;
-        }
-    });
-
     let flow = Flow {
         backend_id,
         service_id: service.id,
@@ -662,9 +685,25 @@ pub(crate) fn new_flow<F: Family>(
     };
     // A failed insert costs stickiness for this flow, not this packet: forward it anyway.
     // Only a backend endpoint shared by services needs a reverse entry (see `reverse_nat`).
+    let flags = if start.only_if_absent {
+        BPF_NOEXIST as u64
+    } else {
+        0
+    };
+    let inserted = F::flows().insert(tuple, &flow, flags);
+    if inserted == Err(-EEXIST) && start.only_if_absent {
+        unschedule(service);
+        return NEW_FLOW_EXISTS;
+    }
+    count(start.miss_counter);
+    add_traffic(service.id, backend_id, |stats| {
+        stats.new_flows += 1;
+        if start.rescheduled {
+            stats.rescheduled += 1;
+        }
+    });
     let shared = backend.flags & backend_flags::SHARED_ENDPOINT != 0;
-    if F::flows().insert(tuple, &flow, 0).is_err()
-        || (shared && !insert_reverse::<F>(tuple, backend, service.id, backend_id))
+    if inserted.is_err() || (shared && !insert_reverse::<F>(tuple, backend, service.id, backend_id))
     {
         count(counter::FLOW_INSERT_FAILED);
     }
@@ -790,6 +829,19 @@ fn schedule<A: Address>(service: &Service, tuple: &FlowKey<A>) -> Result<u32, Dr
         .get(service.table_offset.wrapping_add(slot))
         .copied()
         .ok_or(Drop(counter::DROP_INTERNAL))
+}
+
+/// Takes back the last round-robin step of `service` on this CPU: a SYN whose insert found an
+/// entry did not start a flow, and must not cost the next flow its turn.
+#[inline(always)]
+fn unschedule(service: &Service) {
+    if service.scheduler == scheduler::MAGLEV {
+        return;
+    }
+    if let Some(cursor) = RR_CURSORS.get_ptr_mut(service.id) {
+        // SAFETY: as in `schedule`.
+        unsafe { *cursor = (*cursor).wrapping_sub(1) };
+    }
 }
 
 enum Side {

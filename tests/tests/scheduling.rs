@@ -458,3 +458,31 @@ fn one_backend_endpoint_serving_two_services_keeps_replies_apart() {
         );
     }
 }
+
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_and_costs_no_turn() {
+    if !skip_unless_privileged("a_retransmitted_syn_keeps_its_backend_and_costs_no_turn") {
+        return;
+    }
+    let mut fixture = fixture();
+    // A SYN is inserted before anything is looked up; one that finds its flow's entry is a
+    // retransmission: same backend, and the round robin must not have moved for it.
+    let (_, out) = fixture.run(&Tcp::from_client(82, 25000).frame(), fixture.pub_ifindex);
+    let first = destination(&out);
+    for _ in 0..3 {
+        let (verdict, out) = fixture.run(&Tcp::from_client(82, 25000).frame(), fixture.pub_ifindex);
+        assert_eq!(
+            (verdict, destination(&out)),
+            (XDP_REDIRECT, first),
+            "a retransmitted SYN"
+        );
+    }
+    let (_, out) = fixture.run(&Tcp::from_client(82, 25001).frame(), fixture.pub_ifindex);
+    assert_ne!(
+        destination(&out),
+        first,
+        "the next new flow takes the next backend"
+    );
+    assert_eq!(fixture.counter(counter::FLOW_MISS_NEW), 2);
+    assert_eq!(fixture.counter(counter::FLOW_HIT), 3);
+}
