@@ -356,7 +356,50 @@ impl Fixture {
     pub fn counter(&self, index: u32) -> u64 {
         self.dataplane.counters().expect("counters")[index as usize]
     }
+
+    /// Adds IPv6 to the namespace: [`VIP6`]'s /80 on `pub`, the backend side's on `back`,
+    /// permanent neighbours for the client, a router and both backends, and forwarding.
+    pub fn add_ipv6(&self) {
+        let text = |addr: [u8; 16]| std::net::Ipv6Addr::from(addr).to_string();
+        let vip = format!("{}/80", text(VIP6));
+        let back = format!("{}/80", text(address6(2, 1)));
+        run(&["ip", "-6", "addr", "add", &vip, "dev", "pub", "nodad"]);
+        run(&["ip", "-6", "addr", "add", &back, "dev", "back", "nodad"]);
+        for (addr, lladdr, dev) in [
+            (CLIENT6, CLIENT_MAC, "pub"),
+            (ROUTER6, CLIENT_MAC, "pub"),
+            (BACKEND6_A, BACKEND_A_MAC, "back"),
+            (BACKEND6_B, BACKEND_B_MAC, "back"),
+        ] {
+            let (addr, lladdr) = (text(addr), mac(lladdr));
+            run(&[
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &lladdr,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    }
 }
+
+/// Addresses inside fd00:200::/64 for IPv6 packet tests ([`Fixture::add_ipv6`]): the client
+/// side (`pub`) is fd00:200::1:0:0:0/80, the backend side (`back`) fd00:200::2:0:0:0/80.
+pub const fn address6(subnet: u8, host: u8) -> [u8; 16] {
+    [0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, subnet, 0, 0, 0, 0, 0, host]
+}
+pub const VIP6: [u8; 16] = address6(1, 1);
+pub const CLIENT6: [u8; 16] = address6(1, 2);
+pub const ROUTER6: [u8; 16] = address6(1, 0x99);
+pub const BACKEND6_A: [u8; 16] = address6(2, 0x10);
+pub const BACKEND6_B: [u8; 16] = address6(2, 0x11);
 
 /// The fixture's namespace: deleted, with the thread moved back to where it started, on drop.
 struct NamespaceGuard {
