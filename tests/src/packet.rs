@@ -643,6 +643,68 @@ pub fn split(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// How to cut a datagram: identification, cuts of the fragmentable part (multiples of 8,
+/// ascending; none for an atomic fragment), and whether a hop-by-hop header precedes the
+/// fragment header.
+pub struct Cut<'a> {
+    pub id: u32,
+    pub cuts: &'a [usize],
+    pub hop_by_hop: bool,
+}
+
+impl<'a> Cut<'a> {
+    /// Without a hop-by-hop header, at `cuts`.
+    pub const fn at(id: u32, cuts: &'a [usize]) -> Self {
+        Cut {
+            id,
+            cuts,
+            hop_by_hop: false,
+        }
+    }
+
+    /// Without a hop-by-hop header, at `cuts`: pieces of 1448 bytes fit an MTU of 1500 (40
+    /// bytes of fixed header, 8 of fragment header).
+    pub const fn plain(id: u32) -> Cut<'static> {
+        Cut::at(id, &[1448, 2896])
+    }
+}
+
+/// Cuts a whole IPv6 frame (Ethernet, fixed header, transport header and payload) into
+/// fragments as RFC 8200 does: each keeps the Ethernet and fixed headers (payload length
+/// adjusted), the unfragmentable part (a hop-by-hop header if asked), a fragment header with
+/// the offset, M and identification, then its piece.
+pub fn fragment6(whole: &[u8], cut: &Cut) -> Vec<Vec<u8>> {
+    let transport = whole[20];
+    let fragmentable = &whole[54..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cut.cuts);
+    bounds.push(fragmentable.len());
+    bounds
+        .windows(2)
+        .map(|bound| {
+            let (from, to) = (bound[0], bound[1]);
+            assert_eq!(from % 8, 0, "fragment offsets are multiples of 8");
+            let more = u16::from(to < fragmentable.len());
+            let mut extensions = Vec::new();
+            if cut.hop_by_hop {
+                // Next: the fragment header; PadN over the rest.
+                extensions.extend_from_slice(&[44, 0, 1, 4, 0, 0, 0, 0]);
+            }
+            extensions.extend_from_slice(&[transport, 0]);
+            extensions.extend_from_slice(&((from as u16) | more).to_be_bytes());
+            extensions.extend_from_slice(&cut.id.to_be_bytes());
+            let mut out = whole[..54].to_vec();
+            // Hop-by-hop options (0) or the fragment header (44) after the fixed header.
+            out[20] = if cut.hop_by_hop { 0 } else { 44 };
+            let payload_len = (extensions.len() + to - from) as u16;
+            out[18..20].copy_from_slice(&payload_len.to_be_bytes());
+            out.extend_from_slice(&extensions);
+            out.extend_from_slice(&fragmentable[from..to]);
+            out
+        })
+        .collect()
+}
+
 /// Puts fragments (any order) back together into one whole frame, as the receiver's kernel
 /// would: the first fragment's Ethernet and IP header, the payloads at their offsets, MF and
 /// offset cleared, total length and header checksum computed afresh. Panics on a gap or on

@@ -12,19 +12,14 @@ use lb_common::{counter, flow_hash, protocol, FlowKey};
 use lb_tests::{packet::*, skip_unless_privileged};
 use lb_user::dataplane::{monotonic_ns, Dataplane, LoadOptions};
 
-/// UDP payload bytes of the test datagrams, and where their fragmentable part (UDP header and
-/// payload) is cut: three fragments for an MTU of 1500 (40 + 8 header bytes, 1448 data bytes
-/// each), the last one short.
+/// UDP payload bytes of the test datagrams: three fragments for an MTU of 1500 with
+/// `Cut::plain`, the last one short.
 const LEN: usize = 3000;
-const CUTS: [usize; 2] = [1448, 2896];
 
 /// The sticky service's VIP: a 3-tuple policy covers every later fragment for its address and
 /// protocol.
 const STICKY_VIP6: [u8; 16] = address6(1, 5);
 const OTHER6: [u8; 16] = address6(1, 0x98);
-
-const HOP_BY_HOP: u8 = 0;
-const FRAGMENT: u8 = 44;
 
 /// Four IPv6 services: web6 (TCP 80, A and B round robin), dns6 (UDP 53 to A:5353), pair6
 /// (UDP 6000, A and B round robin) and sticky6 (UDP 7000, Maglev over the 3-tuple).
@@ -120,68 +115,10 @@ fn tcp_datagram6(src_port: u16, dst_port: u16, len: usize) -> Vec<u8> {
     frame
 }
 
-/// How to cut a datagram: identification, cuts of the fragmentable part (multiples of 8,
-/// ascending; none for an atomic fragment), and whether a hop-by-hop header precedes the
-/// fragment header.
-struct Cut<'a> {
-    id: u32,
-    cuts: &'a [usize],
-    hop_by_hop: bool,
-}
-
-impl<'a> Cut<'a> {
-    /// Without a hop-by-hop header, at `cuts`.
-    const fn at(id: u32, cuts: &'a [usize]) -> Self {
-        Cut {
-            id,
-            cuts,
-            hop_by_hop: false,
-        }
-    }
-
-    /// Without a hop-by-hop header, at [`CUTS`].
-    const fn plain(id: u32) -> Cut<'static> {
-        Cut::at(id, &CUTS)
-    }
-}
-
-/// Cuts a whole IPv6 frame (Ethernet, fixed header, transport header and payload) into
-/// fragments as RFC 8200 does: each keeps the Ethernet and fixed headers (payload length
-/// adjusted), the unfragmentable part (a hop-by-hop header if asked), a fragment header with
-/// the offset, M and identification, then its piece.
-fn fragment6(whole: &[u8], cut: &Cut) -> Vec<Vec<u8>> {
-    let transport = whole[20];
-    let fragmentable = &whole[54..];
-    let mut bounds = vec![0];
-    bounds.extend_from_slice(cut.cuts);
-    bounds.push(fragmentable.len());
-    bounds
-        .windows(2)
-        .map(|bound| {
-            let (from, to) = (bound[0], bound[1]);
-            assert_eq!(from % 8, 0, "fragment offsets are multiples of 8");
-            let more = u16::from(to < fragmentable.len());
-            let mut extensions = Vec::new();
-            if cut.hop_by_hop {
-                extensions.extend_from_slice(&[FRAGMENT, 0, 1, 4, 0, 0, 0, 0]);
-            }
-            extensions.extend_from_slice(&[transport, 0]);
-            extensions.extend_from_slice(&((from as u16) | more).to_be_bytes());
-            extensions.extend_from_slice(&cut.id.to_be_bytes());
-            let mut out = whole[..54].to_vec();
-            out[20] = if cut.hop_by_hop { HOP_BY_HOP } else { FRAGMENT };
-            let payload_len = (extensions.len() + to - from) as u16;
-            out[18..20].copy_from_slice(&payload_len.to_be_bytes());
-            out.extend_from_slice(&extensions);
-            out.extend_from_slice(&fragmentable[from..to]);
-            out
-        })
-        .collect()
-}
-
-/// Where the fragment header starts in a frame [`fragment6`] made.
+/// Where the fragment header starts in a frame `fragment6` made (after hop-by-hop options, or
+/// right after the fixed header).
 fn fragment_header_at(frame: &[u8]) -> usize {
-    if frame[20] == HOP_BY_HOP {
+    if frame[20] == 0 {
         62
     } else {
         54
