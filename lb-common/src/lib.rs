@@ -252,9 +252,10 @@ pub struct Settings {
     pub fragment_timeout_ns: u64,
 }
 
-/// Identifies one fragmented datagram as RFC 791 does: addresses, protocol and IP ID. Keys the
-/// fragment table. Generic over the address so that IPv6 (`[u8; 16]`, 32-bit fragment ID) can
-/// use the same table layout; IPv4 zero-extends its 16-bit ID, big-endian (`[0, 0, hi, lo]`).
+/// Identifies one fragmented datagram as RFC 791 and RFC 8200 do: addresses, protocol and
+/// identification. Keys `FRAGMENTS` (IPv4) and `FRAGMENTS6` (`[u8; 16]`): IPv6 puts its 32-bit
+/// identification and the fragment header's next header here, IPv4 zero-extends its 16-bit
+/// ID, big-endian (`[0, 0, hi, lo]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragmentKey<A = [u8; 4]> {
@@ -562,6 +563,8 @@ pub type FlowKey6 = FlowKey<[u8; 16]>;
 pub type EndpointKey6 = EndpointKey<[u8; 16]>;
 pub type Endpoint6 = Endpoint<[u8; 16]>;
 pub type ReverseNat6 = ReverseNat<[u8; 16]>;
+pub type FragmentKey6 = FragmentKey<[u8; 16]>;
+pub type VipProtocol6 = VipProtocol<[u8; 16]>;
 
 /// The key a `maglev_key = "3-tuple"` service hashes ([`service_flags::HASH_3_TUPLE`]): the
 /// 5-tuple with both ports zeroed, so [`flow_hash`] depends on (client, VIP, protocol) only.
@@ -618,6 +621,8 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for Fragment {}
     unsafe impl aya::Pod for VipProtocol {}
+    unsafe impl aya::Pod for FragmentKey6 {}
+    unsafe impl aya::Pod for VipProtocol6 {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
@@ -637,6 +642,7 @@ const _: () = assert!(core::mem::size_of::<FragmentKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FragmentKey<[u8; 16]>>() == 40);
 const _: () = assert!(core::mem::size_of::<Fragment>() == 24);
 const _: () = assert!(core::mem::size_of::<VipProtocol>() == 8);
+const _: () = assert!(core::mem::size_of::<VipProtocol6>() == 20);
 const _: () = assert!(core::mem::size_of::<ReverseNat>() == 16);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 48);
@@ -689,6 +695,7 @@ mod tests {
         assert_eq!(offset_of!(Fragment, generation), 8);
         assert_eq!(offset_of!(Fragment, created_ns), 16);
         assert_eq!(offset_of!(VipProtocol, protocol), 4);
+        assert_eq!(offset_of!(VipProtocol6, protocol), 16);
         assert_eq!(offset_of!(ReverseNat, service_port), 4);
         assert_eq!(offset_of!(ReverseNat, service_id), 8);
         assert_eq!(offset_of!(ReverseNat, backend_id), 12);

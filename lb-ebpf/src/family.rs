@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Address, Endpoint, EndpointKey, Flow, FlowKey, Fragment, FragmentKey, ReverseNat, Service,
-    ServiceKey,
+    ServiceKey, VipProtocol,
 };
 
 use crate::{
@@ -19,7 +19,8 @@ use crate::{
     headers::{Ipv4Header, Ipv6Header, IPV6_HEADER_LEN},
     maps::{
         ENDPOINTS, ENDPOINTS6, FLOWS, FLOWS6, FRAGMENTS, FRAGMENTS6, REVERSE_FLOWS, REVERSE_FLOWS6,
-        SERVICES, SERVICES6, VIP_ADDRESSES, VIP_ADDRESSES6,
+        SERVICES, SERVICES6, THREE_TUPLE_SERVICES, THREE_TUPLE_SERVICES6, VIP_ADDRESSES,
+        VIP_ADDRESSES6,
     },
 };
 
@@ -51,6 +52,7 @@ pub trait Family {
     fn endpoints() -> &'static HashMap<EndpointKey<Self::Addr>, Endpoint<Self::Addr>>;
     fn reverse_flows() -> &'static LruHashMap<FlowKey<Self::Addr>, ReverseNat<Self::Addr>>;
     fn fragments() -> &'static HashMap<FragmentKey<Self::Addr>, Fragment>;
+    fn three_tuple_services() -> &'static HashMap<VipProtocol<Self::Addr>, ServiceKey<Self::Addr>>;
 
     /// A backend's address (`Backend::addr`, 16 bytes) in this family.
     fn narrow(addr: [u8; 16]) -> Self::Addr;
@@ -139,6 +141,10 @@ impl Family for V4 {
     #[inline(always)]
     fn fragments() -> &'static HashMap<FragmentKey<[u8; 4]>, Fragment> {
         &FRAGMENTS
+    }
+    #[inline(always)]
+    fn three_tuple_services() -> &'static HashMap<VipProtocol<[u8; 4]>, ServiceKey<[u8; 4]>> {
+        &THREE_TUPLE_SERVICES
     }
 
     #[inline(always)]
@@ -230,6 +236,10 @@ impl Family for V6 {
     #[inline(always)]
     fn fragments() -> &'static HashMap<FragmentKey<[u8; 16]>, Fragment> {
         &FRAGMENTS6
+    }
+    #[inline(always)]
+    fn three_tuple_services() -> &'static HashMap<VipProtocol<[u8; 16]>, ServiceKey<[u8; 16]>> {
+        &THREE_TUPLE_SERVICES6
     }
 
     #[inline(always)]

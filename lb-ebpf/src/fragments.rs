@@ -14,8 +14,13 @@
 //!   `maglev_key = "3-tuple"` service if there is one, and is dropped and counted otherwise:
 //!   tracking cannot place a fragment that arrives before its first fragment.
 //!
-//! The decisions work on a [`FragmentKey`] and a backend, not on IPv4 headers: the IPv6
-//! fragment header is meant to reuse [`later_target`] and [`record`] with its own key.
+//! IPv6 (RFC 8200, 4.5) keeps the fragment information in a fragment header instead:
+//! `ipv6.rs` finds it in the extension-header walk and sorts the packet the same way, with
+//! a key of 16-byte addresses, the 32-bit identification and the fragment header's next
+//! header, and [`follow`] rewrites only the destination address (IPv6 has no header
+//! checksum). An atomic fragment (offset 0, M clear; RFC 6946) is a whole packet and is
+//! balanced without tracking. The decisions ([`later_target`], [`record`]) work on a
+//! [`FragmentKey`] and a backend, generic over the family, not on either header.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
@@ -24,10 +29,9 @@ use lb_common::{
 };
 
 use crate::{
-    checksum,
     family::{Family, V4},
     headers::{ptr_at, EthernetHeader, Ipv4Header, TcpHeader, IPV4_FRAGMENT_MASK},
-    maps::{count, BACKENDS, FRAGMENTS, SERVICES, SETTINGS, THREE_TUPLE_SERVICES, VIP_ADDRESSES},
+    maps::{count, BACKENDS, SETTINGS, VIP_ADDRESSES},
     route::Route,
     send_to_backend, Drop, Verdict,
 };
@@ -88,7 +92,7 @@ pub fn ipv4(
         _pad: [0; 3],
     };
     if fragment & IPV4_OFFSET_MASK != 0 {
-        return follow_ipv4(ctx, ethernet, ip, &key).map(Step::Done);
+        return follow::<V4>(ctx, ethernet, ip, &key).map(Step::Done);
     }
     if !holds_transport_header(ctx, l4_offset, packet_end, key.protocol) {
         return Err(Drop(counter::DROP_FRAGMENT_TINY_FIRST));
@@ -98,7 +102,7 @@ pub fn ipv4(
 
 /// Whether a first fragment carries its whole TCP header (options included) or UDP header.
 #[inline(always)]
-fn holds_transport_header(
+pub fn holds_transport_header(
     ctx: &XdpContext,
     l4_offset: usize,
     packet_end: usize,
@@ -116,38 +120,40 @@ fn holds_transport_header(
     header_len >= TCP_MIN_HEADER_LEN && l4_offset + header_len <= packet_end
 }
 
-/// Sends a later IPv4 fragment where its datagram goes: the destination address and the
-/// header checksum are rewritten, nothing else (there is no transport header to touch).
+/// Sends a later fragment (offset > 0) addressed to a VIP where its datagram goes: the
+/// destination address is rewritten, and IPv4's header checksum with it, nothing else (there
+/// is no transport header to touch). `ip` must be the bounds-checked header of the fragment
+/// that `key` was made from.
 #[inline(always)]
-fn follow_ipv4(
+pub fn follow<F: Family>(
     ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ip: *mut Ipv4Header,
-    key: &FragmentKey,
+    ip: *mut F::Header,
+    key: &FragmentKey<F::Addr>,
 ) -> Result<Verdict, Drop> {
     let Target::Backend {
         backend_id,
         backend,
         service_id,
-    } = later_target(key)?
+    } = later_target::<F>(key)?
     else {
         return Ok(Verdict::Pass(counter::PASS_FRAGMENT));
     };
-    // SAFETY: the caller bounds-checked the IPv4 header.
+    // SAFETY: the caller bounds-checked the IP header.
     unsafe {
-        let addr = V4::narrow(backend.addr);
-        (*ip).check = checksum::replace4((*ip).check, key.dst_addr, addr);
-        (*ip).dst = addr;
+        let addr = F::narrow_ref(&backend.addr);
+        F::update_header_check(ip, key.dst_addr, *addr);
+        *F::dst(ip) = *addr;
     }
     // Ports 0: a later fragment has none; they only matter to port-based policy routing.
     let route = Route {
-        family: V4::AF,
+        family: F::AF,
         src: key.src_addr,
-        dst: *V4::narrow_ref(&backend.addr),
+        dst: *F::narrow_ref(&backend.addr),
         protocol: key.protocol,
         src_port: [0; 2],
         dst_port: [0; 2],
-        total_len: u16::from_be_bytes(unsafe { (*ip).total_len }),
+        total_len: unsafe { F::packet_len(ip) },
     };
     // No transport header, so no checksum to complete.
     Ok(send_to_backend(
@@ -158,11 +164,11 @@ fn follow_ipv4(
 /// Where a later fragment of the datagram `key` goes: its entry's backend if the entry is
 /// live, else the (VIP, protocol)'s 3-tuple service; dropped and counted by why otherwise.
 #[inline(always)]
-pub fn later_target(key: &FragmentKey) -> Result<Target, Drop> {
+pub fn later_target<F: Family>(key: &FragmentKey<F::Addr>) -> Result<Target, Drop> {
     // Coarse (jiffies) time, as for flows: timeouts are seconds long.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    let miss = match unsafe { FRAGMENTS.get(key) } {
+    let miss = match unsafe { F::fragments().get(key) } {
         None => counter::DROP_FRAGMENT_ORPHAN,
         Some(entry) if now.wrapping_sub(entry.created_ns) > timeout() => {
             counter::DROP_FRAGMENT_TIMED_OUT
@@ -182,7 +188,7 @@ pub fn later_target(key: &FragmentKey) -> Result<Target, Drop> {
             _ => counter::DROP_FRAGMENT_BACKEND_GONE,
         },
     };
-    match by_three_tuple(key)? {
+    match by_three_tuple::<F>(key)? {
         Some(target) => {
             count(counter::FRAGMENT_BY_3_TUPLE);
             Ok(target)
@@ -194,18 +200,18 @@ pub fn later_target(key: &FragmentKey) -> Result<Target, Drop> {
 /// The backend the (VIP, protocol)'s `maglev_key = "3-tuple"` service gives the client, if
 /// there is such a service: the slot every flow of this client hashes to as well.
 #[inline(always)]
-fn by_three_tuple(key: &FragmentKey) -> Result<Option<Target>, Drop> {
+fn by_three_tuple<F: Family>(key: &FragmentKey<F::Addr>) -> Result<Option<Target>, Drop> {
     let vip = VipProtocol {
         addr: key.dst_addr,
         protocol: key.protocol,
         _pad: [0; 3],
     };
     // SAFETY: map values stay valid for the whole program run (RCU).
-    let Some(service_key) = (unsafe { THREE_TUPLE_SERVICES.get(&vip) }) else {
+    let Some(service_key) = (unsafe { F::three_tuple_services().get(&vip) }) else {
         return Ok(None);
     };
-    let service_key: ServiceKey = *service_key;
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+    let service_key: ServiceKey<F::Addr> = *service_key;
+    let Some(service) = (unsafe { F::services().get(&service_key) }) else {
         return Ok(None);
     };
     // The service hashes the ports away (service_flags::HASH_3_TUPLE): none are needed.

@@ -102,6 +102,13 @@ pub fn balancer6_icmp(ctx: XdpContext) -> u32 {
     act(ipv6::try_translate_icmp(&ctx))
 }
 
+/// Later IPv6 fragments for a VIP, tail-called by [`balancer6`]: following its datagram and
+/// routing it need a stack of their own beside the transport program's.
+#[xdp]
+pub fn balancer6_fragment(ctx: XdpContext) -> u32 {
+    act(ipv6::try_follow_fragment(&ctx))
+}
+
 /// The one mapping from verdicts to XDP actions, with each verdict counted.
 #[inline(always)]
 fn act(result: Result<Verdict, Drop>) -> u32 {

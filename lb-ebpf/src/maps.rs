@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Fragment, FragmentKey, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey, ServiceKey6,
-    Settings, TrafficStats, VipProtocol, FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    Fragment, FragmentKey, FragmentKey6, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey,
+    ServiceKey6, Settings, TrafficStats, VipProtocol, VipProtocol6, FLOW_TABLE_SIZE,
+    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -94,8 +94,12 @@ pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseNat6> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
 #[map]
-pub static FRAGMENTS6: HashMap<FragmentKey<[u8; 16]>, Fragment> =
+pub static FRAGMENTS6: HashMap<FragmentKey6, Fragment> =
     HashMap::with_max_entries(FRAGMENT_TABLE_SIZE, 0);
+
+#[map]
+pub static THREE_TUPLE_SERVICES6: HashMap<VipProtocol6, ServiceKey6> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// Round-robin position per service, per CPU: no atomics and no cache-line bouncing; over many
 /// flows each CPU's rotation is even, so the sum is too.
@@ -122,12 +126,14 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
 pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
 /// Programs the datapath tail-calls: `balancer` the IPv6 parser at [`PROGRAM_IPV6`], which
-/// goes on to the IPv6 transport or ICMPv6 program. Filled by `lb-user` at load.
+/// goes on to the IPv6 transport, ICMPv6 or later-fragment program. Filled by `lb-user` at
+/// load.
 #[map]
-pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(3, 0);
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(4, 0);
 pub const PROGRAM_IPV6: u32 = 0;
 pub const PROGRAM_IPV6_TRANSPORT: u32 = 1;
 pub const PROGRAM_IPV6_ICMP: u32 = 2;
+pub const PROGRAM_IPV6_FRAGMENT: u32 = 3;
 
 /// Global verdict and event counters, indexed by `lb_common::counter`.
 #[map]

@@ -1136,24 +1136,6 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         raw.maglev_key.as_deref(),
         backends.len(),
     )?;
-    // The 3-tuple key exists for fragment tracking, which the datapath does for IPv4 only.
-    if vip.is_ipv6()
-        && matches!(
-            scheduler,
-            Scheduler::Maglev {
-                key: MaglevKey::ThreeTuple,
-                ..
-            }
-        )
-    {
-        return Err(check.invalid(
-            "maglev_key",
-            "\"3-tuple\"".to_string(),
-            "is for IPv4 services only (it keeps IPv4 fragments together); an IPv6 service \
-             hashes the 5-tuple",
-        ));
-    }
-
     Ok(ServiceConfig {
         name: name.clone(),
         vip,
@@ -2141,15 +2123,34 @@ address = "10.0.2.2"
     }
 
     #[test]
-    fn rejects_a_three_tuple_maglev_key_on_an_ipv6_service() {
-        let text = ipv6_service(&["address = \"fd00:200::11:2\""]).replace(
-            "port = 80\n",
-            "port = 80\nscheduler = \"maglev\"\nmaglev_key = \"3-tuple\"\n",
-        );
+    fn ipv6_services_take_a_three_tuple_maglev_key_once_per_vip_and_protocol() {
+        let three_tuple = |name: &str, port: u16| {
+            ipv6_service(&["address = \"fd00:200::11:2\""])
+                .replace("\"web6\"", &format!("\"{name}\""))
+                .replace(
+                    "port = 80\n",
+                    &format!("port = {port}\nscheduler = \"maglev\"\nmaglev_key = \"3-tuple\"\n"),
+                )
+        };
+        let config = parse(&three_tuple("web6", 80)).expect("IPv6 fragments are tracked too");
+        assert!(matches!(
+            config.services[0].scheduler,
+            Scheduler::Maglev {
+                key: MaglevKey::ThreeTuple,
+                ..
+            }
+        ));
         assert_rejected(
-            &text,
-            &["service[0] \"web6\": maglev_key: \"3-tuple\" is for IPv4 services only"],
+            &(three_tuple("a", 80) + &three_tuple("b", 8080)),
+            &[
+                "service[1] \"b\": maglev_key: \"3-tuple\" is already used for tcp \
+                 fd00:200::1:1 by service[0] \"a\"",
+            ],
         );
+        // The IPv4 VIP's 3-tuple service is another (vip, protocol).
+        let dual = three_tuple("a", 80)
+            + &service_with("scheduler = \"maglev\"\nmaglev_key = \"3-tuple\"");
+        parse(&dual).expect("one per family's vip");
     }
 
     #[test]

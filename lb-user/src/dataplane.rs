@@ -16,7 +16,8 @@ use aya::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Fragment, FragmentKey, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
+    Fragment, FragmentKey, FragmentKey6, Service, ServiceKey, ServiceKey6, Settings, TrafficStats,
+    VipProtocol, VipProtocol6,
 };
 
 /// A service's key in its family's map: `SERVICES` for IPv4, `SERVICES6` for IPv6.
@@ -24,6 +25,33 @@ use lb_common::{
 pub enum AnyServiceKey {
     V4(ServiceKey),
     V6(ServiceKey6),
+}
+
+/// A (VIP, protocol) in its family's map of 3-tuple services: `THREE_TUPLE_SERVICES` or
+/// `THREE_TUPLE_SERVICES6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnyVipProtocol {
+    V4(VipProtocol),
+    V6(VipProtocol6),
+}
+
+impl AnyVipProtocol {
+    /// The (VIP, protocol) of a service.
+    pub fn of(service: &AnyServiceKey) -> Self {
+        match service {
+            AnyServiceKey::V4(key) => AnyVipProtocol::V4(vip_protocol(key)),
+            AnyServiceKey::V6(key) => AnyVipProtocol::V6(vip_protocol(key)),
+        }
+    }
+}
+
+/// The (VIP, protocol) of a service key of either family.
+fn vip_protocol<A: Copy>(service: &ServiceKey<A>) -> VipProtocol<A> {
+    VipProtocol {
+        addr: service.addr,
+        protocol: service.protocol,
+        _pad: [0; 3],
+    }
 }
 
 /// A backend endpoint's key in its family's map: `ENDPOINTS` or `ENDPOINTS6`.
@@ -82,11 +110,13 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// The name of the XDP entry point in the object.
 pub const PROGRAM_NAME: &str = "balancer";
 /// The IPv6 datapath: programs tail-called through the `PROGRAMS` map, each from its slot.
-/// The main program calls the IPv6 parser, which calls the transport or the ICMPv6 program.
-pub const IPV6_PROGRAMS: [(&str, u32); 3] = [
+/// The main program calls the IPv6 parser, which calls the transport, the ICMPv6 or the
+/// later-fragment program.
+pub const IPV6_PROGRAMS: [(&str, u32); 4] = [
     ("balancer6", 0),
     ("balancer6_transport", 1),
     ("balancer6_icmp", 2),
+    ("balancer6_fragment", 3),
 ];
 /// The tc egress program translating replies the kernel forwards (backends behind a bridge).
 pub const EGRESS_PROGRAM_NAME: &str = "reply_egress";
@@ -182,14 +212,10 @@ pub trait Dataplane {
     fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
-    /// Names the `maglev_key = "3-tuple"` service of a (vip, protocol); IPv4 only (fragment
-    /// tracking is IPv4's).
-    fn set_three_tuple_service(
-        &mut self,
-        key: VipProtocol,
-        service: &ServiceKey,
-    ) -> Result<(), DataplaneError>;
-    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError>;
+    /// Names `service` the `maglev_key = "3-tuple"` service of its (vip, protocol), where later
+    /// fragments without a tracking entry go.
+    fn set_three_tuple_service(&mut self, service: AnyServiceKey) -> Result<(), DataplaneError>;
+    fn remove_three_tuple_service(&mut self, key: AnyVipProtocol) -> Result<(), DataplaneError>;
     /// Global counters, summed over CPUs, indexed by `lb_common::counter`.
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
@@ -522,39 +548,33 @@ impl XdpDataplane {
             .collect())
     }
 
-    /// Removes the fragment-table entries older than `timeout_ns` at `now_ns` (the datapath's
-    /// coarse CLOCK_MONOTONIC): a later fragment could no longer use them, and the table is a
-    /// plain hash that does not evict, so without this it fills up. Returns how many went.
+    /// Removes the entries of both fragment tables (`FRAGMENTS`, `FRAGMENTS6`) older than
+    /// `timeout_ns` at `now_ns` (the datapath's coarse CLOCK_MONOTONIC): a later fragment could
+    /// no longer use them, and the tables are plain hashes that do not evict, so without this
+    /// they fill up. Returns how many went.
     pub fn sweep_fragments(
         &mut self,
         now_ns: u64,
         timeout_ns: u64,
     ) -> Result<usize, DataplaneError> {
-        let expired: Vec<FragmentKey> = self
-            .fragments
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) > timeout_ns)
-            .map(|(key, _)| key)
-            .collect();
-        for key in &expired {
-            match self.fragments.remove(key) {
-                // Replaced or removed meanwhile: a new first fragment's entry stays anyway.
-                Err(aya::maps::MapError::KeyNotFound) | Ok(()) => {}
-                Err(cause) => {
-                    return Err(DataplaneError::Map {
-                        map: "FRAGMENTS",
-                        cause,
-                    })
-                }
-            }
+        let mut swept = sweep("FRAGMENTS", &mut self.fragments, now_ns, timeout_ns)?;
+        if let Some(maps) = &mut self.ipv6 {
+            swept += sweep("FRAGMENTS6", &mut maps.fragments, now_ns, timeout_ns)?;
         }
-        Ok(expired.len())
+        Ok(swept)
     }
 
-    /// Every entry of the fragment table, for tests.
+    /// Every entry of the IPv4 fragment table, for tests.
     pub fn fragments(&self) -> Vec<(FragmentKey, Fragment)> {
         self.fragments.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every entry of the IPv6 fragment table (none without the IPv6 maps), for tests.
+    pub fn fragments6(&self) -> Vec<(FragmentKey6, Fragment)> {
+        self.ipv6
+            .iter()
+            .flat_map(|maps| maps.fragments.iter().filter_map(Result::ok))
+            .collect()
     }
 
     /// Whether the loaded datapath has the IPv6 maps, and so can take IPv6 services.
@@ -590,6 +610,8 @@ struct Ipv6Maps {
     vip_addresses: HashMap<MapData, [u8; 16], u32>,
     endpoints: HashMap<MapData, EndpointKey6, Endpoint6>,
     flows: HashMap<MapData, FlowKey6, Flow>,
+    fragments: HashMap<MapData, FragmentKey6, Fragment>,
+    three_tuple_services: HashMap<MapData, VipProtocol6, ServiceKey6>,
 }
 
 impl Ipv6Maps {
@@ -604,8 +626,31 @@ impl Ipv6Maps {
             vip_addresses: take_map(ebpf, "VIP_ADDRESSES6", HashMap::try_from)?,
             endpoints: take_map(ebpf, "ENDPOINTS6", HashMap::try_from)?,
             flows: take_map(ebpf, "FLOWS6", HashMap::try_from)?,
+            fragments: take_map(ebpf, "FRAGMENTS6", HashMap::try_from)?,
+            three_tuple_services: take_map(ebpf, "THREE_TUPLE_SERVICES6", HashMap::try_from)?,
         }))
     }
+}
+
+/// Removes the entries of the fragment table `map` created more than `timeout_ns` before
+/// `now_ns`; returns how many.
+fn sweep<K: aya::Pod>(
+    name: &'static str,
+    map: &mut HashMap<MapData, K, Fragment>,
+    now_ns: u64,
+    timeout_ns: u64,
+) -> Result<usize, DataplaneError> {
+    let expired: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) > timeout_ns)
+        .map(|(key, _)| key)
+        .collect();
+    for key in &expired {
+        // Replaced or removed meanwhile: a new first fragment's entry stays anyway.
+        removed(name, map.remove(key))?;
+    }
+    Ok(expired.len())
 }
 
 /// The program on one interface, as it was when attached.
@@ -826,26 +871,33 @@ impl Dataplane for XdpDataplane {
         }
     }
 
-    fn set_three_tuple_service(
-        &mut self,
-        key: VipProtocol,
-        service: &ServiceKey,
-    ) -> Result<(), DataplaneError> {
-        self.three_tuple_services
-            .insert(key, service, 0)
-            .map_err(|cause| DataplaneError::Map {
-                map: "THREE_TUPLE_SERVICES",
-                cause,
-            })
+    fn set_three_tuple_service(&mut self, service: AnyServiceKey) -> Result<(), DataplaneError> {
+        match service {
+            AnyServiceKey::V4(service) => self
+                .three_tuple_services
+                .insert(vip_protocol(&service), service, 0)
+                .map_err(map_error("THREE_TUPLE_SERVICES")),
+            AnyServiceKey::V6(service) => self
+                .ipv6_maps("THREE_TUPLE_SERVICES6")?
+                .three_tuple_services
+                .insert(vip_protocol(&service), service, 0)
+                .map_err(map_error("THREE_TUPLE_SERVICES6")),
+        }
     }
 
-    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
-        match self.three_tuple_services.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(cause) => Err(DataplaneError::Map {
-                map: "THREE_TUPLE_SERVICES",
-                cause,
-            }),
+    fn remove_three_tuple_service(&mut self, key: AnyVipProtocol) -> Result<(), DataplaneError> {
+        match key {
+            AnyVipProtocol::V4(key) => removed(
+                "THREE_TUPLE_SERVICES",
+                self.three_tuple_services.remove(&key),
+            ),
+            AnyVipProtocol::V6(key) => {
+                let maps = self.ipv6_maps("THREE_TUPLE_SERVICES6")?;
+                removed(
+                    "THREE_TUPLE_SERVICES6",
+                    maps.three_tuple_services.remove(&key),
+                )
+            }
         }
     }
 
@@ -895,7 +947,7 @@ pub struct MemoryDataplane {
     pub backends: StdHashMap<u32, Backend>,
     /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
     pub vip_addresses: Vec<IpAddr>,
-    pub three_tuple_services: StdHashMap<VipProtocol, ServiceKey>,
+    pub three_tuple_services: StdHashMap<AnyVipProtocol, AnyServiceKey>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
 }
@@ -979,17 +1031,14 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn set_three_tuple_service(
-        &mut self,
-        key: VipProtocol,
-        service: &ServiceKey,
-    ) -> Result<(), DataplaneError> {
+    fn set_three_tuple_service(&mut self, service: AnyServiceKey) -> Result<(), DataplaneError> {
         self.writes += 1;
-        self.three_tuple_services.insert(key, *service);
+        self.three_tuple_services
+            .insert(AnyVipProtocol::of(&service), service);
         Ok(())
     }
 
-    fn remove_three_tuple_service(&mut self, key: VipProtocol) -> Result<(), DataplaneError> {
+    fn remove_three_tuple_service(&mut self, key: AnyVipProtocol) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.three_tuple_services.remove(&key);
         Ok(())

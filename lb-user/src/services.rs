@@ -24,12 +24,14 @@ use std::{
 
 use lb_common::{
     backend_flags, backend_state, scheduler, service_flags, Address, Backend, EndpointKey, Service,
-    ServiceKey, Settings, VipProtocol, MAX_BACKENDS, MAX_SERVICES,
+    ServiceKey, Settings, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::{
     config::{Config, FlowSettings, FragmentSettings, MaglevKey, Scheduler, ServiceConfig},
-    dataplane::{AnyEndpointKey, AnyServiceKey, Dataplane, DataplaneError, WideEndpoint},
+    dataplane::{
+        AnyEndpointKey, AnyServiceKey, AnyVipProtocol, Dataplane, DataplaneError, WideEndpoint,
+    },
     scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
 };
 
@@ -224,8 +226,8 @@ impl ServiceTable {
             dataplane.add_vip_address(service.config.vip)?;
             self.publish(index, dataplane)?;
         }
-        for (key, service) in three_tuple_services(&self.services) {
-            dataplane.set_three_tuple_service(key, &service)?;
+        for service in three_tuple_services(&self.services).into_values() {
+            dataplane.set_three_tuple_service(service)?;
         }
         Ok(())
     }
@@ -428,8 +430,8 @@ impl ServiceTable {
         }
         dataplane.set_ports(&port_bitmap(&next.services))?;
         let new_three_tuple = three_tuple_services(&next.services);
-        for (key, service) in &new_three_tuple {
-            dataplane.set_three_tuple_service(*key, service)?;
+        for service in new_three_tuple.values() {
+            dataplane.set_three_tuple_service(*service)?;
         }
         for key in three_tuple_services(&old_services)
             .keys()
@@ -704,24 +706,15 @@ fn flags_value(scheduler: Scheduler) -> u8 {
 }
 
 /// The (vip, protocol) of every `maglev_key = "3-tuple"` service, and its key: the datapath's
-/// `THREE_TUPLE_SERVICES`. The configuration allows one per (vip, protocol).
-pub fn three_tuple_services(services: &[ServiceState]) -> BTreeMap<VipProtocol, ServiceKey> {
+/// `THREE_TUPLE_SERVICES` and `THREE_TUPLE_SERVICES6`. The configuration allows one per (vip,
+/// protocol).
+pub fn three_tuple_services(services: &[ServiceState]) -> BTreeMap<AnyVipProtocol, AnyServiceKey> {
     services
         .iter()
         .filter(|service| flags_value(service.config.scheduler) & service_flags::HASH_3_TUPLE != 0)
-        .filter_map(|service| {
-            // IPv4 only: the configuration refuses a 3-tuple key on an IPv6 service.
-            let (IpAddr::V4(vip), AnyServiceKey::V4(service_key)) =
-                (service.config.vip, service_key(&service.config))
-            else {
-                return None;
-            };
-            let key = VipProtocol {
-                addr: vip.octets(),
-                protocol: service.config.protocol.number(),
-                _pad: [0; 3],
-            };
-            Some((key, service_key))
+        .map(|service| {
+            let key = service_key(&service.config);
+            (AnyVipProtocol::of(&key), key)
         })
         .collect()
 }
@@ -789,6 +782,7 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
 mod tests {
     use super::*;
     use crate::{config, dataplane::MemoryDataplane};
+    use lb_common::VipProtocol;
 
     const CONFIG: &str = r#"
         [[service]]
@@ -1303,12 +1297,10 @@ mod tests {
             protocol: lb_common::protocol::UDP,
             _pad: [0; 3],
         };
-        let AnyServiceKey::V4(dns_key) = dns else {
-            panic!("dns is an IPv4 service: {dns:?}");
-        };
+        let vip_udp = AnyVipProtocol::V4(vip_udp);
         assert_eq!(
             dataplane.three_tuple_services,
-            [(vip_udp, dns_key)].into_iter().collect()
+            [(vip_udp, dns)].into_iter().collect()
         );
         assert_eq!(
             dataplane.settings.expect("written").fragment_timeout_ns,
@@ -1325,7 +1317,7 @@ mod tests {
         // And again to the 3-tuple.
         let config = config::parse(&three_tuple).expect("valid");
         table.reload(&config, &mut dataplane).expect("fits");
-        assert_eq!(dataplane.three_tuple_services.get(&vip_udp), Some(&dns_key));
+        assert_eq!(dataplane.three_tuple_services.get(&vip_udp), Some(&dns));
     }
 
     #[test]

@@ -356,7 +356,50 @@ impl Fixture {
     pub fn counter(&self, index: u32) -> u64 {
         self.dataplane.counters().expect("counters")[index as usize]
     }
+
+    /// Adds IPv6 to the namespace: [`VIP6`]'s /80 on `pub`, the backend side's on `back`,
+    /// permanent neighbours for the client, a router and both backends, and forwarding.
+    pub fn add_ipv6(&self) {
+        let text = |addr: [u8; 16]| std::net::Ipv6Addr::from(addr).to_string();
+        let vip = format!("{}/80", text(VIP6));
+        let back = format!("{}/80", text(address6(2, 1)));
+        run(&["ip", "-6", "addr", "add", &vip, "dev", "pub", "nodad"]);
+        run(&["ip", "-6", "addr", "add", &back, "dev", "back", "nodad"]);
+        for (addr, lladdr, dev) in [
+            (CLIENT6, CLIENT_MAC, "pub"),
+            (ROUTER6, CLIENT_MAC, "pub"),
+            (BACKEND6_A, BACKEND_A_MAC, "back"),
+            (BACKEND6_B, BACKEND_B_MAC, "back"),
+        ] {
+            let (addr, lladdr) = (text(addr), mac(lladdr));
+            run(&[
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &lladdr,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    }
 }
+
+/// Addresses inside fd00:200::/64 for IPv6 packet tests ([`Fixture::add_ipv6`]): the client
+/// side (`pub`) is fd00:200::1:0:0:0/80, the backend side (`back`) fd00:200::2:0:0:0/80.
+pub const fn address6(subnet: u8, host: u8) -> [u8; 16] {
+    [0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, subnet, 0, 0, 0, 0, 0, host]
+}
+pub const VIP6: [u8; 16] = address6(1, 1);
+pub const CLIENT6: [u8; 16] = address6(1, 2);
+pub const ROUTER6: [u8; 16] = address6(1, 0x99);
+pub const BACKEND6_A: [u8; 16] = address6(2, 0x10);
+pub const BACKEND6_B: [u8; 16] = address6(2, 0x11);
 
 /// The fixture's namespace: deleted, with the thread moved back to where it started, on drop.
 struct NamespaceGuard {
@@ -595,6 +638,68 @@ pub fn split(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
             let mut out = frame[..14].to_vec();
             piece.write(&mut out).expect("write header");
             out.extend_from_slice(&payload[from..to]);
+            out
+        })
+        .collect()
+}
+
+/// How to cut a datagram: identification, cuts of the fragmentable part (multiples of 8,
+/// ascending; none for an atomic fragment), and whether a hop-by-hop header precedes the
+/// fragment header.
+pub struct Cut<'a> {
+    pub id: u32,
+    pub cuts: &'a [usize],
+    pub hop_by_hop: bool,
+}
+
+impl<'a> Cut<'a> {
+    /// Without a hop-by-hop header, at `cuts`.
+    pub const fn at(id: u32, cuts: &'a [usize]) -> Self {
+        Cut {
+            id,
+            cuts,
+            hop_by_hop: false,
+        }
+    }
+
+    /// Without a hop-by-hop header, at `cuts`: pieces of 1448 bytes fit an MTU of 1500 (40
+    /// bytes of fixed header, 8 of fragment header).
+    pub const fn plain(id: u32) -> Cut<'static> {
+        Cut::at(id, &[1448, 2896])
+    }
+}
+
+/// Cuts a whole IPv6 frame (Ethernet, fixed header, transport header and payload) into
+/// fragments as RFC 8200 does: each keeps the Ethernet and fixed headers (payload length
+/// adjusted), the unfragmentable part (a hop-by-hop header if asked), a fragment header with
+/// the offset, M and identification, then its piece.
+pub fn fragment6(whole: &[u8], cut: &Cut) -> Vec<Vec<u8>> {
+    let transport = whole[20];
+    let fragmentable = &whole[54..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cut.cuts);
+    bounds.push(fragmentable.len());
+    bounds
+        .windows(2)
+        .map(|bound| {
+            let (from, to) = (bound[0], bound[1]);
+            assert_eq!(from % 8, 0, "fragment offsets are multiples of 8");
+            let more = u16::from(to < fragmentable.len());
+            let mut extensions = Vec::new();
+            if cut.hop_by_hop {
+                // Next: the fragment header; PadN over the rest.
+                extensions.extend_from_slice(&[44, 0, 1, 4, 0, 0, 0, 0]);
+            }
+            extensions.extend_from_slice(&[transport, 0]);
+            extensions.extend_from_slice(&((from as u16) | more).to_be_bytes());
+            extensions.extend_from_slice(&cut.id.to_be_bytes());
+            let mut out = whole[..54].to_vec();
+            // Hop-by-hop options (0) or the fragment header (44) after the fixed header.
+            out[20] = if cut.hop_by_hop { 0 } else { 44 };
+            let payload_len = (extensions.len() + to - from) as u16;
+            out[18..20].copy_from_slice(&payload_len.to_be_bytes());
+            out.extend_from_slice(&extensions);
+            out.extend_from_slice(&fragmentable[from..to]);
             out
         })
         .collect()

@@ -4,7 +4,7 @@
 //! translated back), and the digest lets the client check that the backend got exactly the
 //! bytes it sent, after its kernel reassembled the fragments.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -25,7 +25,7 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     /// Binds `address`:`port` inside `netns` and answers from a thread; returns once bound.
-    pub fn start(netns: &Netns, name: &str, address: Ipv4Addr, port: u16) -> anyhow::Result<Self> {
+    pub fn start(netns: &Netns, name: &str, address: IpAddr, port: u16) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (bound, is_bound) = mpsc::channel();
         let thread_stop = stop.clone();
@@ -33,14 +33,15 @@ impl UdpEcho {
         let thread = netns
             .name()
             .spawn_thread(&format!("udp-echo-{port}"), move || {
-                let socket = UdpSocket::bind(SocketAddrV4::new(address, port));
+                let socket = UdpSocket::bind(SocketAddr::new(address, port));
                 let socket = match socket {
                     Ok(socket) => {
                         bound.send(Ok(())).ok();
                         socket
                     }
                     Err(error) => {
-                        let message = format!("binding {address}:{port}: {error}");
+                        let message =
+                            format!("binding {}: {error}", SocketAddr::new(address, port));
                         bound.send(Err(message.clone())).ok();
                         anyhow::bail!(message);
                     }

@@ -1,6 +1,8 @@
-//! End-to-end test of IPv4 fragments: real UDP datagrams larger than the MTU, from a client
-//! namespace through lb-user to UDP responders in the backend namespaces (point to point), each
-//! answered with the backend's name and a digest of the datagram its kernel reassembled.
+//! End-to-end tests of IPv4 and IPv6 fragments: real UDP datagrams larger than the MTU, from a
+//! client namespace through lb-user to UDP responders in the backend namespaces (point to
+//! point), each answered with the backend's name and a digest of the datagram its kernel
+//! reassembled. The IPv6 test does the same over the dual-stack testbed's fd00:200:: addresses
+//! (fragment headers, 32-bit identifications), to the IPv6 VIP.
 //!
 //! In order, the client's own kernel fragments the datagrams (3000 to 4000 bytes over an MTU
 //! of 1500): every later fragment follows its first one (fragment tracking). Reordered, against
@@ -14,15 +16,16 @@
 //! built; run one test at a time: `cargo test -p lb-tests --test fragments_netns`.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use etherparse::PacketBuilder;
-use lb_tests::packet::split;
+use lb_tests::packet::{fragment6, split, Cut};
 use lb_tests::udp_echo::answer;
 use lb_tests::{
-    skip_unless_privileged, LoadBalancer, Stats, Topology, UdpEcho, CLIENT_ADDRESS, VIP,
+    skip_unless_privileged, Backend, LoadBalancer, Stats, Topology, UdpEcho, CLIENT_ADDRESS,
+    CLIENT_ADDRESS6, VIP, VIP6,
 };
 
 /// The tracked service (round robin) and the 3-tuple one; each backend answers on both.
@@ -35,10 +38,30 @@ const SOCKETS: usize = 3;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 const STATE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn config(backends: &[Ipv4Addr]) -> String {
+/// The addresses one test uses: the client's, the VIP and each backend's, all of one family.
+#[derive(Clone, Copy)]
+struct Family {
+    client: IpAddr,
+    vip: IpAddr,
+    backend: fn(&Backend) -> IpAddr,
+}
+
+const IPV4: Family = Family {
+    client: IpAddr::V4(CLIENT_ADDRESS),
+    vip: IpAddr::V4(VIP),
+    backend: |backend| IpAddr::V4(backend.address),
+};
+
+const IPV6: Family = Family {
+    client: IpAddr::V6(CLIENT_ADDRESS6),
+    vip: IpAddr::V6(VIP6),
+    backend: |backend| IpAddr::V6(backend.address6),
+};
+
+fn config(vip: IpAddr, backends: &[IpAddr]) -> String {
     let service = |name: &str, port: u16, scheduler: &str| {
         let mut text = format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"{VIP}\"\nport = {port}\nprotocol = \"udp\"\n\
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"udp\"\n\
              {scheduler}[service.health_check]\nkind = \"none\"\n"
         );
         for backend in backends {
@@ -80,17 +103,34 @@ fn fragmented_datagrams_reach_one_backend_in_order_and_reordered() -> anyhow::Re
     if !skip_unless_privileged("fragmented_datagrams_reach_one_backend_in_order_and_reordered") {
         return Ok(());
     }
+    in_order_and_reordered(IPV4)
+}
+
+#[test]
+fn fragmented_ipv6_datagrams_reach_one_backend_in_order_and_reordered() -> anyhow::Result<()> {
+    if !skip_unless_privileged("fragmented_ipv6_datagrams_reach_one_backend_in_order_and_reordered")
+    {
+        return Ok(());
+    }
+    in_order_and_reordered(IPV6)
+}
+
+/// Sends [`SOCKETS`] × [`DATAGRAMS`] datagrams whole (fragmented by the client's kernel) to the
+/// tracked service and as many reordered fragments to the 3-tuple one, over `family`, and checks
+/// every answer and the counters.
+fn in_order_and_reordered(family: Family) -> anyhow::Result<()> {
     let topology = Topology::demo().context("building the point-to-point topology")?;
     let mut responders = Vec::new();
     for backend in &topology.backends {
         for port in [TRACKED_PORT, THREE_TUPLE_PORT] {
-            let echo = UdpEcho::start(&backend.netns, &backend.name, backend.address, port)?;
+            let address = (family.backend)(backend);
+            let echo = UdpEcho::start(&backend.netns, &backend.name, address, port)?;
             responders.push(echo);
         }
     }
     let names: Vec<String> = topology.backends.iter().map(|b| b.name.clone()).collect();
-    let addresses: Vec<Ipv4Addr> = topology.backends.iter().map(|b| b.address).collect();
-    let mut lb = LoadBalancer::start(&topology.lb, &config(&addresses))?;
+    let addresses: Vec<IpAddr> = topology.backends.iter().map(family.backend).collect();
+    let mut lb = LoadBalancer::start(&topology.lb, &config(family.vip, &addresses))?;
     lb.wait_backends_up(2 * addresses.len(), STATE_TIMEOUT)?;
 
     // In order, fragmented by the client's kernel.
@@ -98,7 +138,7 @@ fn fragmented_datagrams_reach_one_backend_in_order_and_reordered() -> anyhow::Re
     let in_order = topology
         .client
         .name()
-        .spawn_thread("fragment-client", move || send_whole(&backends))?
+        .spawn_thread("fragment-client", move || send_whole(&backends, family))?
         .join()
         .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     let datagrams = (SOCKETS * DATAGRAMS) as u64;
@@ -133,7 +173,7 @@ fn fragmented_datagrams_reach_one_backend_in_order_and_reordered() -> anyhow::Re
     let reordered = topology
         .client
         .name()
-        .spawn_thread("fragment-client", move || send_reversed(&backends))?
+        .spawn_thread("fragment-client", move || send_reversed(&backends, family))?
         .join()
         .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     ensure!(
@@ -166,11 +206,11 @@ fn fragmented_datagrams_reach_one_backend_in_order_and_reordered() -> anyhow::Re
 
 /// Sends every datagram whole (the kernel fragments it) from [`SOCKETS`] sockets to the
 /// tracked service and checks each answer. Returns the datagrams answered per backend.
-fn send_whole(backends: &[String]) -> anyhow::Result<BTreeMap<String, usize>> {
+fn send_whole(backends: &[String], family: Family) -> anyhow::Result<BTreeMap<String, usize>> {
     let mut answered = BTreeMap::new();
-    let service = SocketAddrV4::new(VIP, TRACKED_PORT);
+    let service = SocketAddr::new(family.vip, TRACKED_PORT);
     for socket_index in 0..SOCKETS {
-        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDRESS, 0))?;
+        let socket = UdpSocket::bind(SocketAddr::new(family.client, 0))?;
         socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         socket.connect(service)?;
         for index in 0..DATAGRAMS {
@@ -190,24 +230,18 @@ fn send_whole(backends: &[String]) -> anyhow::Result<BTreeMap<String, usize>> {
 /// Sends every datagram to the 3-tuple service as fragments cut here, last first, through a
 /// raw socket, with the source port of a bound UDP socket that receives the answer. Returns
 /// the datagrams answered per backend.
-fn send_reversed(backends: &[String]) -> anyhow::Result<BTreeMap<String, usize>> {
-    let raw = RawSocket::open()?;
+fn send_reversed(backends: &[String], family: Family) -> anyhow::Result<BTreeMap<String, usize>> {
+    let raw = RawSocket::open(family.vip)?;
     let mut answered = BTreeMap::new();
     for socket_index in 0..SOCKETS {
-        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDRESS, 0))?;
+        let socket = UdpSocket::bind(SocketAddr::new(family.client, 0))?;
         socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         let port = socket.local_addr()?.port();
         for index in 0..DATAGRAMS {
             let sent = datagram(socket_index, index);
             let id = (socket_index * DATAGRAMS + index + 1) as u16;
-            let mut frame = Vec::new();
-            PacketBuilder::ethernet2([0; 6], [0; 6])
-                .ipv4(CLIENT_ADDRESS.octets(), VIP.octets(), 64)
-                .udp(port, THREE_TUPLE_PORT)
-                .write(&mut frame, &sent)
-                .context("building the datagram")?;
-            frame[18..20].copy_from_slice(&id.to_be_bytes());
-            for fragment in split(&frame, &[1480, 2960]).iter().rev() {
+            let fragments = fragments(family, (port, id), &sent)?;
+            for fragment in fragments.iter().rev() {
                 raw.send(&fragment[14..])?;
             }
             let mut reply = [0u8; 256];
@@ -215,7 +249,7 @@ fn send_reversed(backends: &[String]) -> anyhow::Result<BTreeMap<String, usize>>
                 .recv_from(&mut reply)
                 .with_context(|| format!("answer to datagram {index} of socket {socket_index}"))?;
             ensure!(
-                from == SocketAddrV4::new(VIP, THREE_TUPLE_PORT).into(),
+                from == SocketAddr::new(family.vip, THREE_TUPLE_PORT),
                 "answer from {from}, not the service"
             );
             let backend = answered_by(&reply[..len], &sent, backends)?;
@@ -225,41 +259,78 @@ fn send_reversed(backends: &[String]) -> anyhow::Result<BTreeMap<String, usize>>
     Ok(answered)
 }
 
-/// A raw IPv4 socket that sends packets with their own IP header (`IPPROTO_RAW`).
-struct RawSocket(libc::c_int);
+/// A UDP datagram from the client's `port` to the 3-tuple service, with identification `id`,
+/// cut here into frames that each fit an MTU of 1500, in order.
+fn fragments(family: Family, (port, id): (u16, u16), sent: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let builder = PacketBuilder::ethernet2([0; 6], [0; 6]);
+    let builder = match (family.client, family.vip) {
+        (IpAddr::V4(client), IpAddr::V4(vip)) => builder.ipv4(client.octets(), vip.octets(), 64),
+        (IpAddr::V6(client), IpAddr::V6(vip)) => builder.ipv6(client.octets(), vip.octets(), 64),
+        _ => anyhow::bail!("the client and the VIP are of one family"),
+    };
+    let mut frame = Vec::new();
+    builder
+        .udp(port, THREE_TUPLE_PORT)
+        .write(&mut frame, sent)
+        .context("building the datagram")?;
+    if family.vip.is_ipv6() {
+        return Ok(fragment6(&frame, &Cut::plain(u32::from(id))));
+    }
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    Ok(split(&frame, &[1480, 2960]))
+}
+
+/// A raw socket that sends packets with their own IP header (`IPPROTO_RAW`, which implies
+/// `IP_HDRINCL` and, on Linux, `IPV6_HDRINCL`).
+struct RawSocket {
+    fd: libc::c_int,
+    ipv6: bool,
+}
 
 impl RawSocket {
-    fn open() -> anyhow::Result<Self> {
+    /// A socket for packets to `destination`'s family.
+    fn open(destination: IpAddr) -> anyhow::Result<Self> {
+        let domain = if destination.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
         // SAFETY: socket(2) with constant arguments; the descriptor is owned by the result.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         ensure!(
             fd >= 0,
             "opening a raw socket: {}",
             std::io::Error::last_os_error()
         );
-        Ok(Self(fd))
+        Ok(Self {
+            fd,
+            ipv6: destination.is_ipv6(),
+        })
     }
 
-    /// Sends one IPv4 packet (header included) to its destination.
+    /// Sends one IP packet (header included) to its destination.
     fn send(&self, packet: &[u8]) -> anyhow::Result<()> {
-        let destination = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(packet[16..20].try_into().expect("4 bytes")),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: the buffer and the address are live and their lengths are theirs.
-        let sent = unsafe {
-            libc::sendto(
-                self.0,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const destination).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+        let sent = if self.ipv6 {
+            let destination = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: packet[24..40].try_into().expect("16 bytes"),
+                },
+                sin6_scope_id: 0,
+            };
+            self.send_to(packet, &destination)
+        } else {
+            let destination = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(packet[16..20].try_into().expect("4 bytes")),
+                },
+                sin_zero: [0; 8],
+            };
+            self.send_to(packet, &destination)
         };
         ensure!(
             sent == packet.len() as isize,
@@ -270,9 +341,26 @@ impl RawSocket {
     }
 }
 
+impl RawSocket {
+    /// sendto(2) of `packet` to the socket address `destination`; what it returned.
+    fn send_to<A>(&self, packet: &[u8], destination: &A) -> isize {
+        // SAFETY: the buffer and the address are live and their lengths are theirs.
+        unsafe {
+            libc::sendto(
+                self.fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (destination as *const A).cast(),
+                size_of::<A>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
 impl Drop for RawSocket {
     fn drop(&mut self) {
         // SAFETY: the descriptor is ours and closed once.
-        unsafe { libc::close(self.0) };
+        unsafe { libc::close(self.fd) };
     }
 }

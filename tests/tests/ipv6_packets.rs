@@ -5,8 +5,6 @@
 //! scratch. Needs root; without it each test prints SKIPPED (or fails under
 //! LB_REQUIRE_PRIVILEGED=1).
 
-use std::process::Command;
-
 use etherparse::{Icmpv6Type, PacketBuilder};
 use lb_common::{
     backend_flags, backend_state, counter, protocol, scheduler, Backend, Endpoint6, EndpointKey6,
@@ -15,14 +13,7 @@ use lb_common::{
 use lb_tests::{packet::*, skip_unless_privileged};
 use lb_user::dataplane::{AnyEndpointKey, AnyServiceKey, Dataplane};
 
-/// Addresses inside fd00:200::/64: the client side (`pub`) is fd00:200::1:0:0:0/80, the
-/// backend side (`back`) fd00:200::2:0:0:0/80.
-const VIP6: [u8; 16] = address(1, 1);
-const CLIENT6: [u8; 16] = address(1, 2);
-const ROUTER6: [u8; 16] = address(1, 0x99);
-const OTHER6: [u8; 16] = address(1, 0x98);
-const BACKEND6_A: [u8; 16] = address(2, 0x10);
-const BACKEND6_B: [u8; 16] = address(2, 0x11);
+const OTHER6: [u8; 16] = address6(1, 0x98);
 
 /// Ids beyond those the IPv4 services of the fixture take.
 const WEB6_ID: u32 = 1000;
@@ -31,59 +22,11 @@ const BACKEND_A_ID: u32 = 4000;
 const BACKEND_B_ID: u32 = 4001;
 const DNS_BACKEND_ID: u32 = 4002;
 
-const fn address(subnet: u8, host: u8) -> [u8; 16] {
-    [0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, subnet, 0, 0, 0, 0, 0, host]
-}
-
-fn text(addr: [u8; 16]) -> String {
-    std::net::Ipv6Addr::from(addr).to_string()
-}
-
-fn ip(args: &[&str]) {
-    // The test thread is inside the fixture's namespace, and so is every process it starts.
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// The default fixture plus IPv6: addresses, permanent neighbours, forwarding, and two
 /// services on [`VIP6`] (web6: TCP 80 over A and B round robin; dns6: UDP 53 to A:5353).
 fn fixture6() -> Fixture {
     let mut fixture = Fixture::new();
-    let vip = format!("{}/80", text(VIP6));
-    let back = format!("{}/80", text(address(2, 1)));
-    ip(&["-6", "addr", "add", &vip, "dev", "pub", "nodad"]);
-    ip(&["-6", "addr", "add", &back, "dev", "back", "nodad"]);
-    for (addr, mac, dev) in [
-        (CLIENT6, CLIENT_MAC, "pub"),
-        (ROUTER6, CLIENT_MAC, "pub"),
-        (BACKEND6_A, BACKEND_A_MAC, "back"),
-        (BACKEND6_B, BACKEND_B_MAC, "back"),
-    ] {
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
-        let addr = text(addr);
-        ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
-    }
-    let status = Command::new("sysctl")
-        .args(["-qw", "net.ipv6.conf.all.forwarding=1"])
-        .status()
-        .expect("sysctl");
-    assert!(status.success());
-
+    fixture.add_ipv6();
     let dataplane = &mut fixture.dataplane;
     let offset = SCHEDULE_SIZE - 16;
     for (id, addr, port, service_id) in [
@@ -399,7 +342,12 @@ fn truncated_ipv6_is_counted_and_never_read_past_the_end() {
         short.truncate(54 + 12);
         short[18..20].copy_from_slice(&12u16.to_be_bytes());
         let (got, out) = fixture.run(&short, fixture.pub_ifindex);
-        assert_eq!(got, verdict, "TCP cut short to {}", text(dst));
+        assert_eq!(
+            got,
+            verdict,
+            "TCP cut short to {:?}",
+            std::net::Ipv6Addr::from(dst)
+        );
         if got == XDP_PASS {
             assert_eq!(out, short);
         }
