@@ -13,7 +13,7 @@
 //! - DROP and PASS leave the frame byte for byte as it came: with every neighbour resolved and
 //!   no backend behind a bridge, the datapath has no reason to hand a translated packet to the
 //!   kernel;
-//! - TX and REDIRECT carry a well-formed IPv4 packet (its total length within the frame and
+//! - TX and REDIRECT carry a well-formed IPv4 or IPv6 packet (its length within the frame and
 //!   covering the headers the datapath translated; a first fragment with its whole transport
 //!   header): a client's packet to a backend of the service it addressed, a later fragment
 //!   (offset > 0) to the backend its datagram's first fragment went to (or, without one, to a
@@ -41,6 +41,13 @@
 //! Fragmented datagrams are generated too, in order and reversed: a first fragment must be
 //! forwarded, a later one forwarded after its first fragment or under the 3-tuple policy, and
 //! dropped when it comes first for any other service.
+//!
+//! IPv6 runs in the same run as IPv4, with the same properties: services on fd00:200::/64
+//! twins of the IPv4 hosts, extension-header chains walked as the datapath walks them
+//! ([`ipv6_walk`]), ICMPv6 errors, TCP, UDP and ICMPv6 checksums over the IPv6 pseudo-header.
+//! A /80 is too big to resolve every neighbour of: a translated packet passed towards an
+//! unresolved one (`pass_neigh_unresolved`) is the one translated PASS accepted. IPv6
+//! fragments are passed for now; see [`IPV6_FRAGMENTS_PASS`].
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
