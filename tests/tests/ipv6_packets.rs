@@ -1,6 +1,7 @@
 //! IPv6 packet tests: the real XDP object (`balancer`, which tail-calls the IPv6 programs),
 //! run on crafted frames by `BPF_PROG_TEST_RUN`. An IPv6 VIP with IPv6 backends is written
-//! straight into the IPv6 maps (the configuration does not take IPv6 services yet). Every
+//! straight into the IPv6 maps, so these tests pin the datapath alone (tests/tests/ipv6.rs
+//! drives IPv6 services through lb-user's configuration). Every
 //! rewritten frame is compared byte for byte with one whose checksums etherparse computes from
 //! scratch. Needs root; without it each test prints SKIPPED (or fails under
 //! LB_REQUIRE_PRIVILEGED=1).

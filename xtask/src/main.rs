@@ -8,9 +8,17 @@
 //! - `fuzz`: the long run of the datapath fuzzer ([`lb_tests::fuzz`]).
 //!
 //! All need root: they install packages, load XDP programs and create namespaces.
+//!
+//! The `cargo xtask` alias builds this crate without its `tasks` feature: a bootstrap that needs
+//! no workspace crate, so it builds on a fresh machine where the BPF toolchain that lb-user's
+//! build script needs is not installed yet. It installs that toolchain, then runs the task in
+//! the full build (`cargo run -p xtask`), which links the testbed and lb-user.
 
+#[cfg(feature = "tasks")]
 mod bench;
+#[cfg(feature = "tasks")]
 mod demo;
+#[cfg(feature = "tasks")]
 mod suite;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +42,39 @@ tasks:
          HTTP and UDP through namespaces, beside HAProxy and nftables (root)
          --quick: seconds instead of minutes, for CI's smoke run; its numbers mean little";
 
+/// The bootstrap: usage without root; otherwise root, the toolchain, then the full build.
+#[cfg(not(feature = "tasks"))]
+fn main() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("demo" | "test" | "fuzz" | "bench") => {}
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Err(error) =
+        require_root(&format!("cargo xtask {}", args[0])).and_then(|()| install_deps())
+    {
+        eprintln!("xtask: error: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    // exec, not spawn: the task gets the terminal's signals (the demo's Ctrl-C) directly.
+    let error = cargo()
+        .args(["run", "--quiet", "--package", "xtask", "--"])
+        .args(&args)
+        .exec();
+    eprintln!("xtask: error: running the task in the full xtask build: {error}");
+    ExitCode::FAILURE
+}
+
+#[cfg(feature = "tasks")]
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args
@@ -80,7 +121,11 @@ fn cargo() -> Command {
 
 /// Runs `command` with its output going straight to the terminal; a non-zero exit is an error.
 fn run_streaming(command: &mut Command) -> anyhow::Result<()> {
-    let line = lb_tests::process::command_line(command);
+    let line = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     println!("xtask: $ {line}");
     let status = command
         .status()
@@ -92,7 +137,8 @@ fn run_streaming(command: &mut Command) -> anyhow::Result<()> {
 }
 
 fn require_root(task: &str) -> anyhow::Result<()> {
-    if !lb_tests::is_root() {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
         bail!(
             "{task} must run as root: it installs packages, loads XDP programs and creates \
              network namespaces (try `sudo -E cargo xtask ...`)"
@@ -107,11 +153,13 @@ fn install_deps() -> anyhow::Result<()> {
     run_streaming(Command::new(&script).current_dir(workspace_root()))
 }
 
+#[cfg(feature = "tasks")]
 fn build_lb_user() -> anyhow::Result<()> {
     run_streaming(cargo().args(["build", "-p", "lb-user"]))
 }
 
 /// `cargo xtask fuzz [--seed N] [--count N]`: prints the run's report; fails on a violation.
+#[cfg(feature = "tasks")]
 fn fuzz(args: &[&str]) -> anyhow::Result<()> {
     let mut seed = None;
     let mut count = lb_tests::fuzz::DEFAULT_COUNT;
