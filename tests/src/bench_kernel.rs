@@ -710,7 +710,10 @@ fn time_wrapper(fixture: &mut Fixture, case: &mut Case, repeat: u32) -> anyhow::
 }
 
 /// The web service on the VIP's port 80 with `backends` backends, and `services - 1` more
-/// services on ports 1000 and up; every backend is backend A, on ports 8080 and up.
+/// services on ports 1000 and up; every backend is backend A, the web service's on ports 8080
+/// and up, each other service's on a port of its own from 20000 up. No two services share a
+/// backend endpoint: a shared one makes every new flow write a reverse entry too (see
+/// `insert_reverse` in lb-ebpf), which would measure that, not the number of services.
 fn scale_config(services: u32, backends: u32) -> String {
     let mut config = String::new();
     for service in 0..services {
@@ -719,11 +722,14 @@ fn scale_config(services: u32, backends: u32) -> String {
             "[[service]]\nname = \"s{service}\"\nvip = \"10.200.1.1\"\nport = {port}\n\
              [service.health_check]\nkind = \"none\"\n"
         ));
-        let count = if service == 0 { backends } else { 1 };
-        for backend in 0..count {
+        let ports = if service == 0 {
+            8080..8080 + backends
+        } else {
+            20000 + service..20001 + service
+        };
+        for backend_port in ports {
             config.push_str(&format!(
-                "[[service.backend]]\naddress = \"10.200.2.10\"\nport = {}\n",
-                8080 + backend
+                "[[service.backend]]\naddress = \"10.200.2.10\"\nport = {backend_port}\n"
             ));
         }
     }
@@ -923,9 +929,19 @@ mod tests {
     }
 
     #[test]
-    fn the_scale_config_is_valid() {
-        for (services, backends) in [(1, 1), (1, 256), (1000, 1)] {
-            lb_user::config::parse(&scale_config(services, backends)).expect("valid");
+    fn the_scale_config_is_valid_and_shares_no_backend_endpoint() {
+        for (services, backends) in [(1, 1), (1, 256), (1000, 1), (1000, 256)] {
+            let text = scale_config(services, backends);
+            lb_user::config::parse(&text).expect("valid");
+            // Service ports are below 2000, backend ports 8080 and up.
+            let backend_ports: Vec<u32> = text
+                .lines()
+                .filter_map(|line| line.strip_prefix("port = ")?.parse().ok())
+                .filter(|&port| port >= 8080)
+                .collect();
+            let distinct: std::collections::HashSet<_> = backend_ports.iter().collect();
+            assert_eq!(distinct.len(), backend_ports.len(), "{services} services");
+            assert_eq!(backend_ports.len() as u32, backends + services - 1);
         }
     }
 }
