@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     }
     // exec, not spawn: the task gets the terminal's signals (the demo's Ctrl-C) directly.
     let error = cargo()
+        .env(DEPS_INSTALLED, "1")
         .args(["run", "--quiet", "--package", "xtask", "--"])
         .args(&args)
         .exec();
@@ -147,8 +148,15 @@ fn require_root(task: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scripts/install-deps.sh`: idempotent, quick when everything is already there.
+/// Set by the bootstrap for the task it runs: the dependencies are already installed.
+const DEPS_INSTALLED: &str = "LB_XTASK_DEPS_INSTALLED";
+
+/// `scripts/install-deps.sh`: idempotent, quick when everything is already there, and skipped
+/// in a task that the bootstrap started right after running it.
 fn install_deps() -> anyhow::Result<()> {
+    if std::env::var_os(DEPS_INSTALLED).is_some_and(|value| value == "1") {
+        return Ok(());
+    }
     let script = workspace_root().join("scripts/install-deps.sh");
     run_streaming(Command::new(&script).current_dir(workspace_root()))
 }
