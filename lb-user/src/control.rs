@@ -111,6 +111,11 @@ pub enum ControlError {
     AlreadyRunning(PathBuf),
     #[error("{0} exists and is not a socket: refusing to replace it (choose another --socket)")]
     NotASocket(PathBuf),
+    #[error(
+        "control socket {0}: permission denied (the socket is root's only: run this command as \
+         root)"
+    )]
+    Denied(PathBuf),
     #[error("no lb-user is running with control socket {path}: {cause}")]
     NotRunning {
         path: PathBuf,
@@ -211,9 +216,15 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError>
         path: path.to_path_buf(),
         cause: source,
     };
-    let mut stream = StdUnixStream::connect(path).map_err(|source| ControlError::NotRunning {
-        path: path.to_path_buf(),
-        cause: source,
+    let mut stream = StdUnixStream::connect(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ControlError::Denied(path.to_path_buf())
+        } else {
+            ControlError::NotRunning {
+                path: path.to_path_buf(),
+                cause: source,
+            }
+        }
     })?;
     // Reloads rebuild Maglev tables and write them through the bpf syscall: allow for it.
     stream

@@ -230,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             let (Some(interface), Some(config)) = (cli.iface, cli.config) else {
                 anyhow::bail!("--iface and --config are required to run the load balancer");
             };
+            require_privileges()?;
             let mode = match cli.xdp_mode {
                 Mode::Native => XdpMode::Driver,
                 Mode::Skb => XdpMode::Skb,
@@ -246,4 +247,28 @@ fn run(cli: Cli) -> Result<()> {
             }))
         }
     }
+}
+
+/// Refuses to start, with the reason, without the capabilities that loading and attaching the
+/// datapath need: otherwise the first map the kernel refuses ends the start with a bare EPERM.
+fn require_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff line in /proc/self/status")?;
+    let has = |capability: u32| effective & (1u64 << capability) != 0;
+    if !has(CAP_NET_ADMIN) || !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+        anyhow::bail!(
+            "running the load balancer needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON): \
+             it loads an XDP program and attaches it to interfaces; the other subcommands \
+             (stats, flows, check-config, ...) do not start one"
+        );
+    }
+    Ok(())
 }
