@@ -75,8 +75,8 @@ pub async fn run(options: Options) -> Result<()> {
     check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
-        if let Some(interface) = unready.first() {
-            anyhow::bail!("{}", redirect_advice(interface, &paths.backends_via));
+        if !unready.is_empty() {
+            anyhow::bail!("{}", redirect_advice(&unready, &paths.backends_via));
         }
     }
     let interfaces = paths.xdp_interfaces.clone();
@@ -269,11 +269,15 @@ impl Daemon {
                 Some(backends) => tracing::warn!(
                     "interface {interface} cannot take XDP redirects now (the kernel reports no \
                      ndo-xmit among its XDP features): backends {} are reached through the \
-                     kernel's forwarding until it can. To redirect again, give its peer GRO \
-                     (`ethtool -K eth0 gro on` there, after the link is up) or an XDP program",
+                     kernel's forwarding until it can. To redirect again, give its veth peer \
+                     GRO (`ethtool -K PEER gro on` where the peer is, after the link is up; in a \
+                     container the peer is usually its eth0) or an XDP program",
                     backends.join(", ")
                 ),
-                None => tracing::warn!("{}", redirect_advice(interface, &self.backends_via)),
+                None => tracing::warn!(
+                    "{}",
+                    redirect_advice(std::slice::from_ref(interface), &self.backends_via)
+                ),
             }
         }
         for interface in self.unready_targets.difference(&unready) {
@@ -677,17 +681,28 @@ fn unready_redirect_targets(xdp_interfaces: &[String]) -> Vec<String> {
     unready
 }
 
-fn redirect_advice(interface: &str, backends_via: &HashMap<String, Vec<String>>) -> String {
-    let serving = match backends_via.get(interface) {
-        Some(backends) => format!(" (backends {} are routed through it)", backends.join(", ")),
-        None => String::new(),
+fn redirect_advice(interfaces: &[String], backends_via: &HashMap<String, Vec<String>>) -> String {
+    let each: Vec<String> = interfaces
+        .iter()
+        .map(|interface| match backends_via.get(interface) {
+            Some(backends) => format!(
+                "{interface} (backends {} are routed through it)",
+                backends.join(", ")
+            ),
+            None => interface.clone(),
+        })
+        .collect();
+    let subject = match each.as_slice() {
+        [one] => format!("interface {one}"),
+        _ => format!("interfaces {}", each.join("; ")),
     };
     format!(
-        "interface {interface}{serving} cannot take XDP redirects now (the kernel reports no ndo-xmit \
-         among its XDP features): frames redirected into it would be dropped without a trace. \
-         If it is a veth, its peer (inside the container or namespace) needs GRO on or an XDP \
-         program: `ethtool -K eth0 gro on` there, after the link is up (if it was set while the \
-         link was down, turn it off and on again). Or run with --xdp-mode skb."
+        "{subject} cannot take XDP redirects now (the kernel reports no ndo-xmit among the XDP \
+         features): frames redirected into them would be dropped without a trace. For a veth, \
+         its peer (inside the container or namespace) needs GRO on or an XDP program: \
+         `ethtool -K PEER gro on` where the peer is (in a container usually its eth0), after \
+         the link is up (if it was set while the link was down, turn it off and on again). Or \
+         run with --xdp-mode skb."
     )
 }
 
