@@ -444,6 +444,11 @@ impl Daemon {
         let state = if event.up { "up" } else { "down" };
         match self.table.set_backend_up(backend_id, event.up, &mut self.dataplane) {
             Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
+            Ok(false) if event.first_probe => tracing::warn!(
+                "backend {addr} of service {name} stays down: its first probe failed ({}); it \
+                 gets traffic once its probes pass",
+                event.reason
+            ),
             Ok(false) => {}
             Err(error) => tracing::error!(
                 "backend {addr} of service {name} is {state}, but updating the datapath failed: {error}"

@@ -228,6 +228,9 @@ pub struct HealthEvent {
     pub up: bool,
     /// e.g. "after 3 failed probes (last: connection refused)" or "after 2 successful probes"
     pub reason: String,
+    /// The result of a fresh backend's first probe that leaves it down: no change of state,
+    /// but an operator wants to see why a new backend gets no traffic.
+    pub first_probe: bool,
 }
 
 /// Spawns one tokio task that probes forever every `check.interval` (first probe immediately;
@@ -285,14 +288,18 @@ async fn run_checker(
         tracing::debug!(service, backend, %target, ?result, "health probe");
 
         streak.record(&result);
-        let Some(up) = hysteresis.record(result.is_ok()) else {
-            continue;
+        let first_probe = hysteresis.fresh;
+        let up = match hysteresis.record(result.is_ok()) {
+            Some(up) => up,
+            None if first_probe => false,
+            None => continue,
         };
         let event = HealthEvent {
             service,
             backend,
             up,
             reason: streak.describe(),
+            first_probe: first_probe && !up,
         };
         if events.send(event).await.is_err() {
             return;
@@ -677,6 +684,7 @@ mod tests {
                 backend: 2,
                 up: true,
                 reason: "after 1 successful probe".to_string(),
+                first_probe: false,
             }
         );
         // Several more successful probes must not repeat the event.
@@ -712,11 +720,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn checker_reports_nothing_for_a_backend_that_never_answers() {
+    async fn a_backend_that_never_answers_is_reported_once_after_its_first_probe() {
         let target = closed_port().await;
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(0, 0, target, check(Probe::Tcp, 50, 1, 1), sender, None);
-        // Starts down and stays down: no transition to report.
+        let checker = spawn_checker(3, 4, target, check(Probe::Tcp, 50, 1, 1), sender, None);
+        // Starts down and stays down: no transition, but its first failure is said once.
+        let first = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("an event for the first probe in time")
+            .expect("checker still running");
+        assert_eq!((first.service, first.backend), (3, 4));
+        assert!(!first.up && first.first_probe, "{first:?}");
+        assert!(
+            first.reason.starts_with("after 1 failed probe (last: "),
+            "{}",
+            first.reason
+        );
         let quiet = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
         assert!(quiet.is_err(), "unexpected event {quiet:?}");
         drop(events);
