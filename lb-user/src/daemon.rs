@@ -72,6 +72,7 @@ pub async fn run(options: Options) -> Result<()> {
     let config = config::load(&options.config)
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let paths = paths_for(&options.interface, &config)?;
+    warn_about_unreachable_vips(&options.interface, &config);
     check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
@@ -445,8 +446,8 @@ impl Daemon {
         match self.table.set_backend_up(backend_id, event.up, &mut self.dataplane) {
             Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
             Ok(false) if event.first_probe => tracing::warn!(
-                "backend {addr} of service {name} stays down: its first probe failed ({}); it \
-                 gets traffic once its probes pass",
+                "backend {addr} of service {name} is down {}: it gets traffic once its probes \
+                 pass",
                 event.reason
             ),
             Ok(false) => {}
@@ -570,6 +571,43 @@ struct Paths {
     backends_via: HashMap<String, Vec<String>>,
     /// The backend addresses routed through each device that is not a bridge.
     addresses_via: HashMap<String, BTreeSet<IpAddr>>,
+}
+
+/// Says which VIPs clients may be unable to reach: a VIP on the public subnet that is no
+/// address of this host gets no ARP or neighbour answer, and the balancer never sees a packet
+/// for it. Only a warning: a VIP routed to this host by the network needs no local address.
+fn warn_about_unreachable_vips(public: &str, config: &Config) {
+    let vips: BTreeSet<IpAddr> = config.services.iter().map(|service| service.vip).collect();
+    for vip in vips {
+        let services: Vec<&str> = config
+            .services
+            .iter()
+            .filter(|service| service.vip == vip)
+            .map(|service| service.name.as_str())
+            .collect();
+        let services = services.join(", ");
+        let prefix = if vip.is_ipv6() { 128 } else { 32 };
+        match topology::vip_route(vip) {
+            topology::VipRoute::Local => {}
+            topology::VipRoute::OnLink { device } => tracing::warn!(
+                "VIP {vip} (service {services}) is on {device}'s subnet but no address of this \
+                 host: nobody answers ARP or neighbour solicitations for it, so clients cannot \
+                 reach it. Add it to the public interface: `ip addr add {vip}/{prefix} dev \
+                 {public}`"
+            ),
+            topology::VipRoute::Routed { device } => tracing::warn!(
+                "VIP {vip} (service {services}) is no address of this host and is routed out \
+                 through {device}: clients reach it only if the network routes it to {public} \
+                 (a routed additional address). Otherwise add it: `ip addr add {vip}/{prefix} dev \
+                 {public}`"
+            ),
+            topology::VipRoute::Unknown { detail } => tracing::warn!(
+                "VIP {vip} (service {services}) is no address of this host and has no route \
+                 ({detail}): add it to the public interface: `ip addr add {vip}/{prefix} dev \
+                 {public}`"
+            ),
+        }
+    }
 }
 
 fn paths_for(public: &str, config: &Config) -> Result<Paths> {

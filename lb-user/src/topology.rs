@@ -100,6 +100,56 @@ pub fn route_device(backend: IpAddr) -> Result<String, TopologyError> {
     Ok(device)
 }
 
+/// How the kernel would reach a VIP: what tells whether clients can reach it at all.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VipRoute {
+    /// An address of this host: the kernel answers ARP and neighbour solicitations for it.
+    Local,
+    /// On a connected subnet of `device` but not this host's: nobody answers ARP for it there.
+    OnLink { device: String },
+    /// Reached through a gateway: fine if the network routes it to this host (a routed
+    /// additional address), unreachable otherwise.
+    Routed { device: String },
+    /// No route at all, or an answer `ip` could not give.
+    Unknown { detail: String },
+}
+
+/// Asks the kernel how it routes `vip` (`ip route get`).
+pub fn vip_route(vip: IpAddr) -> VipRoute {
+    let family = if vip.is_ipv6() { "-6" } else { "-4" };
+    let output = match Command::new("ip")
+        .args(["-json", family, "route", "get"])
+        .arg(vip.to_string())
+        .output()
+    {
+        Ok(output) if output.status.success() => output,
+        Ok(output) => {
+            return VipRoute::Unknown {
+                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            }
+        }
+        Err(error) => {
+            return VipRoute::Unknown {
+                detail: format!("running `ip`: {error}"),
+            }
+        }
+    };
+    let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    let Some(route) = routes.first() else {
+        return VipRoute::Unknown {
+            detail: "no route".to_string(),
+        };
+    };
+    let device = route["dev"].as_str().unwrap_or_default().to_string();
+    if route["type"].as_str() == Some("local") || device == "lo" {
+        VipRoute::Local
+    } else if route.get("gateway").is_some() {
+        VipRoute::Routed { device }
+    } else {
+        VipRoute::OnLink { device }
+    }
+}
+
 /// Fails unless `device` carries Ethernet frames (ARPHRD_ETHER): XDP here rewrites and sends
 /// Ethernet frames, which a layer-3 device (tun, a tunnel) or loopback does not have.
 pub fn check_ethernet(device: &str) -> Result<(), TopologyError> {

@@ -477,3 +477,37 @@ fn bad_config_exits_nonzero_before_attaching() -> anyhow::Result<()> {
     topology.shutdown()?;
     Ok(())
 }
+
+/// A VIP that no host answers ARP for is a silent outage: lb-user says so at start, naming the
+/// VIP and the fix, and says nothing about a VIP that is the host's own address.
+#[test]
+fn a_vip_nobody_answers_arp_for_is_warned_about() -> anyhow::Result<()> {
+    if !skip_unless_privileged("a_vip_nobody_answers_arp_for_is_warned_about") {
+        return Ok(());
+    }
+    let topology = Topology::demo()?;
+    let web = topology.demo_service();
+    let mut ghost = topology.demo_service();
+    ghost.name = "ghost".to_string();
+    // On the public subnet (10.200.1.0/24), but no address of the lb namespace.
+    ghost.vip = "10.200.1.100".to_string();
+    let lb = LoadBalancer::start(&topology.lb, &config_toml(&[web, ghost]))?;
+    // The VIPs are checked before the program loads; attaching to lbpub comes after.
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !lb.log().contains("attached XDP program to lbpub") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = lb.log();
+    lb.shutdown()?;
+    ensure!(
+        log.contains("VIP 10.200.1.100 (service ghost) is on lbpub's subnet but no address")
+            && log.contains("ip addr add 10.200.1.100/32 dev lbpub"),
+        "no warning about the unanswered VIP; log:\n{log}"
+    );
+    ensure!(
+        !log.contains(&format!("VIP {VIP} ")),
+        "a warning about the host's own VIP; log:\n{log}"
+    );
+    topology.shutdown()?;
+    Ok(())
+}
