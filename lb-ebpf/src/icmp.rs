@@ -17,14 +17,14 @@
 //! own.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{backend_state, counter, protocol, FlowKey};
+use lb_common::{backend_state, counter, protocol, Address, FlowKey};
 
 use crate::{
     checksum,
     family::Family,
     headers::{ptr_at, EthernetHeader},
     maps::{count, reverse_nat, BACKENDS},
-    route::{self, Route, SendCounters},
+    route::{self, Hop, Route, SendCounters},
     Verdict,
 };
 
@@ -112,6 +112,9 @@ pub fn translate_error<F: Family>(
     let total_len = unsafe { F::packet_len(ip) };
     let is_udp = inner_protocol == protocol::UDP;
 
+    // Each direction resolves its route before it rewrites anything: an error the lookup
+    // cannot send on passes to the kernel as it came (issue 5), except towards an unresolved
+    // neighbour, which the kernel resolves before it forwards the translated error.
     // SAFETY: map values stay valid for the whole program run (RCU).
     if let Some(flow) = unsafe { F::flows().get(&key) } {
         let Some(backend) = BACKENDS.get(flow.backend_id) else {
@@ -120,32 +123,35 @@ pub fn translate_error<F: Family>(
         if backend.state != backend_state::UP || backend.generation != flow.generation {
             return not_ours;
         }
+        let route = icmp_route::<F>(
+            unsafe { *F::src(ip) },
+            *F::narrow_ref(&backend.addr),
+            total_len,
+        );
+        let hop = match next_hop(ctx, &route) {
+            Ok(hop) => hop,
+            Err(untouched) => return untouched,
+        };
         let (addr, port) = (F::narrow(backend.addr), backend.port);
         unsafe {
-            let outer_src = *F::src(ip);
             replace_outer::<F>(ip, icmp, OuterSide::Destination, addr);
             replace_quoted::<F>(icmp, inner, quoted, QuotedSide::Source, addr, port, is_udp);
-            count(counter::ICMP_TO_BACKEND);
-            let route = Route {
-                family: F::AF,
-                src: outer_src,
-                dst: *F::narrow_ref(&backend.addr),
-                protocol: F::ICMP_PROTOCOL,
-                src_port: [0; 2],
-                dst_port: [0; 2],
-                total_len,
-            };
-            let counters = SendCounters {
-                transmit: counter::FORWARD_TX,
-                redirect: counter::FORWARD_REDIRECT,
-            };
-            return route::send(ctx, ethernet, &route, &counters, None);
         }
+        count(counter::ICMP_TO_BACKEND);
+        let counters = SendCounters {
+            transmit: counter::FORWARD_TX,
+            redirect: counter::FORWARD_REDIRECT,
+        };
+        return send_on(ctx, ethernet, hop, &counters);
     }
     if let Some(nat) = reverse_nat::<F>(&key) {
         let (addr, port) = (nat.service_addr, nat.service_port);
+        let route = icmp_route::<F>(addr, unsafe { *F::dst(ip) }, total_len);
+        let hop = match next_hop(ctx, &route) {
+            Ok(hop) => hop,
+            Err(untouched) => return untouched,
+        };
         unsafe {
-            let client = *F::dst(ip);
             replace_outer::<F>(ip, icmp, OuterSide::Source, addr);
             replace_quoted::<F>(
                 icmp,
@@ -156,24 +162,55 @@ pub fn translate_error<F: Family>(
                 port,
                 is_udp,
             );
-            count(counter::ICMP_TO_CLIENT);
-            let route = Route {
-                family: F::AF,
-                src: addr,
-                dst: client,
-                protocol: F::ICMP_PROTOCOL,
-                src_port: [0; 2],
-                dst_port: [0; 2],
-                total_len,
-            };
-            let counters = SendCounters {
-                transmit: counter::REPLY_TX,
-                redirect: counter::REPLY_REDIRECT,
-            };
-            return route::send(ctx, ethernet, &route, &counters, None);
         }
+        count(counter::ICMP_TO_CLIENT);
+        let counters = SendCounters {
+            transmit: counter::REPLY_TX,
+            redirect: counter::REPLY_REDIRECT,
+        };
+        return send_on(ctx, ethernet, hop, &counters);
     }
     not_ours
+}
+
+/// The route request for a translated error of `total_len` bytes from `src` to `dst`.
+#[inline(always)]
+fn icmp_route<F: Family>(src: F::Addr, dst: F::Addr, total_len: u16) -> Route<F::Addr> {
+    Route {
+        family: F::AF,
+        src,
+        dst,
+        protocol: F::ICMP_PROTOCOL,
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        total_len,
+    }
+}
+
+/// The next hop of an error about to be translated: `Ok(None)` for an unresolved neighbour
+/// (the kernel resolves it and forwards the translated error), `Err` with the pass to return
+/// untouched for anything else the lookup cannot settle.
+#[inline(always)]
+fn next_hop<A: Address>(ctx: &XdpContext, route: &Route<A>) -> Result<Option<Hop>, Verdict> {
+    match route::resolve(ctx, route, None) {
+        Ok(hop) => Ok(Some(hop)),
+        Err(counter::PASS_NEIGH_UNRESOLVED) => Ok(None),
+        Err(reason) => Err(Verdict::Pass(reason)),
+    }
+}
+
+/// Sends a translated error to `hop`, or to the kernel when its neighbour is unresolved.
+#[inline(always)]
+fn send_on(
+    ctx: &XdpContext,
+    ethernet: *mut EthernetHeader,
+    hop: Option<Hop>,
+    counters: &SendCounters,
+) -> Verdict {
+    match hop {
+        Some(hop) => route::deliver(ctx, ethernet, &hop, counters),
+        None => Verdict::Pass(counter::PASS_NEIGH_UNRESOLVED),
+    }
 }
 
 enum OuterSide {

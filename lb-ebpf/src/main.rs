@@ -459,6 +459,9 @@ pub(crate) fn send_to_backend<A: Address>(
         transmit: counter::FORWARD_TX,
         redirect: counter::FORWARD_REDIRECT,
     };
+    // Rewritten before the lookup, so a failed one passes it translated, unlike an ICMP error
+    // (issue 5): the kernel forwards it or answers for it, where an untouched packet for a VIP
+    // that is a local address would reach the host's own sockets.
     let verdict = route::send(
         ctx,
         ethernet,
@@ -514,6 +517,8 @@ fn reply<F: Family>(
     if let Some(pass) = partial.and_then(|partial| partial.too_long()) {
         return pass;
     }
+    // Passed translated if the lookup fails: untouched, the kernel would forward it from the
+    // backend's address, which the client rejects.
     let verdict = route::send(ctx, ethernet, &route, &counters, None);
     settle_checksum(ctx, partial, verdict)
 }

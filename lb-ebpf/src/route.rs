@@ -51,6 +51,7 @@ pub struct SendCounters {
 /// interface) or XDP_REDIRECT. Anything the lookup cannot settle goes to the kernel with the
 /// translation already applied: its forwarding path resolves neighbours (the packet is not
 /// black-holed while ARP runs), sends ICMP for oversized packets, and applies its own policy.
+/// (ICMP errors call [`resolve`] before they rewrite, and [`deliver`] after.)
 #[inline(always)]
 pub fn send<A: Address>(
     ctx: &XdpContext,
@@ -59,6 +60,29 @@ pub fn send<A: Address>(
     counters: &SendCounters,
     cache: Option<*mut NextHop>,
 ) -> Verdict {
+    match resolve(ctx, route, cache) {
+        Ok(hop) => deliver(ctx, ethernet, &hop, counters),
+        Err(reason) => Verdict::Pass(reason),
+    }
+}
+
+/// Where a packet goes next: what a successful route lookup (or a fresh cached one) found.
+pub struct Hop {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// Finds the next hop for `route`, from `cache` while it is fresh, else from the kernel's
+/// tables (refreshing `cache`). Touches no packet byte, so a caller can decide before it
+/// translates anything. `Err` is the counter of the pass the kernel gets instead:
+/// `PASS_NEIGH_UNRESOLVED`, `PASS_FORWARDING_DISABLED`, `PASS_FRAG_NEEDED` or `PASS_NO_ROUTE`.
+#[inline(always)]
+pub fn resolve<A: Address>(
+    ctx: &XdpContext,
+    route: &Route<A>,
+    cache: Option<*mut NextHop>,
+) -> Result<Hop, u32> {
     let ingress = ctx.ingress_ifindex() as u32;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let dst = route.dst.widen();
@@ -70,11 +94,15 @@ pub fn send<A: Address>(
             && hop.addr == dst
             && route.total_len <= hop.ok_len
         {
-            return deliver(ethernet, hop.ifindex, hop.smac, hop.dmac, ingress, counters);
+            return Ok(Hop {
+                ifindex: hop.ifindex,
+                smac: hop.smac,
+                dmac: hop.dmac,
+            });
         }
     }
 
-    let mut params = Found {
+    let mut found = Hop {
         ifindex: 0,
         smac: [0; 6],
         dmac: [0; 6],
@@ -82,9 +110,9 @@ pub fn send<A: Address>(
     // IPv4 inlines the lookup; the IPv6 program calls it, having no stack to spare for the
     // request beside its 40-byte keys. `family` is a constant after inlining: one path stays.
     let result = if route.family == AF_INET {
-        look_up(ctx, route, &mut params)
+        look_up(ctx, route, &mut found)
     } else {
-        look_up_apart(ctx, route, &mut params)
+        look_up_apart(ctx, route, &mut found)
     };
     match result {
         FIB_SUCCESS => {
@@ -94,10 +122,10 @@ pub fn send<A: Address>(
                 let fresh = hop.expires_ns > now
                     && hop.ingress_ifindex == ingress
                     && hop.addr == dst
-                    && hop.ifindex == params.ifindex
-                    && hop.dmac == params.dmac;
+                    && hop.ifindex == found.ifindex
+                    && hop.dmac == found.dmac;
                 *hop = NextHop {
-                    ifindex: params.ifindex,
+                    ifindex: found.ifindex,
                     ingress_ifindex: ingress,
                     expires_ns: if fresh {
                         hop.expires_ns
@@ -105,8 +133,8 @@ pub fn send<A: Address>(
                         now + NEXT_HOP_TTL_NS
                     },
                     addr: dst,
-                    smac: params.smac,
-                    dmac: params.dmac,
+                    smac: found.smac,
+                    dmac: found.dmac,
                     ok_len: if fresh {
                         hop.ok_len.max(route.total_len)
                     } else {
@@ -115,34 +143,20 @@ pub fn send<A: Address>(
                     _pad: [0; 2],
                 };
             }
-            deliver(
-                ethernet,
-                params.ifindex,
-                params.smac,
-                params.dmac,
-                ingress,
-                counters,
-            )
+            Ok(found)
         }
-        FIB_NO_NEIGHBOUR => Verdict::Pass(counter::PASS_NEIGH_UNRESOLVED),
-        FIB_FORWARDING_DISABLED => Verdict::Pass(counter::PASS_FORWARDING_DISABLED),
-        FIB_FRAGMENTATION_NEEDED => Verdict::Pass(counter::PASS_FRAG_NEEDED),
+        FIB_NO_NEIGHBOUR => Err(counter::PASS_NEIGH_UNRESOLVED),
+        FIB_FORWARDING_DISABLED => Err(counter::PASS_FORWARDING_DISABLED),
+        FIB_FRAGMENTATION_NEEDED => Err(counter::PASS_FRAG_NEEDED),
         // Blackhole, unreachable, prohibit, not forwarded, unsupported tunnel, or a helper error.
-        _ => Verdict::Pass(counter::PASS_NO_ROUTE),
+        _ => Err(counter::PASS_NO_ROUTE),
     }
-}
-
-/// What a successful route lookup found.
-struct Found {
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
 }
 
 /// Asks the kernel's routing and neighbour tables for `route`'s next hop; returns the helper's
 /// result code, and on success fills `found`.
 #[inline(always)]
-fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Found) -> i64 {
+fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Hop) -> i64 {
     // The helper takes ports and addresses in network order: keep the wire bytes as they are.
     let mut params = fib_params(
         route.family,
@@ -168,30 +182,28 @@ fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Found) ->
 
 /// [`look_up`] as a function of its own (a BPF-to-BPF call), for the IPv6 program's stack.
 #[inline(never)]
-fn look_up_apart<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Found) -> i64 {
+fn look_up_apart<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Hop) -> i64 {
     look_up(ctx, route, found)
 }
 
 /// Writes the next hop's Ethernet addresses and picks XDP_TX (out of the interface the packet
 /// came in on) or XDP_REDIRECT.
 #[inline(always)]
-fn deliver(
+pub fn deliver(
+    ctx: &XdpContext,
     ethernet: *mut EthernetHeader,
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    ingress: u32,
+    hop: &Hop,
     counters: &SendCounters,
 ) -> Verdict {
     // SAFETY: the caller bounds-checked the Ethernet header before translating.
     unsafe {
-        (*ethernet).dst = dmac;
-        (*ethernet).src = smac;
+        (*ethernet).dst = hop.dmac;
+        (*ethernet).src = hop.smac;
     }
-    if ifindex == ingress {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Verdict::Transmit(counters.transmit)
     } else {
-        Verdict::Redirect(ifindex, counters.redirect)
+        Verdict::Redirect(hop.ifindex, counters.redirect)
     }
 }
 

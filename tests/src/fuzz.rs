@@ -40,14 +40,18 @@
 //!
 //! Fragmented datagrams are generated too, in order and reversed: a first fragment must be
 //! forwarded, a later one forwarded after its first fragment or under the 3-tuple policy, and
-//! dropped when it comes first for any other service.
+//! dropped when it comes first for any other service; a first fragment without its whole
+//! transport header is dropped, and the fragments of a datagram to another host, or to the
+//! VIP's address on a port without a service, pass.
 //!
 //! IPv6 runs in the same run as IPv4, with the same properties: services on fd00:200::/64
 //! twins of the IPv4 hosts, extension-header chains walked as the datapath walks them
 //! ([`ipv6_walk`]), ICMPv6 errors, TCP, UDP and ICMPv6 checksums over the IPv6 pseudo-header.
 //! A /80 is too big to resolve every neighbour of: a translated packet passed towards an
 //! unresolved one (`pass_neigh_unresolved`) is the one translated PASS accepted. IPv6
-//! fragments are passed for now; see [`IPV6_FRAGMENTS_PASS`].
+//! fragments are held to the IPv4 fragments' model: the checker reads a fragment header as
+//! IPv4's fragment field ([`Fragment6::as_ipv4_field`]) with its 32-bit identification, and
+//! the generator cuts IPv6 datagrams too (a fragment header after the extension headers).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -79,7 +83,8 @@ pub const DEFAULT_COUNT: u64 = 1_000_000;
 /// two services share, so that a reply tells which service it answers for. Timeouts are a day,
 /// so that no flow expires during a run and the checker can predict where each one goes; the
 /// fragment timeout is the longest allowed, and fragments come right after their first one.
-/// "syslog" hashes the 3-tuple, so its VIP's UDP fragments are placed in any order.
+/// "syslog" and "syslog6" hash the 3-tuple, so their VIPs' UDP fragments are placed in any
+/// order.
 pub const CONFIG: &str = r#"
 [flows]
 tcp_timeout = "1440m"
@@ -233,6 +238,7 @@ port = 514
 protocol = "udp"
 scheduler = "maglev"
 maglev_table_size = 211
+maglev_key = "3-tuple"
 [service.health_check]
 kind = "none"
 [[service.backend]]
@@ -335,25 +341,6 @@ fn read_addr(bytes: &[u8], offset: usize, family: Family) -> IpAddr {
     match family {
         Family::V4 => IpAddr::from(<[u8; 4]>::try_from(&bytes[offset..offset + 4]).expect("4")),
         Family::V6 => IpAddr::from(<[u8; 16]>::try_from(&bytes[offset..offset + 16]).expect("16")),
-    }
-}
-
-/// How IPv6 fragments are treated, in one place: the datapath passes them to the kernel for
-/// now (FIXME(#5) in lb-ebpf/src/ipv6.rs), and the checker's parser ([`Packet::parse`]) takes
-/// a packet with a fragment header for one the datapath does not translate. When they are
-/// followed like IPv4 fragments, this is the switch: set it false, and the parser reads a
-/// fragment header as IPv4's fragment field (see `ipv6_walk`) so that the IPv4 fragment
-/// model (`Model::fragments`, [`later_fragment`]) applies.
-const IPV6_FRAGMENTS_PASS: bool = true;
-
-/// What a client's IPv6 packet with a fragment header must get.
-fn ipv6_fragment_expect() -> Expect {
-    if IPV6_FRAGMENTS_PASS {
-        Expect::Pass
-    } else {
-        // Followed like IPv4 fragments: whether one is sent depends on the order (see
-        // `Generator::fragmented`, which would need an IPv6 variant then).
-        Expect::Any
     }
 }
 
@@ -1150,6 +1137,33 @@ impl Extension {
     }
 }
 
+/// What [`Generator::fragmented`] makes of a datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fragmented {
+    /// For a service: balanced, every fragment where the first went.
+    Balanced,
+    /// The first fragment ends inside the transport header: dropped for a VIP.
+    TinyFirst,
+    /// For the VIP's address, on a port without a service: the kernel's, all fragments.
+    NoService,
+    /// For another host: passed.
+    OtherHost,
+    /// IPv6, with no TCP or UDP after the fragment header: passed, however addressed.
+    Untracked,
+}
+
+impl Fragmented {
+    fn note(self) -> &'static str {
+        match self {
+            Fragmented::Balanced => "",
+            Fragmented::TinyFirst => ", first fragment inside the transport header",
+            Fragmented::NoService => ", on a port without a service",
+            Fragmented::OtherHost => ", to another host",
+            Fragmented::Untracked => ", not TCP or UDP after the fragment header",
+        }
+    }
+}
+
 /// Makes the packets of a run, from the seed and from what the model has seen forwarded.
 struct Generator {
     rng: Rng,
@@ -1223,10 +1237,33 @@ impl Generator {
         }
     }
 
-    /// A client's datagram in two fragments, queued in order or (one in five) later fragment
-    /// first: that one is an orphan, dropped, unless its (VIP, protocol) hashes the 3-tuple.
+    /// A client's datagram in two fragments, IPv4 or IPv6 (a fragment header after the
+    /// extension headers, a 32-bit identification), queued in order or (one in five) later
+    /// fragment first: that one is an orphan, dropped, unless its (VIP, protocol) hashes the
+    /// 3-tuple. Some datagrams are not the balancer's, and both fragments pass: addressed to
+    /// another host, to the VIP's address on a port no service has, or (IPv6) with something
+    /// else than TCP or UDP after the fragment header. Some first fragments are too short for
+    /// their transport header, and are dropped.
     fn fragmented(&mut self, world: &World) -> Case {
-        let tuple = self.new_conversation_in(world, Family::V4);
+        let family = if self.rng.chance(50) {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        let mut tuple = self.new_conversation_in(world, family);
+        let kind = match self.rng.below(20) {
+            0 => Fragmented::OtherHost,
+            1 => Fragmented::NoService,
+            2 => Fragmented::TinyFirst,
+            3 if family == Family::V6 => Fragmented::Untracked,
+            _ => Fragmented::Balanced,
+        };
+        match kind {
+            Fragmented::OtherHost => tuple.dst = host(family, 1, 99),
+            // No service of the fixture listens on port 9 (discard).
+            Fragmented::NoService => tuple.dst_port = 9,
+            _ => {}
+        }
         let flags = if tuple.protocol == protocol::TCP {
             TCP_SYN
         } else {
@@ -1235,21 +1272,48 @@ impl Generator {
         let mut spec = self.spec(tuple, neighbour_mac(tuple.src), PUB_MAC, flags);
         spec.dont_fragment = false;
         spec.pad = None;
+        // Room for the fragment header: one header in the chain and 8 bytes in the MTU.
+        spec.extensions.truncate(MAX_EXTENSION_HEADERS - 1);
         if spec.payload.len() < 16 {
             let len = 16 + self.rng.below(512);
             spec.payload = self.rng.bytes(len);
         }
+        let fixed = spec.ip_packet().len() - spec.payload.len();
+        spec.payload.truncate(MAX_IP_LEN - 8 - fixed);
         let whole = spec.frame(&mut self.rng);
-        // The first fragment holds the whole transport header, cut on an 8-byte boundary.
-        let transport_len = whole.len()
-            - ETHERNET_LEN
-            - spec.vlan.len()
-            - 20
-            - spec.ip_options.len()
-            - spec.payload.len();
-        let first_len = (transport_len + 8 + self.rng.below(spec.payload.len() - 8)) / 8 * 8;
-        let [first, later] = split_in_two(&whole, first_len);
-        let description = format!("client {tuple} {}{}", flag_names(flags), vlan_note(&spec));
+        let transport_len = fixed
+            - match family {
+                Family::V4 => 20 + spec.ip_options.len(),
+                Family::V6 => 40 + extension_chain(&spec.extensions, 0).len(),
+            };
+        // The first fragment holds the whole transport header, cut on an 8-byte boundary; a
+        // tiny one ends inside it.
+        let first_len = if kind == Fragmented::TinyFirst {
+            (transport_len - 1) / 8 * 8
+        } else {
+            (transport_len + 8 + self.rng.below(spec.payload.len() - 8)) / 8 * 8
+        };
+        // A UDP header fits the first 8 bytes: a tiny first fragment of UDP carries none, and
+        // its datagram's next fragment (offset 0 again would make it a whole packet) is lost.
+        let later_from = first_len.max(8);
+        let [first, later] = match family {
+            Family::V4 => split_in_two(&whole, first_len, later_from),
+            Family::V6 => {
+                let next = if kind == Fragmented::Untracked {
+                    self.rng.pick(&[ICMPV6, NO_NEXT_HEADER, 132])
+                } else {
+                    tuple.protocol
+                };
+                let id = self.rng.next() as u32;
+                split_in_two6(&whole, &spec.extensions, next, (first_len, later_from), id)
+            }
+        };
+        let description = format!(
+            "client {tuple} {}{}{}",
+            flag_names(flags),
+            vlan_note(&spec),
+            kind.note()
+        );
         let case = |frame: Vec<u8>, expect: Expect, what: &str| Case {
             source: Source::Fragment,
             frame,
@@ -1258,20 +1322,34 @@ impl Generator {
             description: format!("{what} fragment of {description}"),
         };
         let sent = Expect::Sent("a fragment of a datagram for a service must be forwarded");
+        let orphan = if world
+            .three_tuple_service(tuple.dst, tuple.protocol)
+            .is_some()
+        {
+            Expect::Sent("a later fragment without its first one goes by the 3-tuple policy")
+        } else {
+            Expect::Drop("a later fragment without its first one, and no 3-tuple policy")
+        };
+        let (first_expect, later_expect) = match kind {
+            Fragmented::Balanced => (sent, sent),
+            Fragmented::TinyFirst => (
+                Expect::Drop("a first fragment without its whole transport header"),
+                orphan,
+            ),
+            // Recorded as the kernel's: its later fragment passes too.
+            Fragmented::NoService => (Expect::Pass, Expect::Pass),
+            Fragmented::OtherHost | Fragmented::Untracked => (Expect::Pass, Expect::Pass),
+        };
         if self.rng.chance(20) {
-            let expect = if world
-                .three_tuple_service(tuple.dst, tuple.protocol)
-                .is_some()
-            {
-                sent
-            } else {
-                Expect::Drop("a later fragment before its first one, without the 3-tuple policy")
+            let later_first = match kind {
+                Fragmented::OtherHost | Fragmented::Untracked => Expect::Pass,
+                _ => orphan,
             };
-            self.queued.push_back(case(first, sent, "first"));
-            return case(later, expect, "later (before the first)");
+            self.queued.push_back(case(first, first_expect, "first"));
+            return case(later, later_first, "later (before the first)");
         }
-        self.queued.push_back(case(later, sent, "later"));
-        case(first, sent, "first")
+        self.queued.push_back(case(later, later_expect, "later"));
+        case(first, first_expect, "first")
     }
 
     fn new_conversation(&mut self, world: &World) -> Tuple {
@@ -1798,10 +1876,12 @@ impl Generator {
     }
 
     /// An IPv6 client packet for a service whose extension headers decide its verdict: a full
-    /// chain of six (translated), one header more than the datapath walks, a routing header
-    /// with segments left, a fragment header (all passed), a chain cut short by the payload
-    /// length (dropped for a VIP, passed for another address), or a UDP datagram without a
-    /// checksum (dropped, RFC 8200).
+    /// chain of six (translated), one header more than the datapath walks or a routing header
+    /// with segments left (passed), a fragment header (an atomic one: translated; a first
+    /// fragment: translated, or passed when another extension header follows it; a later
+    /// one: the same pass, else by the 3-tuple policy or dropped as an orphan), a chain cut
+    /// short by the payload length (dropped for a VIP, passed for another address), or a UDP
+    /// datagram without a checksum (dropped, RFC 8200).
     fn extensions(&mut self, world: &World, model: &Model) -> Case {
         let tuple = self.new_conversation_in(world, Family::V6);
         let flags = if tuple.protocol == protocol::TCP {
@@ -1848,17 +1928,35 @@ impl Generator {
                 (what, Expect::Pass)
             }
             3 => {
-                let (offset, more) = match rng.below(3) {
+                let (offset, more) = match rng.below(4) {
                     0 => (0, true),
                     1 => (1 + rng.below(100) as u16, true),
-                    _ => (1 + rng.below(100) as u16, false),
+                    2 => (1 + rng.below(100) as u16, false),
+                    _ => (0, false),
                 };
                 let id = rng.next() as u32;
                 spec.extensions.truncate(MAX_EXTENSION_HEADERS - 1);
                 spec.extensions
                     .insert(at, Extension::fragment(offset, more, id));
                 let what = format!("a fragment header (offset {offset}, more {more})");
-                (what, ipv6_fragment_expect())
+                let expect = if offset == 0 && !more {
+                    Expect::Sent("an atomic fragment is a whole packet, balanced")
+                } else if at + 1 < spec.extensions.len() {
+                    // The datapath tracks a fragment only with TCP or UDP right after its
+                    // fragment header.
+                    Expect::Pass
+                } else if offset == 0 {
+                    Expect::Sent("a first fragment with its transport header, for a service")
+                } else if world
+                    .three_tuple_service(tuple.dst, tuple.protocol)
+                    .is_some()
+                {
+                    Expect::Sent("a later fragment without a first one, by the 3-tuple policy")
+                } else {
+                    // A fresh random identification: no first fragment of its datagram came.
+                    Expect::Drop("a later fragment without its first one, and no 3-tuple policy")
+                };
+                (what, expect)
             }
             4 => {
                 spec.pad = None;
@@ -2409,10 +2507,11 @@ fn ipv6_l4(frame: &[u8], ip: usize) -> usize {
     }
 }
 
-/// A whole IPv4 frame as two fragments, the first carrying `first_len` bytes of its payload (a
-/// multiple of 8); header checksums recomputed, the transport checksum left as it was (it
-/// covers the whole datagram).
-fn split_in_two(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
+/// A whole IPv4 frame as two fragments, the first carrying `first_len` bytes of its payload,
+/// the second the rest from `later_from` on (both multiples of 8; `later_from` above
+/// `first_len` leaves a fragment out); header checksums recomputed, the transport checksum left
+/// as it was (it covers the whole datagram).
+fn split_in_two(frame: &[u8], first_len: usize, later_from: usize) -> [Vec<u8>; 2] {
     let l3 = ipv4_offset(frame).expect("an IPv4 frame");
     let header_len = usize::from(frame[l3] & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
@@ -2427,7 +2526,44 @@ fn split_in_two(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
         out.extend_from_slice(&payload[from..to]);
         out
     };
-    [piece(0, first_len), piece(first_len, payload.len())]
+    [piece(0, first_len), piece(later_from, payload.len())]
+}
+
+/// A whole IPv6 frame (no fragment header yet; `extensions` is its chain) as two fragments
+/// (RFC 8200, 4.5): each keeps the fixed header and the chain, then a fragment header with
+/// `next` (the transport's protocol, or something else), the offset, M and `id`; the first
+/// carries `cut.0` bytes of the rest (the transport header on), the second the rest from
+/// `cut.1` on, as in [`split_in_two`]. Payload lengths are set; the transport checksum is left
+/// as it was (it covers the whole datagram).
+fn split_in_two6(
+    frame: &[u8],
+    extensions: &[Extension],
+    next: u8,
+    cut: (usize, usize),
+    id: u32,
+) -> [Vec<u8>; 2] {
+    let (l3, _) = ip_offset(frame).expect("an IPv6 frame");
+    let chain: Vec<usize> = extensions.iter().map(|header| header.bytes.len()).collect();
+    let l4 = l3 + 40 + chain.iter().sum::<usize>();
+    // The next-header field that names the fragment header: the last extension's, or the
+    // fixed header's.
+    let names_fragment = match chain.split_last() {
+        Some((_, before)) => l3 + 40 + before.iter().sum::<usize>(),
+        None => l3 + 6,
+    };
+    let rest = &frame[l4..];
+    let piece = |from: usize, to: usize| {
+        let mut out = frame[..l4].to_vec();
+        out[names_fragment] = FRAGMENT;
+        let more = u16::from(to < rest.len());
+        let fragment = Extension::fragment((from / 8) as u16, more != 0, id);
+        out.extend_from_slice(&extension_chain(&[fragment], next));
+        out.extend_from_slice(&rest[from..to]);
+        let payload_len = out.len() - l3 - 40;
+        set_u16(&mut out, l3 + 4, payload_len as u16);
+        out
+    };
+    [piece(0, cut.0), piece(cut.1, rest.len())]
 }
 
 /// IPv4 options of one to ten words: no-operations behind a router alert, or random bytes.
@@ -2619,15 +2755,39 @@ fn ipv4_offset(frame: &[u8]) -> Option<usize> {
 #[derive(Debug, PartialEq, Eq)]
 enum Walk {
     /// At the transport (or ICMPv6, or any other) header `next`, at `l4`; `fragment` if a
-    /// fragment header was stepped over.
-    Transport { l4: usize, next: u8, fragment: bool },
+    /// fragment header other than an atomic one was stepped over.
+    Transport {
+        l4: usize,
+        next: u8,
+        fragment: Option<Fragment6>,
+    },
     /// More extension headers than the datapath walks: passed.
     TooLong,
     /// A routing header with segments left: passed.
     SegmentsLeft,
+    /// A fragment header the datapath does not track: a second one in the chain, or one not
+    /// followed by TCP or UDP. Passed, whatever comes after.
+    UntrackedFragment,
     /// A header past the frame, or the chain past the packet's end: dropped for a VIP,
     /// passed otherwise.
     CutShort,
+}
+
+/// A fragment header (RFC 8200, 4.5) with an offset or the M flag set: a real fragment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fragment6 {
+    /// In 8-byte units.
+    offset: u16,
+    more: bool,
+    id: u32,
+}
+
+impl Fragment6 {
+    /// The same facts as IPv4's flags and fragment offset field (MF 0x2000, offset in the low
+    /// 13 bits), so that one model serves both families.
+    fn as_ipv4_field(self) -> u16 {
+        u16::from(self.more) << 13 | self.offset
+    }
 }
 
 fn is_extension(next: u8) -> bool {
@@ -2639,11 +2799,14 @@ fn is_extension(next: u8) -> bool {
 
 /// The datapath's walk (lb-ebpf/src/ipv6.rs) over the extension headers of the IPv6 packet at
 /// `l3`, which ends at `packet_end`: at most six headers, each by its own length rule, each
-/// read only if its first 8 bytes are in the frame.
+/// read only if its first 8 bytes are in the frame. An atomic fragment header (offset 0, M
+/// clear) is stepped over like any other; a real one must be the only one and be followed by
+/// TCP or UDP, and after a later fragment's (offset > 0) the walk stops: the rest is the
+/// middle of the datagram.
 fn ipv6_walk(frame: &[u8], l3: usize, packet_end: usize) -> Walk {
     let mut next = frame[l3 + 6];
     let mut offset = l3 + 40;
-    let mut fragment = false;
+    let mut fragment = None;
     for _ in 0..MAX_EXTENSION_HEADERS {
         if !is_extension(next) {
             break;
@@ -2653,7 +2816,18 @@ fn ipv6_walk(frame: &[u8], l3: usize, packet_end: usize) -> Walk {
         };
         let header_len = match next {
             FRAGMENT => {
-                fragment = true;
+                let word = u16::from_be_bytes([header[2], header[3]]);
+                // The two reserved bits between the offset and M are not looked at.
+                if word & 0xfff9 != 0 {
+                    if fragment.is_some() || ![protocol::TCP, protocol::UDP].contains(&header[0]) {
+                        return Walk::UntrackedFragment;
+                    }
+                    fragment = Some(Fragment6 {
+                        offset: word >> 3,
+                        more: word & 1 != 0,
+                        id: u32::from_be_bytes([header[4], header[5], header[6], header[7]]),
+                    });
+                }
                 8
             }
             AUTHENTICATION => (usize::from(header[1]) + 2) * 4,
@@ -2662,6 +2836,9 @@ fn ipv6_walk(frame: &[u8], l3: usize, packet_end: usize) -> Walk {
         };
         next = header[0];
         offset += header_len;
+        if fragment.is_some_and(|fragment| fragment.offset != 0) {
+            break;
+        }
     }
     if is_extension(next) {
         return Walk::TooLong;
@@ -2690,8 +2867,11 @@ struct Packet {
     header_len: usize,
     /// The IPv4 total length, or the IPv6 payload length plus the fixed header.
     total_len: usize,
-    /// IPv4 flags and fragment offset; 0 for IPv6.
+    /// IPv4 flags and fragment offset; for IPv6 the same facts from a fragment header (see
+    /// [`Fragment6::as_ipv4_field`]), 0 without one or with an atomic one.
     fragment: u16,
+    /// The IPv4 identification, or the IPv6 fragment header's; 0 for IPv6 without one.
+    fragment_id: u32,
     /// The TCP header's length by its data offset; 0 for anything else.
     tcp_header_len: usize,
     /// The transport protocol (the last next header for IPv6).
@@ -2724,7 +2904,7 @@ impl Packet {
         let (l3, family) = ip_offset(frame)?;
         let ip = frame.get(l3..)?;
         let word = |bytes: &[u8], at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-        let (header_len, total_len, fragment, protocol, icmp) = match family {
+        let (header_len, total_len, fragment, fragment_id, protocol, icmp) = match family {
             Family::V4 => {
                 if ip.len() < 20 {
                     return None;
@@ -2735,7 +2915,15 @@ impl Packet {
                 }
                 let fragment = word(ip, 6);
                 let icmp = ip[9] == protocol::ICMP && fragment & 0x3fff == 0;
-                (header_len, usize::from(word(ip, 2)), fragment, ip[9], icmp)
+                let id = u32::from(word(ip, 4));
+                (
+                    header_len,
+                    usize::from(word(ip, 2)),
+                    fragment,
+                    id,
+                    ip[9],
+                    icmp,
+                )
             }
             Family::V6 => {
                 if ip.len() < 40 || ip[0] >> 4 != 6 {
@@ -2746,10 +2934,9 @@ impl Packet {
                 else {
                     return None;
                 };
-                if fragment && IPV6_FRAGMENTS_PASS {
-                    return None;
-                }
-                (l4 - l3, total_len, 0, next, next == ICMPV6 && !fragment)
+                let id = fragment.map_or(0, |fragment| fragment.id);
+                let field = fragment.map_or(0, Fragment6::as_ipv4_field);
+                (l4 - l3, total_len, field, id, next, next == ICMPV6)
             }
         };
         let (src_at, dst_at) = family.addr_offsets();
@@ -2813,6 +3000,7 @@ impl Packet {
             header_len,
             total_len,
             fragment,
+            fragment_id,
             tcp_header_len: match layer4 {
                 Layer4::Ports { .. } if protocol == protocol::TCP => usize::from(l4[12] >> 4) * 4,
                 _ => 0,
@@ -2853,9 +3041,10 @@ impl Packet {
         }
     }
 
-    /// The datagram a fragment belongs to: source, destination, IP ID, protocol.
-    fn datagram(&self, frame: &[u8]) -> (Tuple, u16) {
-        let id = u16::from_be_bytes([frame[self.l3 + 4], frame[self.l3 + 5]]);
+    /// The datagram a fragment belongs to: source, destination, protocol (IPv6: the fragment
+    /// header's next header, which the walk requires to be the transport's), and ID.
+    fn datagram(&self) -> (Tuple, u32) {
+        let id = self.fragment_id;
         let tuple = Tuple {
             src: self.src,
             dst: self.dst,
@@ -3099,6 +3288,7 @@ fn refresh_checksums(frame: &mut [u8]) {
             header_len,
             total_len,
             fragment: 0,
+            fragment_id: 0,
             tcp_header_len: 0,
             protocol: if family == Family::V4 {
                 protocol::ICMP
@@ -3161,7 +3351,7 @@ struct Model {
     replies: Vec<Tuple>,
     /// Datagrams (addresses and protocol, ports zero; IP ID) whose first fragment was
     /// forwarded, to that backend's address.
-    fragments: HashMap<(Tuple, u16), IpAddr>,
+    fragments: HashMap<(Tuple, u32), IpAddr>,
     /// (client, VIP, protocol) of a 3-tuple service to the backend all its packets go to.
     clients: HashMap<Tuple, IpAddr>,
     /// Entries the datapath has inserted.
@@ -3363,7 +3553,7 @@ fn check(world: &World, model: &mut Model, case: &Case, outcome: &Outcome) -> Ch
     } else {
         if let Some(packet) = Packet::parse(&case.frame).filter(Packet::is_first_fragment) {
             // A first fragment not forwarded may have replaced its datagram's entry, or not.
-            model.fragments.remove(&packet.datagram(&case.frame));
+            model.fragments.remove(&packet.datagram());
         }
         None
     };
@@ -3554,7 +3744,7 @@ fn forward(
         findings.extend(model.placed_by_3_tuple(tuple, backend.0));
     }
     if input.is_first_fragment() {
-        model.fragments.insert(input.datagram(frame), backend.0);
+        model.fragments.insert(input.datagram(), backend.0);
     }
     if new_flow && !routed_back(tuple.src, ingress) {
         let message = format!(
@@ -3586,7 +3776,7 @@ fn later_fragment(
     backend: IpAddr,
     findings: &mut Vec<Finding>,
 ) -> Option<Translation> {
-    let datagram = input.datagram(frame);
+    let datagram = input.datagram();
     let (tuple, id) = datagram;
     let serves = |service: &Service| {
         (service.vip, service.protocol) == (tuple.dst, tuple.protocol)

@@ -390,6 +390,63 @@ impl Fixture {
     }
 }
 
+/// IPv6 services for a fixture with [`Fixture::add_ipv6`], in this order: web6 (TCP 80 on
+/// [`VIP6`], [`BACKEND6_A`] and [`BACKEND6_B`] port 8080 round robin), dns6 (UDP 53 to A:5353),
+/// pair6 (UDP 6000, A and B round robin) and sticky6 (UDP 7000 on fd00:200::1:0:0:5, Maglev
+/// over the 3-tuple).
+pub const CONFIG6: &str = r#"
+[[service]]
+name = "web6"
+vip = "fd00:200::1:0:0:1"
+port = 80
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "fd00:200::2:0:0:10"
+port = 8080
+[[service.backend]]
+address = "fd00:200::2:0:0:11"
+port = 8080
+
+[[service]]
+name = "dns6"
+vip = "fd00:200::1:0:0:1"
+port = 53
+protocol = "udp"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "fd00:200::2:0:0:10"
+port = 5353
+
+[[service]]
+name = "pair6"
+vip = "fd00:200::1:0:0:1"
+port = 6000
+protocol = "udp"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "fd00:200::2:0:0:10"
+[[service.backend]]
+address = "fd00:200::2:0:0:11"
+
+[[service]]
+name = "sticky6"
+vip = "fd00:200::1:0:0:5"
+port = 7000
+protocol = "udp"
+scheduler = "maglev"
+maglev_table_size = 211
+maglev_key = "3-tuple"
+[service.health_check]
+kind = "none"
+[[service.backend]]
+address = "fd00:200::2:0:0:10"
+[[service.backend]]
+address = "fd00:200::2:0:0:11"
+"#;
+
 /// Addresses inside fd00:200::/64 for IPv6 packet tests ([`Fixture::add_ipv6`]): the client
 /// side (`pub`) is fd00:200::1:0:0:0/80, the backend side (`back`) fd00:200::2:0:0:0/80.
 pub const fn address6(subnet: u8, host: u8) -> [u8; 16] {
@@ -493,6 +550,24 @@ pub fn udp_frame(dst_port: u16, src_port: u16, zero_checksum: bool) -> Vec<u8> {
     if zero_checksum {
         frame[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
     }
+    frame
+}
+
+/// An ICMPv6 error frame from `src` to `dst` quoting `quoted` (an IPv6 packet, no Ethernet);
+/// `macs` are the source and destination MAC addresses.
+pub fn icmp6_error(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 16],
+    dst: [u8; 16],
+    kind: etherparse::Icmpv6Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src, dst, 64)
+        .icmpv6(kind)
+        .write(&mut frame, quoted)
+        .expect("build");
     frame
 }
 

@@ -1,9 +1,14 @@
 //! Packet tests of ICMP errors about balanced flows: sent to the flow's backend, or back to the
-//! client, with the outer header, the ICMP checksum and the quoted packet all translated. Every
-//! checksum of the expected frames is computed from scratch here. Needs root.
+//! client, with the outer header, the ICMP checksum and the quoted packet all translated; and,
+//! when the route lookup cannot send a translated error on, passed to the kernel exactly as it
+//! came (only an unresolved neighbour gets the translated error, for the kernel to forward).
+//! Every checksum of the expected frames is computed from scratch here. Needs root.
+
+use std::{net::Ipv4Addr, process::Command};
 
 use etherparse::{
-    icmpv4::DestUnreachableHeader, Icmpv4Type, Ipv4Header, PacketBuilder, TcpHeader, UdpHeader,
+    icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type, Ipv4Header,
+    PacketBuilder, TcpHeader, UdpHeader,
 };
 use lb_common::counter;
 use lb_tests::{packet::*, skip_unless_privileged};
@@ -63,6 +68,25 @@ fn icmp_error(
         .write(&mut frame, quoted)
         .expect("build");
     frame
+}
+
+/// A router on the client's path says that this host's reply, VIP:`vip_port` -> client
+/// `client_port` (TCP), was too big; it quotes the reply's IP header and first 8 TCP bytes.
+fn fragmentation_needed_for_reply(vip_port: u16, client_port: u16) -> Vec<u8> {
+    let mut reply = Vec::new();
+    PacketBuilder::ipv4(VIP, CLIENT, 63)
+        .tcp(vip_port, client_port, 7, 1000)
+        .ack(1)
+        .write(&mut reply, &[])
+        .expect("build");
+    icmp_error(
+        CLIENT_MAC,
+        PUB_MAC,
+        ROUTER,
+        VIP,
+        DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        &reply[..28],
+    )
 }
 
 #[test]
@@ -152,20 +176,7 @@ fn icmp_that_is_not_about_a_balanced_flow_passes_unchanged() {
         return;
     }
     let mut fixture = Fixture::new();
-    let mut unrelated = Vec::new();
-    PacketBuilder::ipv4(VIP, CLIENT, 63)
-        .tcp(22, 50000, 7, 1000)
-        .ack(1)
-        .write(&mut unrelated, &[])
-        .expect("build");
-    let error = icmp_error(
-        CLIENT_MAC,
-        PUB_MAC,
-        ROUTER,
-        VIP,
-        DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        &unrelated[..28],
-    );
+    let error = fragmentation_needed_for_reply(22, 50000);
     let (verdict, out) = fixture.run(&error, fixture.pub_ifindex);
     assert_eq!((verdict, &out), (XDP_PASS, &error));
     // Cut inside the quoted header, with a total length that says so: not enough to translate.
@@ -176,4 +187,183 @@ fn icmp_that_is_not_about_a_balanced_flow_passes_unchanged() {
     let (verdict, out) = fixture.run(&truncated, fixture.pub_ifindex);
     assert_eq!((verdict, &out), (XDP_PASS, &truncated));
     assert_eq!(fixture.counter(counter::PASS_NOT_TCP_UDP), 2);
+}
+
+/// Runs `ip` with `args` in the fixture's namespace (the test thread is inside it, and a child
+/// process starts where its parent thread is).
+fn ip(args: &[&str]) {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("running ip {args:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// An error about a balanced flow that the route lookup cannot send on: `frame` must come out
+/// of the datapath as it went in, passed and counted under `reason`, and translated neither
+/// way.
+fn assert_passed_untouched(fixture: &mut Fixture, frame: &[u8], ifindex: u32, reason: u32) {
+    let before = fixture.counter(reason);
+    let (verdict, out) = fixture.run(frame, ifindex);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, frame, "a passed error leaves byte for byte unchanged");
+    assert_eq!(fixture.counter(reason), before + 1);
+    assert_eq!(fixture.counter(counter::ICMP_TO_BACKEND), 0);
+    assert_eq!(fixture.counter(counter::ICMP_TO_CLIENT), 0);
+}
+
+#[test]
+fn an_error_without_a_route_on_passes_unchanged() {
+    if !skip_unless_privileged("an_error_without_a_route_on_passes_unchanged") {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let (verdict, _) = fixture.run(&Tcp::from_client(80, 48000).frame(), fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let query = udp_frame(53, 48001, false);
+    let (verdict, forwarded) = fixture.run(&query, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+
+    // Both flows exist; now neither the backend nor the client can be routed to.
+    ip(&[
+        "route",
+        "add",
+        "unreachable",
+        &Ipv4Addr::from(BACKEND_A).to_string(),
+    ]);
+    ip(&[
+        "route",
+        "add",
+        "prohibit",
+        &Ipv4Addr::from(CLIENT).to_string(),
+    ]);
+
+    // Towards the backend: "fragmentation needed" about the reply VIP:80 -> client:48000.
+    let to_backend = fragmentation_needed_for_reply(80, 48000);
+    let pub_ifindex = fixture.pub_ifindex;
+    assert_passed_untouched(
+        &mut fixture,
+        &to_backend,
+        pub_ifindex,
+        counter::PASS_NO_ROUTE,
+    );
+
+    // Towards the client: backend A's "port unreachable" about the translated query.
+    let to_client = icmp_error(
+        BACKEND_A_MAC,
+        BACK_MAC,
+        BACKEND_A,
+        CLIENT,
+        DestUnreachableHeader::Port,
+        &forwarded[14..],
+    );
+    let back_ifindex = fixture.back_ifindex;
+    assert_passed_untouched(
+        &mut fixture,
+        &to_client,
+        back_ifindex,
+        counter::PASS_NO_ROUTE,
+    );
+}
+
+#[test]
+fn an_error_towards_an_unresolved_neighbour_is_translated_for_the_kernel() {
+    if !skip_unless_privileged(
+        "an_error_towards_an_unresolved_neighbour_is_translated_for_the_kernel",
+    ) {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    // The "unresolved" service's backend is routed through `back` but has no neighbour entry.
+    let (verdict, _) = fixture.run(&Tcp::from_client(81, 48002).frame(), fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 1);
+
+    let error = fragmentation_needed_for_reply(81, 48002);
+    let (verdict, out) = fixture.run(&error, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_PASS);
+    // Translated, with the Ethernet header as it came: the kernel picks the next hop.
+    let mut expected = error.clone();
+    expected[30..34].copy_from_slice(&BACKEND_UNRESOLVED); // outer destination
+    let inner = 14 + 20 + 8;
+    expected[inner + 12..inner + 16].copy_from_slice(&BACKEND_UNRESOLVED); // quoted source
+    expected[inner + 20..inner + 22].copy_from_slice(&81u16.to_be_bytes()); // backend port
+    assert_eq!(out, with_fresh_icmp_checksums(expected));
+    assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 2);
+    assert_eq!(fixture.counter(counter::ICMP_TO_BACKEND), 1);
+}
+
+#[test]
+fn an_icmpv6_error_without_a_route_on_passes_unchanged() {
+    if !skip_unless_privileged("an_icmpv6_error_without_a_route_on_passes_unchanged") {
+        return;
+    }
+    // web6's first flow goes to backend A; dns6 has only A.
+    let mut fixture = Fixture::with_config(CONFIG6, &Default::default());
+    fixture.add_ipv6();
+    let mut syn = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv6(CLIENT6, VIP6, 64)
+        .tcp(40000, 80, 1, 64240)
+        .syn()
+        .write(&mut syn, &[])
+        .expect("build");
+    let (verdict, _) = fixture.run(&syn, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let mut query = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv6(CLIENT6, VIP6, 64)
+        .udp(40001, 53)
+        .write(&mut query, b"query")
+        .expect("build");
+    let (verdict, forwarded) = fixture.run(&query, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+
+    // Towards the backend: "packet too big" about the reply VIP:80 -> client:40000, from the
+    // loopback address, which the kernel's route lookup refuses to forward from (the case the
+    // fuzzer found).
+    let mut reply = Vec::new();
+    PacketBuilder::ipv6(VIP6, CLIENT6, 64)
+        .tcp(80, 40000, 7, 64240)
+        .ack(1)
+        .write(&mut reply, &[])
+        .expect("build");
+    let loopback = std::net::Ipv6Addr::LOCALHOST.octets();
+    let to_backend = icmp6_error(
+        (CLIENT_MAC, PUB_MAC),
+        loopback,
+        VIP6,
+        Icmpv6Type::PacketTooBig { mtu: 1280 },
+        &reply[..48],
+    );
+    let pub_ifindex = fixture.pub_ifindex;
+    assert_passed_untouched(
+        &mut fixture,
+        &to_backend,
+        pub_ifindex,
+        counter::PASS_NO_ROUTE,
+    );
+
+    // Towards the client, once the client cannot be routed to: backend A's "port unreachable"
+    // about the translated query.
+    let client = std::net::Ipv6Addr::from(CLIENT6).to_string();
+    ip(&["-6", "route", "add", "unreachable", &client]);
+    let to_client = icmp6_error(
+        (BACKEND_A_MAC, BACK_MAC),
+        BACKEND6_A,
+        CLIENT6,
+        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+        &forwarded[14..],
+    );
+    let back_ifindex = fixture.back_ifindex;
+    assert_passed_untouched(
+        &mut fixture,
+        &to_client,
+        back_ifindex,
+        counter::PASS_NO_ROUTE,
+    );
 }

@@ -21,61 +21,6 @@ const LEN: usize = 3000;
 const STICKY_VIP6: [u8; 16] = address6(1, 5);
 const OTHER6: [u8; 16] = address6(1, 0x98);
 
-/// Four IPv6 services: web6 (TCP 80, A and B round robin), dns6 (UDP 53 to A:5353), pair6
-/// (UDP 6000, A and B round robin) and sticky6 (UDP 7000, Maglev over the 3-tuple).
-const CONFIG6: &str = r#"
-[[service]]
-name = "web6"
-vip = "fd00:200::1:0:0:1"
-port = 80
-[service.health_check]
-kind = "none"
-[[service.backend]]
-address = "fd00:200::2:0:0:10"
-port = 8080
-[[service.backend]]
-address = "fd00:200::2:0:0:11"
-port = 8080
-
-[[service]]
-name = "dns6"
-vip = "fd00:200::1:0:0:1"
-port = 53
-protocol = "udp"
-[service.health_check]
-kind = "none"
-[[service.backend]]
-address = "fd00:200::2:0:0:10"
-port = 5353
-
-[[service]]
-name = "pair6"
-vip = "fd00:200::1:0:0:1"
-port = 6000
-protocol = "udp"
-[service.health_check]
-kind = "none"
-[[service.backend]]
-address = "fd00:200::2:0:0:10"
-[[service.backend]]
-address = "fd00:200::2:0:0:11"
-
-[[service]]
-name = "sticky6"
-vip = "fd00:200::1:0:0:5"
-port = 7000
-protocol = "udp"
-scheduler = "maglev"
-maglev_table_size = 211
-maglev_key = "3-tuple"
-[service.health_check]
-kind = "none"
-[[service.backend]]
-address = "fd00:200::2:0:0:10"
-[[service.backend]]
-address = "fd00:200::2:0:0:11"
-"#;
-
 const PAIR: usize = 2;
 const STICKY: usize = 3;
 

@@ -363,23 +363,6 @@ fn truncated_ipv6_is_counted_and_never_read_past_the_end() {
     assert_eq!(fixture.counter(counter::DROP_MALFORMED_L4), 2);
 }
 
-/// An ICMPv6 error frame from `src` to `dst` quoting `quoted` (an IPv6 packet, no Ethernet).
-fn icmp6_error(
-    macs: ([u8; 6], [u8; 6]),
-    src: [u8; 16],
-    dst: [u8; 16],
-    kind: Icmpv6Type,
-    quoted: &[u8],
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src, dst, 64)
-        .icmpv6(kind)
-        .write(&mut frame, quoted)
-        .expect("build");
-    frame
-}
-
 #[test]
 fn icmpv6_errors_about_balanced_flows_are_translated_both_ways() {
     if !skip_unless_privileged("icmpv6_errors_about_balanced_flows_are_translated_both_ways") {
