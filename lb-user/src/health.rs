@@ -224,6 +224,9 @@ pub struct HealthEvent {
     pub service: usize,
     /// The backend's id: stable across reloads, unlike its position in the configuration.
     pub backend: usize,
+    /// The generation of the id the checker was started for: an event still queued when a
+    /// reload gave the id to another backend is about the old one, and must not count.
+    pub generation: u32,
     /// The new state.
     pub up: bool,
     /// e.g. "after 3 failed probes (last: connection refused)" or "after 2 successful probes"
@@ -237,7 +240,7 @@ pub struct HealthEvent {
 /// [`Hysteresis::resume`]); `None` for a new backend.
 pub fn spawn_checker(
     service: usize,
-    backend: usize,
+    (backend, generation): (usize, u32),
     target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
@@ -245,7 +248,7 @@ pub fn spawn_checker(
 ) -> JoinHandle<()> {
     tokio::spawn(run_checker(
         service,
-        backend,
+        (backend, generation),
         target,
         check,
         events,
@@ -255,7 +258,7 @@ pub fn spawn_checker(
 
 async fn run_checker(
     service: usize,
-    backend: usize,
+    (backend, generation): (usize, u32),
     target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
@@ -291,6 +294,7 @@ async fn run_checker(
         let event = HealthEvent {
             service,
             backend,
+            generation,
             up,
             reason: streak.describe(),
         };
@@ -664,7 +668,7 @@ mod tests {
             }
         });
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(1, 2, target, check(Probe::Tcp, 50, 2, 2), sender, None);
+        let checker = spawn_checker(1, (2, 7), target, check(Probe::Tcp, 50, 2, 2), sender, None);
 
         let up = tokio::time::timeout(PATIENCE, events.recv())
             .await
@@ -675,6 +679,7 @@ mod tests {
             HealthEvent {
                 service: 1,
                 backend: 2,
+                generation: 7,
                 up: true,
                 reason: "after 1 successful probe".to_string(),
             }
@@ -715,7 +720,7 @@ mod tests {
     async fn checker_reports_nothing_for_a_backend_that_never_answers() {
         let target = closed_port().await;
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(0, 0, target, check(Probe::Tcp, 50, 1, 1), sender, None);
+        let checker = spawn_checker(0, (0, 1), target, check(Probe::Tcp, 50, 1, 1), sender, None);
         // Starts down and stays down: no transition to report.
         let quiet = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
         assert!(quiet.is_err(), "unexpected event {quiet:?}");
