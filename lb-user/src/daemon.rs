@@ -468,6 +468,10 @@ impl Daemon {
     }
 
     fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<Vec<FlowEntry>> {
+        // A misspelt name is an error, not an empty listing.
+        if let Some(name) = &service {
+            self.table.service_index(name)?;
+        }
         let backend_filter = backend
             .map(|text| {
                 parse_backend(&text).with_context(|| {

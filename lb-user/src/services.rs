@@ -326,11 +326,7 @@ impl ServiceTable {
         drained: bool,
         dataplane: &mut impl Dataplane,
     ) -> Result<bool, TableError> {
-        let index = self
-            .services
-            .iter()
-            .position(|service| service.config.name == service_name)
-            .ok_or_else(|| TableError::NoSuchService(service_name.to_string()))?;
+        let index = self.service_index(service_name)?;
         let service = &mut self.services[index];
         let backend = service
             .backends
@@ -557,6 +553,14 @@ impl ServiceTable {
                 rollback: Box::new(rollback),
             },
         }
+    }
+
+    /// The index of the service called `name`.
+    pub fn service_index(&self, name: &str) -> Result<usize, TableError> {
+        self.services
+            .iter()
+            .position(|service| service.config.name == name)
+            .ok_or_else(|| TableError::NoSuchService(name.to_string()))
     }
 
     /// The service index and backend position holding backend id `id`.

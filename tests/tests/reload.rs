@@ -8,7 +8,8 @@
 //! - end to end (lb-user, nginx, curl in namespaces): a backend moved to another port, and
 //!   the backends of a renamed service, come up once their probes pass and take the traffic;
 //!   removing two IPv6 services that share the IPv6 VIP is a successful reload, `lb-user stats`
-//!   no longer lists them, and the VIP is no longer balanced until a reload brings them back.
+//!   and `lb-user flows --service` no longer know them, and the VIP is no longer balanced
+//!   until a reload brings them back.
 //!
 //! They need root (without it they print SKIPPED, or fail under `LB_REQUIRE_PRIVILEGED=1`) and
 //! lb-user built (`cargo build -p lb-user`); run them one at a time:
@@ -314,6 +315,13 @@ fn removing_two_services_that_share_a_vip_is_a_successful_reload() -> anyhow::Re
     let stats = lb.stats_json()?;
     let names: Vec<&str> = stats.services.iter().map(|s| s.name.as_str()).collect();
     ensure!(names == ["web"], "services after the reload: {names:?}");
+    let flows = lb.flows(Some("web6"), None);
+    ensure!(
+        flows
+            .as_ref()
+            .is_err_and(|error| format!("{error:#}").contains(r#"no service named "web6""#)),
+        "`lb-user flows --service web6` after web6 was removed: {flows:?}"
+    );
     for url in [SERVICE_URL6, ALT_URL6] {
         let answer = testbed.client.get(url);
         ensure!(
