@@ -3,9 +3,13 @@
 //!
 //! Ids are assigned in configuration order at start: service `i` has id `i`, and backends are
 //! numbered across all services in order, so the same configuration always gives the same ids.
-//! A reload keeps the ids of services (by name) and backends (by address) that stay, and gives
-//! new ones the lowest free ids; a backend id given to another backend gets a new generation, so
-//! flows pinned to the old holder are rescheduled instead of following the id.
+//! A reload keeps the ids of services (by name, with the same listener) and backends (by
+//! address and port) that stay, and gives new ones the lowest free ids. An id given to another
+//! holder is a new start: a backend id gets a new generation, so flows pinned to the old holder
+//! are rescheduled instead of following the id and health reports about the old holder are
+//! ignored, and the id's counters are zeroed. A reload is planned whole before anything is
+//! written ([`ServiceTable::plan_reload`]) and rolled back if a map update fails partway
+//! ([`ServiceTable::apply_reload`]).
 //!
 //! Both address families go through the same code: a service's key, VIP address and backend
 //! endpoints go to its family's maps (`SERVICES` or `SERVICES6`, ...; see
