@@ -49,7 +49,7 @@
 //!                          # (printable ASCII only: percent-encode anything else)
 //! expect_status = 200      # http only, default 200, 100..=599
 //! port = 8080              # optional: probe this port instead of the backend's port
-//! interval = "2s"          # HAProxy `inter`: time between probes; default "2s"
+//! interval = "2s"          # HAProxy `inter`: time between probes; default "2s"; >= "100ms"
 //! timeout = "1s"           # default "1s" (or the interval, if shorter); > 0 and <= interval
 //! rise = 2                 # consecutive successes to go up; default 2; 1..=100
 //! fall = 3                 # consecutive failures to go down; default 3; 1..=100
@@ -111,6 +111,9 @@ const MAX_RISE_FALL: i64 = 100;
 /// timer arithmetic far from overflow.
 const MAX_DURATION: Duration = Duration::from_secs(3600);
 
+/// Shortest probe interval. Probing more often finds no failure much sooner (`fall` probes are
+/// needed anyway) and turns every backend's health check into load.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RISE: u32 = 2;
@@ -394,7 +397,8 @@ pub enum ConfigError {
         error: std::io::Error,
     },
     /// The text is not valid TOML, or has a shape that could not be placed in a table.
-    #[error("invalid configuration: {0}")]
+    /// Only what the TOML parser said: the caller names the file (and says it is invalid).
+    #[error("{0}")]
     Toml(toml::de::Error),
     /// A table holds a key the format does not have (often a typo).
     #[error("unknown key {key:?} in {table} (line {line}, column {column}); {expected}")]
@@ -1306,6 +1310,11 @@ fn unusable_address(addr: IpAddr) -> Option<&'static str> {
              a global or unique-local (fc00::/7) address",
         ),
         addr if addr.is_unspecified() => Some("is the unspecified address, not a host"),
+        // The datapath forwards packets out of an interface: a loopback address would name this
+        // host, whose loopback traffic never passes through XDP.
+        addr if addr.is_loopback() => {
+            Some("is a loopback address, which no packet leaves this host for")
+        }
         addr if addr.is_multicast() => Some("is a multicast address, not a host"),
         _ => None,
     }
@@ -1324,7 +1333,21 @@ fn validate_health_check(
         .transpose()?;
 
     let interval = match &raw.interval {
-        Some(text) => check.duration("health_check.interval", text)?,
+        Some(text) => {
+            let interval = check.duration("health_check.interval", text)?;
+            if interval < MIN_INTERVAL {
+                return Err(check.invalid(
+                    "health_check.interval",
+                    format!("{text:?}"),
+                    format!(
+                        "is shorter than {}: probes that often add load without finding a \
+                         failure sooner",
+                        format_duration(MIN_INTERVAL)
+                    ),
+                ));
+            }
+            interval
+        }
         None => DEFAULT_INTERVAL,
     };
     let timeout = match &raw.timeout {
@@ -1987,6 +2010,8 @@ address = "10.0.2.2"
             ("0.0.0.0", "unspecified"),
             ("255.255.255.255", "broadcast"),
             ("224.0.0.1", "multicast"),
+            ("127.0.0.1", "loopback"),
+            ("127.8.9.10", "loopback"),
             ("10.0.0.256", "not an IP address"),
             ("example.com", "not an IP address"),
         ] {
@@ -2021,7 +2046,9 @@ address = "10.0.2.2"
             ("0.0.0.0", "unspecified"),
             ("255.255.255.255", "broadcast"),
             ("239.1.2.3", "multicast"),
+            ("127.0.0.1", "loopback"),
             ("::", "unspecified"),
+            ("::1", "loopback"),
             ("ff02::1", "multicast"),
             ("fe80::1", "link-local"),
             ("::ffff:10.0.0.1", "IPv4-mapped"),
@@ -2108,6 +2135,7 @@ address = "10.0.2.2"
         for (address, problem) in [
             ("::", "unspecified"),
             ("ff02::2", "multicast"),
+            ("::1", "loopback"),
             ("fe80::2", "link-local"),
             ("::ffff:10.0.0.2", "IPv4-mapped"),
             ("[fd00:200::11:2]", "bare"),
@@ -2314,6 +2342,8 @@ address = "10.0.2.2"
             ("interval", "2h", "is not a duration"),
             ("timeout", "1.5s", "is not a duration"),
             ("interval", "61m", "at most"),
+            ("interval", "1ms", "is shorter than 100ms"),
+            ("interval", "99ms", "is shorter than 100ms"),
         ] {
             let text = with_health_check(&format!("{field} = \"{value}\""));
             assert_rejected(
@@ -2324,6 +2354,29 @@ address = "10.0.2.2"
                     problem,
                 ],
             );
+        }
+    }
+
+    #[test]
+    fn the_shortest_interval_is_accepted() {
+        let config = parse(&with_health_check("interval = \"100ms\"")).expect("valid");
+        let check = &config.services[0].health_check;
+        assert_eq!(check.interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_integer_too_large_for_toml_is_reported_once_with_its_place() {
+        for field in [
+            "port = 99999999999999999999999",
+            "weight = 99999999999999999999999",
+        ] {
+            let text = service_with("") + field + "\n";
+            let message = parse(&text).expect_err("out of range").to_string();
+            assert!(
+                message.starts_with("TOML parse error at line "),
+                "no prefix of ours: the caller names the file: {message}"
+            );
+            assert!(message.contains(field), "{message}");
         }
     }
 

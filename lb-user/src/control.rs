@@ -185,12 +185,19 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
 
 async fn answer(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reader = AsyncBufReader::new(read.take(MAX_REQUEST as u64));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+    tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))??;
-    let response = match serde_json::from_str::<Request>(line.trim()) {
+    // Bytes, not a String, so that a request that is not UTF-8 gets an answer too.
+    let request = std::str::from_utf8(&line)
+        .map_err(|error| format!("bad request: not UTF-8 ({error})"))
+        .and_then(|text| {
+            serde_json::from_str::<Request>(text.trim())
+                .map_err(|error| format!("bad request: {error}"))
+        });
+    let response = match request {
         Ok(request) => {
             let (reply, answer) = oneshot::channel();
             if calls.send((request, reply)).await.is_err() {
@@ -201,7 +208,7 @@ async fn answer(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Resul
                     .unwrap_or_else(|_| Response::error("the daemon dropped the request"))
             }
         }
-        Err(error) => Response::error(format!("bad request: {error}")),
+        Err(error) => Response::error(error),
     };
     let mut body = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     body.push(b'\n');
@@ -330,6 +337,30 @@ mod tests {
 
         server.abort();
         daemon.abort();
+        std::fs::remove_file(&path).expect("remove socket");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_utf8_is_answered_with_an_error() {
+        let path = socket_path("not-utf8.sock");
+        let listener = bind(&path).expect("bind");
+        let (calls, _requests) = mpsc::channel::<Call>(4);
+        let server = tokio::spawn(serve(listener, calls));
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        stream
+            .write_all(b"{\"command\":\"st\xffats\"}\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        let response: Response = serde_json::from_str(answer.trim()).expect("a JSON answer");
+        assert!(!response.ok);
+        let error = response.error.expect("a reason");
+        assert!(error.starts_with("bad request: not UTF-8"), "{error}");
+        server.abort();
         std::fs::remove_file(&path).expect("remove socket");
     }
 

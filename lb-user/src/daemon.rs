@@ -6,7 +6,7 @@
 //! are handled one at a time, so no lock is held and no change interleaves with another.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
@@ -26,7 +26,7 @@ use crate::{
     dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     netdev,
-    services::ServiceTable,
+    services::{ReloadError, ServiceTable},
     stats::Snapshot,
     topology,
 };
@@ -154,7 +154,7 @@ pub async fn run(options: Options) -> Result<()> {
         addresses_via: paths.addresses_via.clone(),
         backends_via: paths.backends_via.clone(),
     };
-    daemon.restart_checkers(&HashMap::new());
+    daemon.restart_checkers(&BTreeMap::new());
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -177,7 +177,7 @@ pub async fn run(options: Options) -> Result<()> {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received, reloading {}", daemon.config_path.display());
                 if let Err(error) = daemon.reload() {
-                    tracing::error!("reload refused, running configuration kept: {error:#}");
+                    tracing::error!("{error:#}");
                 }
             }
             _ = terminate.recv() => {
@@ -309,10 +309,8 @@ impl Daemon {
             Request::Reload => match self.reload() {
                 Ok(message) => Response::message(message),
                 Err(error) => {
-                    tracing::error!("reload refused, running configuration kept: {error:#}");
-                    Response::error(format!(
-                        "reload refused, running configuration kept: {error:#}"
-                    ))
+                    tracing::error!("{error:#}");
+                    Response::error(format!("{error:#}"))
                 }
             },
             Request::Flows { service, backend } => match self.flows(service, backend) {
@@ -359,44 +357,47 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the configuration; on any error the running state is untouched.
+    /// Re-reads the configuration and applies it. Everything that can refuse it is checked
+    /// before anything is touched; the error says which of the three outcomes happened:
+    /// refused (nothing changed), failed and rolled back, or failed halfway.
     fn reload(&mut self) -> Result<String> {
+        const REFUSED: &str = "reload refused, running configuration kept";
         let config = config::load(&self.config_path)
-            .with_context(|| format!("invalid configuration {}", self.config_path.display()))?;
-        config::check_reloadable(&self.config, &config)?;
-        let paths = paths_for(&self.public_interface, &config)?;
-        // Every interface: a reload may bring the first service of a family.
-        check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
-        if !paths.kernel_paths.is_empty() {
-            attach_egress(&mut self.dataplane, &self.public_interface, &paths)?;
-        }
+            .with_context(|| format!("invalid configuration {}", self.config_path.display()))
+            .context(REFUSED)?;
+        let paths = self.check_reload(&config).context(REFUSED)?;
         // Backends behind unready interfaces stay on the kernel path; the reconcile below
         // re-checks them.
         let mut kernel_paths = paths.kernel_paths.clone();
         for interface in &self.unready_targets {
             kernel_paths.extend(paths.addresses_via.get(interface).into_iter().flatten());
         }
-        self.table.set_kernel_paths(kernel_paths);
+        let plan = self
+            .table
+            .plan_reload(&config, kernel_paths)
+            .context(REFUSED)?;
+        if !paths.kernel_paths.is_empty() {
+            // Translates only replies of flows to backends behind a bridge: harmless if the
+            // reload fails below, needed before any such backend takes traffic.
+            attach_egress(&mut self.dataplane, &self.public_interface, &paths).context(REFUSED)?;
+        }
+        let summary = match self.table.apply_reload(plan, &mut self.dataplane) {
+            Ok(summary) => summary,
+            Err(error @ ReloadError::Refused(_)) => return Err(error).context(REFUSED),
+            Err(error @ ReloadError::RolledBack { .. }) => {
+                return Err(error).context("reload failed, running configuration restored")
+            }
+            Err(error @ ReloadError::Inconsistent { .. }) => {
+                return Err(error).context("reload failed halfway")
+            }
+        };
+        self.config = config;
         self.bridge_paths = paths.kernel_paths;
         self.addresses_via = paths.addresses_via;
         self.backends_via = paths.backends_via;
-        let previous: HashMap<u32, bool> = self
-            .table
-            .services
-            .iter()
-            .flat_map(|service| {
-                service
-                    .backends
-                    .iter()
-                    .map(|backend| (backend.id, backend.up))
-            })
-            .collect();
-        check_ipv6_support(&self.dataplane, &config)?;
-        let summary = self.table.reload(&config, &mut self.dataplane)?;
-        self.config = config;
         // New backends may be routed through interfaces not attached yet.
         self.reconcile_interfaces();
-        self.restart_checkers(&previous);
+        self.restart_checkers(&summary.resumed);
         for service in &self.table.services {
             log_service(service);
         }
@@ -413,8 +414,20 @@ impl Daemon {
         Ok(message)
     }
 
-    /// One checker per backend; a backend known before (by id) resumes from its state.
-    fn restart_checkers(&mut self, previous: &HashMap<u32, bool>) {
+    /// What a reload to `config` is checked against before anything is touched: the fields
+    /// that need a restart, the backends' routes, forwarding, the datapath's IPv6 support.
+    fn check_reload(&self, config: &Config) -> Result<Paths> {
+        config::check_reloadable(&self.config, config)?;
+        let paths = paths_for(&self.public_interface, config)?;
+        // Every interface: a reload may bring the first service of a family.
+        check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), config)?;
+        check_ipv6_support(&self.dataplane, config)?;
+        Ok(paths)
+    }
+
+    /// One checker per backend. A backend that stays (by id and address, in `resumed`)
+    /// resumes from its state; every other starts fresh, as at startup.
+    fn restart_checkers(&mut self, resumed: &BTreeMap<u32, bool>) {
         for (_, checker) in self.checkers.drain() {
             checker.abort();
         }
@@ -424,11 +437,11 @@ impl Daemon {
                 let target = check.probe_target(backend.addr);
                 let checker = health::spawn_checker(
                     service.id as usize,
-                    backend.id as usize,
+                    (backend.id as usize, backend.generation),
                     target,
                     check.clone(),
                     self.events.clone(),
-                    previous.get(&backend.id).copied(),
+                    resumed.get(&backend.id).copied(),
                 );
                 self.checkers.insert(backend.id, checker);
             }
@@ -442,10 +455,18 @@ impl Daemon {
         };
         let service = &self.table.services[index];
         let (name, addr) = (service.config.name.clone(), service.backends[position].addr);
+        let current = service.backends[position].generation == event.generation;
         let state = if event.up { "up" } else { "down" };
-        match self.table.set_backend_up(backend_id, event.up, &mut self.dataplane) {
+        // Ok(false) too for an event queued by the checker of the id's previous holder.
+        let written = self.table.set_backend_health(
+            backend_id,
+            event.generation,
+            event.up,
+            &mut self.dataplane,
+        );
+        match written {
             Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
-            Ok(false) if event.first_probe => tracing::warn!(
+            Ok(false) if event.first_probe && current => tracing::warn!(
                 "backend {addr} of service {name} is down {}: it gets traffic once its probes \
                  pass",
                 event.reason
@@ -458,6 +479,10 @@ impl Daemon {
     }
 
     fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<Vec<FlowEntry>> {
+        // A misspelt name is an error, not an empty listing.
+        if let Some(name) = &service {
+            self.table.service_index(name)?;
+        }
         let backend_filter = backend
             .map(|text| {
                 parse_backend(&text).with_context(|| {

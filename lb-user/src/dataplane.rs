@@ -170,6 +170,11 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Program(#[from] ProgramError),
+    #[error("map {map}: counting the CPUs to write a per-CPU value for: {cause}")]
+    Cpus {
+        map: &'static str,
+        cause: std::io::Error,
+    },
     #[error(
         "the loaded datapath has no IPv6 maps ({map} missing): this build balances IPv4 only, \
          so it cannot take IPv6 services"
@@ -182,15 +187,28 @@ fn map_error(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Dataplane
     move |cause| DataplaneError::Map { map, cause }
 }
 
-/// Removal that treats an absent key as done.
+/// Removal that treats an absent key as done. aya reports a hash map's absent key as the
+/// delete syscall's ENOENT, not as `KeyNotFound`: both count.
 fn removed(
     map: &'static str,
     result: Result<(), aya::maps::MapError>,
 ) -> Result<(), DataplaneError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(cause) => Err(DataplaneError::Map { map, cause }),
     }
+}
+
+/// One zeroed `TrafficStats` per possible CPU, to reset a per-CPU counter slot with.
+fn zeroed_stats(map: &'static str) -> Result<PerCpuValues<TrafficStats>, DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, cause)| DataplaneError::Cpus { map, cause })?;
+    PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+        .map_err(|cause| DataplaneError::Cpus { map, cause })
 }
 
 /// What the control plane writes to and reads from the datapath.
@@ -220,6 +238,10 @@ pub trait Dataplane {
     fn counters(&self) -> Result<Vec<u64>, DataplaneError>;
     fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
     fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError>;
+    /// Zeroes service `id`'s counters, for a service that takes over the id.
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Zeroes backend `id`'s counters, for a backend that takes over the id.
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError>;
 }
 
 /// The program `$name` of type `$kind` in `$ebpf`, loaded through the verifier on first use.
@@ -934,10 +956,24 @@ impl Dataplane for XdpDataplane {
                 cause: source,
             })
     }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zeroes = zeroed_stats("SERVICE_STATS")?;
+        self.service_stats
+            .set(id, zeroes, 0)
+            .map_err(map_error("SERVICE_STATS"))
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zeroes = zeroed_stats("BACKEND_STATS")?;
+        self.backend_stats
+            .set(id, zeroes, 0)
+            .map_err(map_error("BACKEND_STATS"))
+    }
 }
 
 /// A dataplane that only remembers what it was told, for control-plane tests without a kernel.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct MemoryDataplane {
     pub services: StdHashMap<AnyServiceKey, Service>,
     pub schedule: StdHashMap<u32, u32>,
@@ -948,11 +984,39 @@ pub struct MemoryDataplane {
     /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
     pub vip_addresses: Vec<IpAddr>,
     pub three_tuple_services: StdHashMap<AnyVipProtocol, AnyServiceKey>,
+    /// Per-service and per-backend counters (absent: zero), as the datapath would count them.
+    pub service_stats: StdHashMap<u32, TrafficStats>,
+    pub backend_stats: StdHashMap<u32, TrafficStats>,
+    /// Every VIP address removal asked for, present or not, in order.
+    pub vip_removals: Vec<IpAddr>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
+    /// Fail the write that would be number `fail_at` (counting from 1, as `writes` does),
+    /// once: a kernel refusing one update midway. Cleared by the failure unless
+    /// `keep_failing`, which fails every write from then on.
+    pub fail_at: Option<usize>,
+    pub keep_failing: bool,
 }
 
 impl MemoryDataplane {
+    /// Counts a write, or fails it as [`Self::fail_at`] says (nothing is written then).
+    fn write(&mut self) -> Result<(), DataplaneError> {
+        if self.fail_at.is_some_and(|at| self.writes + 1 >= at) {
+            if !self.keep_failing {
+                self.fail_at = None;
+            }
+            return Err(DataplaneError::Map {
+                map: "MEMORY",
+                cause: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                }),
+            });
+        }
+        self.writes += 1;
+        Ok(())
+    }
+
     /// The table the datapath would read for the service under `key`.
     pub fn table(&self, key: &AnyServiceKey) -> Vec<u32> {
         let service = &self.services[key];
@@ -968,25 +1032,25 @@ impl Dataplane for MemoryDataplane {
         key: AnyEndpointKey,
         endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.endpoints.insert(key, *endpoint);
         Ok(())
     }
 
     fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.endpoints.remove(&key);
         Ok(())
     }
 
     fn remove_service(&mut self, key: AnyServiceKey) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.services.remove(&key);
         Ok(())
     }
 
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         for (position, id) in entries.iter().enumerate() {
             self.schedule.insert(offset + position as u32, *id);
         }
@@ -994,37 +1058,38 @@ impl Dataplane for MemoryDataplane {
     }
 
     fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.ports = bitmap.to_vec();
         Ok(())
     }
 
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.settings = Some(*settings);
         Ok(())
     }
 
     fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
+        self.vip_removals.push(addr);
         self.vip_addresses.retain(|known| *known != addr);
         Ok(())
     }
 
     fn set_service(&mut self, key: AnyServiceKey, service: &Service) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.services.insert(key, *service);
         Ok(())
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.backends.insert(id, *backend);
         Ok(())
     }
 
     fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         if !self.vip_addresses.contains(&addr) {
             self.vip_addresses.push(addr);
         }
@@ -1032,14 +1097,14 @@ impl Dataplane for MemoryDataplane {
     }
 
     fn set_three_tuple_service(&mut self, service: AnyServiceKey) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.three_tuple_services
             .insert(AnyVipProtocol::of(&service), service);
         Ok(())
     }
 
     fn remove_three_tuple_service(&mut self, key: AnyVipProtocol) -> Result<(), DataplaneError> {
-        self.writes += 1;
+        self.write()?;
         self.three_tuple_services.remove(&key);
         Ok(())
     }
@@ -1048,11 +1113,23 @@ impl Dataplane for MemoryDataplane {
         Ok(vec![0; counter::COUNT as usize])
     }
 
-    fn service_stats(&self, _id: u32) -> Result<TrafficStats, DataplaneError> {
-        Ok(TrafficStats::default())
+    fn service_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError> {
+        Ok(self.service_stats.get(&id).copied().unwrap_or_default())
     }
 
-    fn backend_stats(&self, _id: u32) -> Result<TrafficStats, DataplaneError> {
-        Ok(TrafficStats::default())
+    fn backend_stats(&self, id: u32) -> Result<TrafficStats, DataplaneError> {
+        Ok(self.backend_stats.get(&id).copied().unwrap_or_default())
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.service_stats.remove(&id);
+        Ok(())
+    }
+
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.write()?;
+        self.backend_stats.remove(&id);
+        Ok(())
     }
 }

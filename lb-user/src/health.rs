@@ -224,6 +224,9 @@ pub struct HealthEvent {
     pub service: usize,
     /// The backend's id: stable across reloads, unlike its position in the configuration.
     pub backend: usize,
+    /// The generation of the id the checker was started for: an event still queued when a
+    /// reload gave the id to another backend is about the old one, and must not count.
+    pub generation: u32,
     /// The new state.
     pub up: bool,
     /// e.g. "after 3 failed probes (last: connection refused)" or "after 2 successful probes"
@@ -240,7 +243,7 @@ pub struct HealthEvent {
 /// [`Hysteresis::resume`]); `None` for a new backend.
 pub fn spawn_checker(
     service: usize,
-    backend: usize,
+    (backend, generation): (usize, u32),
     target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
@@ -248,7 +251,7 @@ pub fn spawn_checker(
 ) -> JoinHandle<()> {
     tokio::spawn(run_checker(
         service,
-        backend,
+        (backend, generation),
         target,
         check,
         events,
@@ -258,7 +261,7 @@ pub fn spawn_checker(
 
 async fn run_checker(
     service: usize,
-    backend: usize,
+    (backend, generation): (usize, u32),
     target: SocketAddr,
     check: HealthCheck,
     events: mpsc::Sender<HealthEvent>,
@@ -297,6 +300,7 @@ async fn run_checker(
         let event = HealthEvent {
             service,
             backend,
+            generation,
             up,
             reason: streak.describe(),
             first_probe: first_probe && !up,
@@ -671,7 +675,7 @@ mod tests {
             }
         });
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(1, 2, target, check(Probe::Tcp, 50, 2, 2), sender, None);
+        let checker = spawn_checker(1, (2, 7), target, check(Probe::Tcp, 50, 2, 2), sender, None);
 
         let up = tokio::time::timeout(PATIENCE, events.recv())
             .await
@@ -682,6 +686,7 @@ mod tests {
             HealthEvent {
                 service: 1,
                 backend: 2,
+                generation: 7,
                 up: true,
                 reason: "after 1 successful probe".to_string(),
                 first_probe: false,
@@ -723,7 +728,7 @@ mod tests {
     async fn a_backend_that_never_answers_is_reported_once_after_its_first_probe() {
         let target = closed_port().await;
         let (sender, mut events) = mpsc::channel(8);
-        let checker = spawn_checker(3, 4, target, check(Probe::Tcp, 50, 1, 1), sender, None);
+        let checker = spawn_checker(3, (4, 1), target, check(Probe::Tcp, 50, 1, 1), sender, None);
         // Starts down and stays down: no transition, but its first failure is said once.
         let first = tokio::time::timeout(PATIENCE, events.recv())
             .await

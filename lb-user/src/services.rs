@@ -3,9 +3,13 @@
 //!
 //! Ids are assigned in configuration order at start: service `i` has id `i`, and backends are
 //! numbered across all services in order, so the same configuration always gives the same ids.
-//! A reload keeps the ids of services (by name) and backends (by address) that stay, and gives
-//! new ones the lowest free ids; a backend id given to another backend gets a new generation, so
-//! flows pinned to the old holder are rescheduled instead of following the id.
+//! A reload keeps the ids of services (by name, with the same listener) and backends (by
+//! address and port) that stay, and gives new ones the lowest free ids. An id given to another
+//! holder is a new start: a backend id gets a new generation, so flows pinned to the old holder
+//! are rescheduled instead of following the id and health reports about the old holder are
+//! ignored, and the id's counters are zeroed. A reload is planned whole before anything is
+//! written ([`ServiceTable::plan_reload`]) and rolled back if a map update fails partway
+//! ([`ServiceTable::apply_reload`]).
 //!
 //! Both address families go through the same code: a service's key, VIP address and backend
 //! endpoints go to its family's maps (`SERVICES` or `SERVICES6`, ...; see
@@ -130,6 +134,49 @@ pub struct ReloadSummary {
     pub services_changed: Vec<String>,
     pub backends_added: Vec<String>,
     pub backends_removed: Vec<String>,
+    /// The health of every backend that stays (by id): its checker resumes from it. A backend
+    /// not in here is new, even if its id was another backend's, and starts as at startup.
+    pub resumed: BTreeMap<u32, bool>,
+}
+
+/// A reload worked out by [`ServiceTable::plan_reload`], not written anywhere yet.
+#[derive(Debug)]
+pub struct ReloadPlan {
+    next: ServiceTable,
+    pub summary: ReloadSummary,
+    fresh: FreshIds,
+}
+
+/// Ids a reload gives to a backend or service that did not hold them: their counters start
+/// from zero instead of the previous holder's.
+#[derive(Debug, Default)]
+struct FreshIds {
+    backends: BTreeSet<u32>,
+    services: BTreeSet<u32>,
+}
+
+/// Why a reload did not happen, and what state it left.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Refused before anything was written: the running state is untouched.
+    #[error(transparent)]
+    Refused(TableError),
+    /// A map update failed partway; the running state was written back.
+    #[error(
+        "writing the new configuration to the datapath failed ({cause}); the running \
+         configuration was written back"
+    )]
+    RolledBack { cause: Box<DataplaneError> },
+    /// A map update failed partway, and so did writing the running state back.
+    #[error(
+        "writing the new configuration to the datapath failed ({cause}), and writing the \
+         running configuration back failed too ({rollback}): the datapath holds parts of both; \
+         restart lb-user"
+    )]
+    Inconsistent {
+        cause: Box<DataplaneError>,
+        rollback: Box<DataplaneError>,
+    },
 }
 
 impl ServiceTable {
@@ -255,6 +302,25 @@ impl ServiceTable {
         Ok(true)
     }
 
+    /// [`Self::set_backend_up`] for a health checker's report about backend `backend_id` of
+    /// `generation`: a report about an earlier holder of the id (queued before a reload gave
+    /// the id to another backend) changes nothing and returns false.
+    pub fn set_backend_health(
+        &mut self,
+        backend_id: u32,
+        generation: u32,
+        up: bool,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<bool, DataplaneError> {
+        let current = self
+            .find_backend_id(backend_id)
+            .map(|(index, position)| self.services[index].backends[position].generation);
+        if current != Some(generation) {
+            return Ok(false);
+        }
+        self.set_backend_up(backend_id, up, dataplane)
+    }
+
     /// Drains (no new flows, existing flows continue) or undrains a backend. Returns false
     /// when it already was in that state.
     pub fn set_drained(
@@ -264,11 +330,7 @@ impl ServiceTable {
         drained: bool,
         dataplane: &mut impl Dataplane,
     ) -> Result<bool, TableError> {
-        let index = self
-            .services
-            .iter()
-            .position(|service| service.config.name == service_name)
-            .ok_or_else(|| TableError::NoSuchService(service_name.to_string()))?;
+        let index = self.service_index(service_name)?;
         let service = &mut self.services[index];
         let backend = service
             .backends
@@ -286,16 +348,31 @@ impl ServiceTable {
         Ok(true)
     }
 
-    /// Applies a new configuration. Everything that can fail without touching the datapath is
-    /// checked first (ids, table space); on error nothing has changed. Services are matched by
-    /// name, backends by address; what stays keeps its id, health and drain state.
+    /// Applies a new configuration: [`Self::plan_reload`], then [`Self::apply_reload`].
     pub fn reload(
         &mut self,
         config: &Config,
         dataplane: &mut impl Dataplane,
-    ) -> Result<ReloadSummary, TableError> {
+    ) -> Result<ReloadSummary, ReloadError> {
+        let plan = self
+            .plan_reload(config, self.kernel_paths.clone())
+            .map_err(ReloadError::Refused)?;
+        self.apply_reload(plan, dataplane)
+    }
+
+    /// Works out what `config` makes of the running state, touching neither this table nor
+    /// the datapath: every reason of ours to refuse (ids, table space) comes out here.
+    /// Services are matched by name, backends by address; what stays keeps its id, health and
+    /// drain state. `kernel_paths` replaces [`Self::set_kernel_paths`]'s addresses for the new
+    /// state only, so a refused reload leaves them as they were.
+    pub fn plan_reload(
+        &self,
+        config: &Config,
+        kernel_paths: BTreeSet<IpAddr>,
+    ) -> Result<ReloadPlan, TableError> {
         let mut next = self.clone();
         next.handed_out.clear();
+        next.set_kernel_paths(kernel_paths);
         next.flows = config.flows;
         next.fragments = config.fragments;
         let mut summary = ReloadSummary::default();
@@ -396,68 +473,98 @@ impl ServiceTable {
             }
         }
         next.services = services;
-
         mark_shared_endpoints(&mut next.services);
-        // Nothing below can fail for a reason of ours; a map update error leaves the
-        // datapath partly updated, which the error reports.
-        for old in &old_services {
-            let kept = next.services.iter().find(|service| service.id == old.id);
-            for backend in &old.backends {
-                if !kept_ids.contains(&backend.id) {
-                    // Down first: flows pinned to it move on their next packet.
-                    let gone = BackendState {
-                        up: false,
-                        ..backend.clone()
-                    };
-                    dataplane.set_backend(backend.id, &backend_value(old.id, &gone))?;
-                }
-            }
-            if kept.is_none_or(|service| service_key(&service.config) != service_key(&old.config)) {
-                dataplane.remove_service(service_key(&old.config))?;
-            }
-        }
-        let new_endpoints = endpoints(&next.services);
-        for (key, endpoint) in &new_endpoints {
-            dataplane.set_endpoint(*key, endpoint)?;
-        }
-        for index in 0..next.services.len() {
-            let service = &next.services[index];
-            for backend in &service.backends {
-                dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
-            }
-            dataplane.add_vip_address(service.config.vip)?;
-            next.publish(index, dataplane)?;
-        }
-        dataplane.set_ports(&port_bitmap(&next.services))?;
-        let new_three_tuple = three_tuple_services(&next.services);
-        for service in new_three_tuple.values() {
-            dataplane.set_three_tuple_service(*service)?;
-        }
-        for key in three_tuple_services(&old_services)
-            .keys()
-            .filter(|key| !new_three_tuple.contains_key(key))
-        {
-            dataplane.remove_three_tuple_service(*key)?;
-        }
-        let old_endpoints = endpoints(&old_services);
-        for key in old_endpoints
-            .keys()
-            .filter(|key| !new_endpoints.contains_key(key))
-        {
-            dataplane.remove_endpoint(*key)?;
-        }
-        for old in &old_services {
-            let vip = old.config.vip;
-            if !next
+        summary.resumed = next
+            .services
+            .iter()
+            .flat_map(|service| &service.backends)
+            .filter(|backend| kept_ids.contains(&backend.id))
+            .map(|backend| (backend.id, backend.up))
+            .collect();
+        let fresh = FreshIds {
+            backends: next.handed_out.iter().copied().collect(),
+            services: next
                 .services
                 .iter()
-                .any(|service| service.config.vip == vip)
-            {
-                dataplane.remove_vip_address(vip)?;
+                .map(|service| service.id)
+                .filter(|id| !old_services.iter().any(|old| old.id == *id))
+                .collect(),
+        };
+        Ok(ReloadPlan {
+            next,
+            summary,
+            fresh,
+        })
+    }
+
+    /// Writes a planned reload to the datapath and makes it the running state. A map update
+    /// that fails (the kernel refusing memory, say: nothing of ours) is rolled back: the
+    /// running state is written again, and the error says whether that worked.
+    pub fn apply_reload(
+        &mut self,
+        plan: ReloadPlan,
+        dataplane: &mut impl Dataplane,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let ReloadPlan {
+            mut next,
+            summary,
+            fresh,
+        } = plan;
+        match write_changes(&self.services, &mut next, &fresh, dataplane) {
+            Ok(()) => {
+                *self = next;
+                Ok(summary)
+            }
+            Err(cause) => Err(self.roll_back(&next, cause, dataplane)),
+        }
+    }
+
+    /// Writes the running state back over a reload that failed halfway through `failed`.
+    fn roll_back(
+        &mut self,
+        failed: &ServiceTable,
+        cause: DataplaneError,
+        dataplane: &mut impl Dataplane,
+    ) -> ReloadError {
+        let mut restored = self.clone();
+        // What the failed attempt handed out stays spent: flows may be pinned to those ids and
+        // generations, and its tables may be in those regions.
+        restored.generations = failed.generations.clone();
+        restored.schedule_next = failed.schedule_next;
+        for service in &mut restored.services {
+            if let Some(written) = failed.services.iter().find(|written| {
+                written.id == service.id && written.regions.offsets == service.regions.offsets
+            }) {
+                // The attempt may have switched the service to its other region: publish into
+                // the one the datapath does not read.
+                service.regions.active = written.regions.active;
             }
         }
-        *self = next;
-        Ok(summary)
+        match write_changes(
+            &failed.services,
+            &mut restored,
+            &FreshIds::default(),
+            dataplane,
+        ) {
+            Ok(()) => {
+                *self = restored;
+                ReloadError::RolledBack {
+                    cause: Box::new(cause),
+                }
+            }
+            Err(rollback) => ReloadError::Inconsistent {
+                cause: Box::new(cause),
+                rollback: Box::new(rollback),
+            },
+        }
+    }
+
+    /// The index of the service called `name`.
+    pub fn service_index(&self, name: &str) -> Result<usize, TableError> {
+        self.services
+            .iter()
+            .position(|service| service.config.name == name)
+            .ok_or_else(|| TableError::NoSuchService(name.to_string()))
     }
 
     /// The service index and backend position holding backend id `id`.
@@ -569,6 +676,89 @@ impl ServiceTable {
             shared_endpoint: false,
         })
     }
+}
+
+/// Writes the datapath over from `from` (what it holds now) to `to`. Removals go first, so no
+/// map ever holds more than the larger of the two states (the configuration's limits keep each
+/// within its map); every removal of something already absent counts as done, so writing again
+/// after a failure, either way, converges. Returns at the first failed update.
+fn write_changes(
+    from: &[ServiceState],
+    to: &mut ServiceTable,
+    fresh: &FreshIds,
+    dataplane: &mut impl Dataplane,
+) -> Result<(), DataplaneError> {
+    let stays = |gone: &BackendState| {
+        to.services
+            .iter()
+            .flat_map(|service| &service.backends)
+            .any(|backend| backend.id == gone.id && backend.generation == gone.generation)
+    };
+    for service in from {
+        for backend in service.backends.iter().filter(|backend| !stays(backend)) {
+            // Down first: flows pinned to it move on their next packet.
+            let gone = BackendState {
+                up: false,
+                ..backend.clone()
+            };
+            dataplane.set_backend(backend.id, &backend_value(service.id, &gone))?;
+        }
+    }
+
+    let new_keys: Vec<AnyServiceKey> = to
+        .services
+        .iter()
+        .map(|service| service_key(&service.config))
+        .collect();
+    for service in from {
+        let key = service_key(&service.config);
+        if !new_keys.contains(&key) {
+            dataplane.remove_service(key)?;
+        }
+    }
+    let new_three_tuple = three_tuple_services(&to.services);
+    for key in three_tuple_services(from)
+        .into_keys()
+        .filter(|key| !new_three_tuple.contains_key(key))
+    {
+        dataplane.remove_three_tuple_service(key)?;
+    }
+    let new_endpoints = endpoints(&to.services);
+    for key in endpoints(from)
+        .into_keys()
+        .filter(|key| !new_endpoints.contains_key(key))
+    {
+        dataplane.remove_endpoint(key)?;
+    }
+    // Each address once, however many services shared it.
+    let new_vips: BTreeSet<IpAddr> = to.services.iter().map(|s| s.config.vip).collect();
+    let old_vips: BTreeSet<IpAddr> = from.iter().map(|s| s.config.vip).collect();
+    for vip in old_vips.difference(&new_vips) {
+        dataplane.remove_vip_address(*vip)?;
+    }
+
+    for (key, endpoint) in &new_endpoints {
+        dataplane.set_endpoint(*key, endpoint)?;
+    }
+    for index in 0..to.services.len() {
+        let service = &to.services[index];
+        if fresh.services.contains(&service.id) {
+            dataplane.reset_service_stats(service.id)?;
+        }
+        for backend in &service.backends {
+            if fresh.backends.contains(&backend.id) {
+                dataplane.reset_backend_stats(backend.id)?;
+            }
+            dataplane.set_backend(backend.id, &backend_value(service.id, backend))?;
+        }
+        dataplane.add_vip_address(service.config.vip)?;
+        to.publish(index, dataplane)?;
+    }
+    dataplane.set_ports(&port_bitmap(&to.services))?;
+    for service in new_three_tuple.values() {
+        dataplane.set_three_tuple_service(*service)?;
+    }
+    Ok(())
 }
 
 /// An endpoint key of `addr`'s family.
@@ -782,7 +972,7 @@ pub fn backend_value(service_id: u32, backend: &BackendState) -> Backend {
 mod tests {
     use super::*;
     use crate::{config, dataplane::MemoryDataplane};
-    use lb_common::VipProtocol;
+    use lb_common::{TrafficStats, VipProtocol};
 
     const CONFIG: &str = r#"
         [[service]]
@@ -809,6 +999,17 @@ mod tests {
         [[service.backend]]
         address = "10.200.12.2"
         weight = 3
+    "#;
+
+    /// A service on a VIP of its own: as a whole configuration, it removes web and dns (which
+    /// share 10.200.1.1) and adds api.
+    const ELSEWHERE: &str = r#"
+        [[service]]
+        name = "api"
+        vip = "10.200.1.5"
+        port = 443
+        [[service.backend]]
+        address = "10.200.14.2"
     "#;
 
     fn installed(text: &str) -> (ServiceTable, MemoryDataplane) {
@@ -1028,15 +1229,10 @@ mod tests {
             port = 8080
             [[service.backend]]
             address = "10.200.13.2"
-
-            [[service]]
-            name = "api"
-            vip = "10.200.1.5"
-            port = 443
-            [[service.backend]]
-            address = "10.200.14.2"
-        "#;
-        let config = config::parse(reloaded).expect("valid");
+        "#
+        .to_string()
+            + ELSEWHERE;
+        let config = config::parse(&reloaded).expect("valid");
         let summary = table.reload(&config, &mut dataplane).expect("fits");
         assert_eq!(summary.services_added, vec!["api"]);
         assert_eq!(summary.services_removed, vec!["dns"]);
@@ -1330,7 +1526,10 @@ mod tests {
         let before = (dataplane.writes, table.services[1].table.clone());
         let error = table.reload(&config::parse(&bigger).expect("valid"), &mut dataplane);
         assert!(
-            matches!(error, Err(TableError::ScheduleFull { .. })),
+            matches!(
+                error,
+                Err(ReloadError::Refused(TableError::ScheduleFull { .. }))
+            ),
             "{error:?}"
         );
         assert_eq!((dataplane.writes, table.services[1].table.clone()), before);
@@ -1340,6 +1539,267 @@ mod tests {
                 table_size: 1009,
                 key: MaglevKey::FiveTuple,
             }
+        );
+    }
+
+    /// The health each backend id resumes from after reloading CONFIG with `from` replaced
+    /// by `to` (every backend up before).
+    fn resumed_after(from: &str, to: &str) -> (ServiceTable, MemoryDataplane, BTreeMap<u32, bool>) {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        all_up(&mut table, &mut dataplane);
+        assert!(CONFIG.contains(from), "{from}");
+        let config = config::parse(&CONFIG.replacen(from, to, 1)).expect("valid");
+        let summary = table.reload(&config, &mut dataplane).expect("fits");
+        (table, dataplane, summary.resumed)
+    }
+
+    #[test]
+    fn only_backends_that_stay_resume_their_health() {
+        // web's 10.200.12.2 moves from port 8080 to 8081: a new backend, which takes the
+        // removed one's id 1 (the lowest free) and must start as at startup, not up.
+        let (table, _, resumed) = resumed_after("port = 8080", "port = 8081");
+        let moved = &table.services[0].backends[1];
+        assert_eq!((moved.id, moved.up), (1, false));
+        assert_eq!(
+            resumed,
+            BTreeMap::from([(0, true), (2, true), (3, true)]),
+            "id 1 now names another backend"
+        );
+
+        // A renamed service and a service moved to another port are new services: all their
+        // backends are new, whatever ids they get.
+        for (from, to) in [
+            ("name = \"web\"", "name = \"www\""),
+            ("port = 80\n", "port = 81\n"),
+        ] {
+            let (table, _, resumed) = resumed_after(from, to);
+            let web = &table.services[0];
+            assert!(
+                web.backends.iter().all(|backend| !backend.up),
+                "{to}: {web:?}"
+            );
+            assert_eq!(
+                resumed,
+                BTreeMap::from([(2, true), (3, true)]),
+                "{to}: only dns's backends stay"
+            );
+        }
+    }
+
+    #[test]
+    fn a_health_report_about_an_ids_previous_backend_changes_nothing() {
+        let (mut table, mut dataplane, _) = resumed_after("port = 8080", "port = 8081");
+        let moved = table.services[0].backends[1].clone();
+        let web = key(&table, "web");
+        assert_eq!(dataplane.table(&web), vec![0]);
+        // "Up" from the checker of the removed 10.200.12.2:8080, queued before the reload.
+        assert!(!table
+            .set_backend_health(moved.id, moved.generation - 1, true, &mut dataplane)
+            .expect("ok"));
+        assert!(!table.services[0].backends[1].up);
+        assert_eq!(dataplane.table(&web), vec![0]);
+        assert_eq!(dataplane.backends[&moved.id].state, backend_state::DOWN);
+        // The new backend's own checker.
+        assert!(table
+            .set_backend_health(moved.id, moved.generation, true, &mut dataplane)
+            .expect("ok"));
+        assert_eq!(dataplane.table(&web), vec![0, 1]);
+    }
+
+    #[test]
+    fn an_id_given_to_another_backend_or_service_starts_with_zero_counters() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        all_up(&mut table, &mut dataplane);
+        let counted = TrafficStats {
+            packets: 5,
+            bytes: 500,
+            new_flows: 2,
+            reply_packets: 4,
+            reply_bytes: 400,
+            rescheduled: 1,
+        };
+        for id in 0..4 {
+            dataplane.backend_stats.insert(id, counted);
+        }
+        dataplane.service_stats.insert(1, counted);
+
+        // Port change: id 1 goes to 10.200.12.2:8081. dns goes, freeing service id 1.
+        let web_only = CONFIG.replacen("port = 8080", "port = 8081", 1);
+        let web_only = &web_only[..web_only
+            .find("[[service]]\n        name = \"dns\"")
+            .expect("dns")];
+        let config = config::parse(web_only).expect("valid");
+        table.reload(&config, &mut dataplane).expect("fits");
+        assert_eq!(table.services[0].backends[1].id, 1);
+        let stats = |dataplane: &MemoryDataplane, id| dataplane.backend_stats(id).expect("ok");
+        assert_eq!(stats(&dataplane, 1), TrafficStats::default());
+        assert_eq!(
+            stats(&dataplane, 0),
+            counted,
+            "a backend that stays keeps its counts"
+        );
+        // The removed service's counters stay until the id is handed out again.
+        assert_eq!(dataplane.service_stats(1).expect("ok"), counted);
+
+        let api = web_only.to_string() + ELSEWHERE;
+        table
+            .reload(&config::parse(&api).expect("valid"), &mut dataplane)
+            .expect("fits");
+        let api = &table.services[1];
+        assert_eq!(api.id, 1, "the removed dns's id");
+        assert_eq!(
+            dataplane.service_stats(1).expect("ok"),
+            TrafficStats::default()
+        );
+        assert_eq!(
+            dataplane.service_stats(0).expect("ok"),
+            TrafficStats::default()
+        );
+        assert_eq!(
+            stats(&dataplane, api.backends[0].id),
+            TrafficStats::default()
+        );
+        assert_eq!(stats(&dataplane, 0), counted);
+    }
+
+    #[test]
+    fn a_vip_address_shared_by_removed_services_is_removed_once() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let summary = table
+            .reload(&config::parse(ELSEWHERE).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_removed, ["web", "dns"]);
+        assert_eq!(
+            dataplane.vip_removals,
+            ["10.200.1.1".parse::<IpAddr>().expect("ip")],
+            "one removal for both services"
+        );
+        assert_eq!(
+            dataplane.vip_addresses,
+            ["10.200.1.5".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(dataplane.services.len(), 1);
+    }
+
+    /// What the datapath does with packets, as text to compare: every service's key, id,
+    /// scheduler and the table it reads (not where the table lives), the backends that are
+    /// up (without generations), endpoints, VIP addresses, ports and 3-tuple services.
+    fn behaviour(dataplane: &MemoryDataplane) -> Vec<String> {
+        let mut lines: Vec<String> = dataplane
+            .services
+            .iter()
+            .map(|(key, service)| {
+                format!(
+                    "service {key:?} id {} scheduler {} flags {} table {:?}",
+                    service.id,
+                    service.scheduler,
+                    service.flags,
+                    dataplane.table(key)
+                )
+            })
+            .collect();
+        lines.extend(
+            dataplane
+                .backends
+                .iter()
+                .filter(|(_, backend)| backend.state == backend_state::UP)
+                .map(|(id, backend)| {
+                    format!(
+                        "backend {id} {:?}:{:?} flags {} service {}",
+                        backend.addr, backend.port, backend.flags, backend.service_id
+                    )
+                }),
+        );
+        lines.extend(
+            dataplane
+                .endpoints
+                .iter()
+                .map(|e| format!("endpoint {e:?}")),
+        );
+        lines.extend(
+            dataplane
+                .vip_addresses
+                .iter()
+                .map(|vip| format!("vip {vip}")),
+        );
+        lines.extend(
+            dataplane
+                .three_tuple_services
+                .iter()
+                .map(|entry| format!("3-tuple {entry:?}")),
+        );
+        lines.push(format!("ports {:?}", dataplane.ports));
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_reload_failing_at_any_write_is_rolled_back() {
+        let three_tuple = CONFIG.replace(
+            "maglev_table_size = 1009",
+            "maglev_table_size = 1009\nmaglev_key = \"3-tuple\"",
+        );
+        let (mut running, mut running_dataplane) = installed(&three_tuple);
+        all_up(&mut running, &mut running_dataplane);
+        // Every kind of change: a backend moved (its id reused), a service and its 3-tuple
+        // entry removed, a VIP address removed and one added, a service added.
+        let target = CONFIG.replacen("port = 8080", "port = 8081", 1).replacen(
+            "vip = \"10.200.1.1\"\n        port = 80\n",
+            "vip = \"10.200.1.7\"\n        port = 80\n",
+            1,
+        );
+        let target = target[..target
+            .find("[[service]]\n        name = \"dns\"")
+            .expect("dns")]
+            .to_string()
+            + ELSEWHERE;
+        let config = config::parse(&target).expect("valid");
+        let mut reloaded = (running.clone(), running_dataplane.clone());
+        reloaded.0.reload(&config, &mut reloaded.1).expect("fits");
+        let writes = reloaded.1.writes - running_dataplane.writes;
+        assert!(writes > 10, "{writes} writes");
+
+        for failing in 1..=writes {
+            let (mut table, mut dataplane) = (running.clone(), running_dataplane.clone());
+            dataplane.fail_at = Some(dataplane.writes + failing);
+            let error = table.reload(&config, &mut dataplane);
+            assert!(
+                matches!(error, Err(ReloadError::RolledBack { .. })),
+                "write {failing}: {error:?}"
+            );
+            assert_eq!(
+                behaviour(&dataplane),
+                behaviour(&running_dataplane),
+                "write {failing} failed"
+            );
+            for (id, backend) in &running_dataplane.backends {
+                assert_eq!(dataplane.backends[id], *backend, "write {failing}");
+            }
+            let names = |table: &ServiceTable| -> Vec<(u32, String, Vec<BackendState>)> {
+                table
+                    .services
+                    .iter()
+                    .map(|s| (s.id, s.config.name.clone(), s.backends.clone()))
+                    .collect()
+            };
+            assert_eq!(names(&table), names(&running), "write {failing}");
+
+            // And the same reload again goes through to the same datapath.
+            table.reload(&config, &mut dataplane).expect("fits");
+            assert_eq!(
+                behaviour(&dataplane),
+                behaviour(&reloaded.1),
+                "again after write {failing}"
+            );
+        }
+
+        let (mut table, mut dataplane) = (running.clone(), running_dataplane.clone());
+        dataplane.fail_at = Some(dataplane.writes + writes / 2);
+        dataplane.keep_failing = true;
+        let error = table.reload(&config, &mut dataplane);
+        assert!(
+            matches!(error, Err(ReloadError::Inconsistent { .. })),
+            "{error:?}"
         );
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::config::{config_toml, ServiceConfig};
 use crate::netns::{Netns, NetnsName};
 use crate::process::{
     command_line, log_tail, run_stdout, unique_name, wait_until, ChildProcess, Poll, TempDir,
@@ -69,6 +70,19 @@ impl LoadBalancer {
     /// Writes `config`, starts lb-user and waits (bounded) until its control socket answers.
     pub fn start(netns: &Netns, config: &str) -> anyhow::Result<Self> {
         Self::start_in_mode(netns, config, None)
+    }
+
+    /// Starts lb-user with `services` (see [`LoadBalancer::start`]) and waits up to `timeout`
+    /// until every backend of them is up.
+    pub fn start_serving(
+        netns: &Netns,
+        services: &[ServiceConfig],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut lb = Self::start(netns, &config_toml(services))?;
+        let backends = services.iter().map(|service| service.backends.len()).sum();
+        lb.wait_backends_up(backends, timeout)?;
+        Ok(lb)
     }
 
     /// [`LoadBalancer::start`] with `--xdp-mode MODE` (`native`, `skb`), whatever

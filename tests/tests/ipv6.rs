@@ -77,10 +77,7 @@ impl Testbed {
 
     /// lb-user with `services`, once every backend of them is up.
     fn start_lb(&self, services: &[ServiceConfig]) -> anyhow::Result<LoadBalancer> {
-        let mut lb = LoadBalancer::start(&self.topology.lb, &config_toml(services))?;
-        let backends = services.iter().map(|service| service.backends.len()).sum();
-        lb.wait_backends_up(backends, STATE_TIMEOUT)?;
-        Ok(lb)
+        LoadBalancer::start_serving(&self.topology.lb, services, STATE_TIMEOUT)
     }
 
     /// The operator's SSH (stand-in) on the VIPs answers over both families.
