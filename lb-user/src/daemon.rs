@@ -392,6 +392,7 @@ impl Daemon {
             }
         };
         self.config = config;
+        warn_about_unreachable_vips(&self.public_interface, &self.config);
         self.bridge_paths = paths.kernel_paths;
         self.addresses_via = paths.addresses_via;
         self.backends_via = paths.backends_via;
