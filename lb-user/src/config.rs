@@ -765,13 +765,51 @@ fn locate_toml_error(text: &str, error: toml::de::Error) -> ConfigError {
             expected,
         }
     } else {
+        // The span points at the value: name the key written before it on its line.
+        let key = key_before(text, offset);
+        let mut message = plain_types(message);
+        if key.is_some_and(|key| key == "interval" || key.ends_with("timeout")) {
+            message = message.replace("expected a string", "expected a duration such as \"2s\"");
+        }
         ConfigError::WrongType {
-            table,
+            table: match key {
+                Some(key) => format!("{table}.{key}"),
+                None => table,
+            },
             line,
             column,
-            message: message.to_string(),
+            message,
         }
     }
+}
+
+/// The key of a `key = value` line whose value starts at `offset`.
+fn key_before(text: &str, offset: usize) -> Option<&str> {
+    let before = text.get(..offset)?;
+    let line = &before[before.rfind('\n').map_or(0, |newline| newline + 1)..];
+    let key = line.trim_end().strip_suffix('=')?.trim();
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    plain.then_some(key)
+}
+
+/// serde's Rust type names in TOML's terms: "expected i64" means "expected an integer".
+fn plain_types(message: &str) -> String {
+    let mut plain = message.to_string();
+    for (rust, toml) in [
+        ("expected i64", "expected an integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected u16", "expected an integer from 0 to 65535"),
+        ("expected u8", "expected an integer from 0 to 255"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        plain = plain.replace(rust, toml);
+    }
+    plain
 }
 
 /// Names the innermost table whose text contains `offset`. A `[[service]]` table's span covers
@@ -2465,7 +2503,11 @@ address = "10.0.2.2"
     fn wrong_types_name_the_table_and_position() {
         assert_rejected(
             &service_with("").replace("port = 80", "port = \"80\""),
-            &["service[0]", "line 4", "invalid type"],
+            &[
+                "service[0].port (line 4",
+                "invalid type",
+                "expected an integer",
+            ],
         );
         let text = service_with("") + "[[service.backend]]\naddress = 10\n";
         assert_rejected(&text, &["service[0].backend[1]", "line 9", "invalid type"]);
@@ -2644,11 +2686,14 @@ address = "10.0.2.2"
     fn wrong_types_in_flows_name_the_table() {
         assert_rejected(
             &with_flows("table_size = \"big\""),
-            &["flows (line 2", "invalid type"],
+            &["flows.table_size (line 2", "invalid type"],
         );
         assert_rejected(
             &with_flows("tcp_timeout = 900"),
-            &["flows (line 2", "invalid type"],
+            &[
+                "flows.tcp_timeout (line 2",
+                "expected a duration such as \"2s\"",
+            ],
         );
     }
 
