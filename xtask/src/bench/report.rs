@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use lb_tests::bench_e2e::{E2eReport, HttpRun, Mode, Setup, UdpRun};
-use lb_tests::bench_kernel::{CaseResult, KernelReport, Spread, FLOOR, NOT_A_SERVICE};
+use lb_tests::bench_kernel::{
+    CaseResult, KernelReport, Spread, FLOOR, NEW_TCP_FLOW, NOT_A_SERVICE,
+};
 
 /// What the numbers were measured on.
 pub struct Machine {
@@ -129,6 +131,15 @@ fn verdict_against_katran(case: &CaseResult) -> &'static str {
     }
 }
 
+/// Katran's figure for a new TCP flow, as the report's cases carry it.
+fn katran_new_flow(report: &KernelReport) -> Option<f64> {
+    report
+        .cases
+        .iter()
+        .find(|case| case.name == NEW_TCP_FLOW)
+        .and_then(|case| case.katran_ns)
+}
+
 /// The issue's two goals, met or not, in one sentence each.
 pub fn goals(report: &KernelReport) -> String {
     let behind: Vec<&str> = report
@@ -146,6 +157,28 @@ pub fn goals(report: &KernelReport) -> String {
             behind.join(", ")
         )
     };
+    // The main case inserts into a table with room: fresh, never-touched memory. A balancer
+    // that has started `flows.table_size` flows inserts by evicting from then on.
+    let evicting = report
+        .sweeps
+        .iter()
+        .filter(|point| point.sweep.starts_with("full flow table"))
+        .flat_map(|point| point.cases.iter())
+        .find(|case| case.name == NEW_TCP_FLOW);
+    if let (Some(evicting), Some(katran)) = (evicting, katran_new_flow(report)) {
+        let _ = write!(
+            text,
+            " A new flow into a full table, where every insert evicts the least recently used \
+             entry (the state the table reaches once the balancer has started as many flows as \
+             it holds), costs {:.0} ns ({}).",
+            evicting.wrapped.median,
+            if evicting.wrapped.median <= katran {
+                "at or below Katran's figure"
+            } else {
+                "above Katran's figure"
+            }
+        );
+    }
     if let Some(pass) = pass {
         let ratio = pass.wrapped.median / report.floor.wrapped.median;
         let _ = write!(
