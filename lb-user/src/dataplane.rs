@@ -991,6 +991,10 @@ pub struct MemoryDataplane {
     pub vip_removals: Vec<IpAddr>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
+    /// How many `set_schedule` calls there were, and how many entries they wrote in all: what
+    /// a kernel map would have cost in syscalls.
+    pub schedule_writes: usize,
+    pub schedule_entries: usize,
     /// Fail the write that would be number `fail_at` (counting from 1, as `writes` does),
     /// once: a kernel refusing one update midway. Cleared by the failure unless
     /// `keep_failing`, which fails every write from then on.
@@ -1051,6 +1055,8 @@ impl Dataplane for MemoryDataplane {
 
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError> {
         self.write()?;
+        self.schedule_writes += 1;
+        self.schedule_entries += entries.len();
         for (position, id) in entries.iter().enumerate() {
             self.schedule.insert(offset + position as u32, *id);
         }

@@ -23,6 +23,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -55,8 +56,17 @@ pub enum TableError {
          restart lb-user to resize it"
     )]
     ScheduleFull { needed: u32, free: u32 },
-    #[error("more than {MAX_SERVICES} services or {MAX_BACKENDS} backends over the daemon's life: restart lb-user")]
-    OutOfIds,
+    /// Cannot happen with a valid configuration (it has at most this many services): ids of
+    /// services a reload removes are free for the services it adds.
+    #[error(
+        "no free service id: all {MAX_SERVICES} are held by services of the new configuration"
+    )]
+    OutOfServiceIds,
+    /// As [`Self::OutOfServiceIds`], for backends.
+    #[error(
+        "no free backend id: all {MAX_BACKENDS} are held by backends of the new configuration"
+    )]
+    OutOfBackendIds,
 }
 
 /// One backend's identity, weight and health as the control plane sees it.
@@ -121,6 +131,29 @@ pub struct ServiceTable {
     handed_out: Vec<u32>,
     /// Backend addresses reached through the kernel's forwarding (see `set_kernel_paths`).
     kernel_paths: BTreeSet<IpAddr>,
+}
+
+/// A health checker's report about one backend, for [`ServiceTable::apply_health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    pub backend_id: u32,
+    /// The generation of the id the checker was started for.
+    pub generation: u32,
+    pub up: bool,
+}
+
+/// What [`ServiceTable::apply_health`] made of one report.
+#[derive(Clone, Debug)]
+pub enum HealthOutcome {
+    /// About a backend id that is gone or now names another backend: ignored.
+    Stale,
+    /// The backend already was in that state: nothing written.
+    Unchanged,
+    /// The backend changed state and the datapath follows.
+    Changed,
+    /// The backend changed state, but writing it or its service's table failed (the error may
+    /// be shared by every report about the same service).
+    Failed(Arc<DataplaneError>),
 }
 
 /// Generation written for a backend id the first time it is given out.
@@ -302,23 +335,48 @@ impl ServiceTable {
         Ok(true)
     }
 
-    /// [`Self::set_backend_up`] for a health checker's report about backend `backend_id` of
-    /// `generation`: a report about an earlier holder of the id (queued before a reload gave
-    /// the id to another backend) changes nothing and returns false.
-    pub fn set_backend_health(
+    /// Applies health checkers' reports together: each backend entry that changes is written
+    /// at once (so flows pinned to a backend that went down move at once), then each affected
+    /// service's table is rebuilt and written once, however many of its backends changed. A
+    /// report about an earlier holder of an id (queued before a reload gave the id to another
+    /// backend) changes nothing. Returns what became of each report, in order.
+    pub fn apply_health(
         &mut self,
-        backend_id: u32,
-        generation: u32,
-        up: bool,
+        reports: &[HealthReport],
         dataplane: &mut impl Dataplane,
-    ) -> Result<bool, DataplaneError> {
-        let current = self
-            .find_backend_id(backend_id)
-            .map(|(index, position)| self.services[index].backends[position].generation);
-        if current != Some(generation) {
-            return Ok(false);
+    ) -> Vec<HealthOutcome> {
+        let mut outcomes = Vec::with_capacity(reports.len());
+        // Service index -> the reports that changed one of its backends.
+        let mut affected: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (report_index, report) in reports.iter().enumerate() {
+            let Some((index, position)) = self.find_backend_id(report.backend_id) else {
+                outcomes.push(HealthOutcome::Stale);
+                continue;
+            };
+            let service = &mut self.services[index];
+            let backend = &mut service.backends[position];
+            if backend.generation != report.generation {
+                outcomes.push(HealthOutcome::Stale);
+            } else if backend.up == report.up {
+                outcomes.push(HealthOutcome::Unchanged);
+            } else {
+                backend.up = report.up;
+                match dataplane.set_backend(backend.id, &backend_value(service.id, backend)) {
+                    Ok(()) => outcomes.push(HealthOutcome::Changed),
+                    Err(error) => outcomes.push(HealthOutcome::Failed(Arc::new(error))),
+                }
+                affected.entry(index).or_default().push(report_index);
+            }
         }
-        self.set_backend_up(backend_id, up, dataplane)
+        for (index, report_indices) in affected {
+            if let Err(error) = self.publish(index, dataplane) {
+                let error = Arc::new(error);
+                for report_index in report_indices {
+                    outcomes[report_index] = HealthOutcome::Failed(error.clone());
+                }
+            }
+        }
+        outcomes
     }
 
     /// Drains (no new flows, existing flows continue) or undrains a backend. Returns false
@@ -395,6 +453,20 @@ impl ServiceTable {
                     .map(|backend| backend.id)
             })
             .collect();
+        // Ids of services that stay; those of removed services are free for added ones, so
+        // even replacing every service at once fits.
+        let kept_service_ids: BTreeSet<u32> = config
+            .services
+            .iter()
+            .filter_map(|service| {
+                old_services.iter().find(|old| {
+                    old.config.name == service.name
+                        && service_key(&old.config) == service_key(service)
+                })
+            })
+            .map(|old| old.id)
+            .collect();
+        let mut fresh = FreshIds::default();
 
         for service in &config.services {
             let old = old_services
@@ -442,7 +514,8 @@ impl ServiceTable {
                 }
                 _ => {
                     summary.services_added.push(service.name.clone());
-                    let id = free_service_id(&old_services, &services)?;
+                    let id = free_service_id(&kept_service_ids, &services)?;
+                    fresh.services.insert(id);
                     (id, next.allocate(needed)?)
                 }
             };
@@ -458,7 +531,6 @@ impl ServiceTable {
             });
         }
         for old in &old_services {
-            let kept = services.iter().find(|service| service.id == old.id);
             for backend in old
                 .backends
                 .iter()
@@ -468,7 +540,7 @@ impl ServiceTable {
                     .backends_removed
                     .push(format!("{} of {}", backend.addr, old.config.name));
             }
-            if kept.is_none() {
+            if !kept_service_ids.contains(&old.id) {
                 summary.services_removed.push(old.config.name.clone());
             }
         }
@@ -481,15 +553,7 @@ impl ServiceTable {
             .filter(|backend| kept_ids.contains(&backend.id))
             .map(|backend| (backend.id, backend.up))
             .collect();
-        let fresh = FreshIds {
-            backends: next.handed_out.iter().copied().collect(),
-            services: next
-                .services
-                .iter()
-                .map(|service| service.id)
-                .filter(|id| !old_services.iter().any(|old| old.id == *id))
-                .collect(),
-        };
+        fresh.backends = next.handed_out.iter().copied().collect();
         Ok(ReloadPlan {
             next,
             summary,
@@ -627,7 +691,7 @@ impl ServiceTable {
     fn new_backend(&mut self, addr: SocketAddr, weight: u32) -> Result<BackendState, TableError> {
         let id = self.generations.len() as u32;
         if id >= MAX_BACKENDS {
-            return Err(TableError::OutOfIds);
+            return Err(TableError::OutOfBackendIds);
         }
         self.generations.push(FIRST_GENERATION);
         Ok(BackendState {
@@ -656,7 +720,7 @@ impl ServiceTable {
             .copied()
             .collect();
         let Some(id) = (0..MAX_BACKENDS).find(|id| !in_use.contains(id)) else {
-            return Err(TableError::OutOfIds);
+            return Err(TableError::OutOfBackendIds);
         };
         self.handed_out.push(id);
         let index = id as usize;
@@ -841,10 +905,11 @@ pub fn port_bitmap(services: &[ServiceState]) -> Vec<u64> {
     bitmap
 }
 
-fn free_service_id(old: &[ServiceState], new: &[ServiceState]) -> Result<u32, TableError> {
+/// The lowest id neither kept by a service that stays nor given to one planned already.
+fn free_service_id(kept: &BTreeSet<u32>, planned: &[ServiceState]) -> Result<u32, TableError> {
     (0..MAX_SERVICES)
-        .find(|id| !old.iter().chain(new).any(|service| service.id == *id))
-        .ok_or(TableError::OutOfIds)
+        .find(|id| !kept.contains(id) && !planned.iter().any(|service| service.id == *id))
+        .ok_or(TableError::OutOfServiceIds)
 }
 
 /// Entries a service's table can need: every backend once, one period of its weights, or the
@@ -1593,16 +1658,25 @@ mod tests {
         let web = key(&table, "web");
         assert_eq!(dataplane.table(&web), vec![0]);
         // "Up" from the checker of the removed 10.200.12.2:8080, queued before the reload.
-        assert!(!table
-            .set_backend_health(moved.id, moved.generation - 1, true, &mut dataplane)
-            .expect("ok"));
+        let report = |generation| HealthReport {
+            backend_id: moved.id,
+            generation,
+            up: true,
+        };
+        let outcomes = table.apply_health(&[report(moved.generation - 1)], &mut dataplane);
+        assert!(
+            matches!(outcomes[..], [HealthOutcome::Stale]),
+            "{outcomes:?}"
+        );
         assert!(!table.services[0].backends[1].up);
         assert_eq!(dataplane.table(&web), vec![0]);
         assert_eq!(dataplane.backends[&moved.id].state, backend_state::DOWN);
         // The new backend's own checker.
-        assert!(table
-            .set_backend_health(moved.id, moved.generation, true, &mut dataplane)
-            .expect("ok"));
+        let outcomes = table.apply_health(&[report(moved.generation)], &mut dataplane);
+        assert!(
+            matches!(outcomes[..], [HealthOutcome::Changed]),
+            "{outcomes:?}"
+        );
         assert_eq!(dataplane.table(&web), vec![0, 1]);
     }
 
@@ -1800,6 +1874,128 @@ mod tests {
         assert!(
             matches!(error, Err(ReloadError::Inconsistent { .. })),
             "{error:?}"
+        );
+    }
+
+    /// `count` round-robin services named `{prefix}{i}`, each on its own port with one backend.
+    fn many_services(prefix: &str, count: u32) -> String {
+        (0..count)
+            .map(|i| {
+                format!(
+                    "[[service]]\nname = \"{prefix}{i}\"\nvip = \"10.200.1.1\"\nport = {}\n\
+                     [[service.backend]]\naddress = \"10.200.11.2\"\n",
+                    1000 + i
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ids_of_services_a_reload_removes_serve_the_services_it_adds() {
+        let full = MAX_SERVICES;
+        let (mut table, mut dataplane) = installed(&many_services("old", full));
+        let counted = TrafficStats {
+            packets: 7,
+            ..TrafficStats::default()
+        };
+        for id in 0..full {
+            dataplane.service_stats.insert(id, counted);
+        }
+
+        // Every service renamed at once: each takes a removed one's id, with zeroed counters.
+        let renamed = config::parse(&many_services("new", full)).expect("valid");
+        let summary = table.reload(&renamed, &mut dataplane).expect("fits");
+        assert_eq!(summary.services_added.len(), full as usize);
+        assert_eq!(summary.services_removed.len(), full as usize);
+        let ids: BTreeSet<u32> = table.services.iter().map(|service| service.id).collect();
+        assert_eq!(ids, (0..full).collect());
+        for id in [0, full / 2, full - 1] {
+            assert_eq!(
+                dataplane.service_stats(id).expect("ok"),
+                TrafficStats::default(),
+                "id {id}"
+            );
+        }
+        assert_eq!(dataplane.services.len(), full as usize);
+
+        // From every id in use to one new service.
+        let summary = table
+            .reload(&config::parse(ELSEWHERE).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_added, ["api"]);
+        assert_eq!(table.services[0].id, 0);
+        assert_eq!(dataplane.services.len(), 1);
+    }
+
+    #[test]
+    fn health_reports_applied_together_write_each_service_table_once() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let before = dataplane.schedule_writes;
+        let up = |backend_id| HealthReport {
+            backend_id,
+            generation: FIRST_GENERATION,
+            up: true,
+        };
+        // All four up (web: 0 and 1, dns: 2 and 3), plus a repeat and a stale report.
+        let reports = [
+            up(0),
+            up(2),
+            up(1),
+            up(3),
+            up(0),
+            HealthReport {
+                generation: FIRST_GENERATION + 1,
+                ..up(1)
+            },
+        ];
+        let outcomes = table.apply_health(&reports, &mut dataplane);
+        let kinds: Vec<&str> = outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                HealthOutcome::Changed => "changed",
+                HealthOutcome::Unchanged => "unchanged",
+                HealthOutcome::Stale => "stale",
+                HealthOutcome::Failed(_) => "failed",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "changed",
+                "changed",
+                "changed",
+                "changed",
+                "unchanged",
+                "stale"
+            ]
+        );
+        assert_eq!(
+            dataplane.schedule_writes - before,
+            2,
+            "one table write per service, not per report"
+        );
+        assert_eq!(dataplane.table(&key(&table, "web")), vec![0, 1]);
+        let dns = dataplane.table(&key(&table, "dns"));
+        assert!(dns.contains(&2) && dns.contains(&3) && dns.len() == 1009);
+        assert!(dataplane
+            .backends
+            .values()
+            .all(|backend| backend.state == backend_state::UP));
+
+        // A failed table write (after the two backend entries) is reported for every report
+        // about that service.
+        dataplane.fail_at = Some(dataplane.writes + 3);
+        let down = |backend_id| HealthReport {
+            up: false,
+            ..up(backend_id)
+        };
+        let outcomes = table.apply_health(&[down(0), down(1)], &mut dataplane);
+        assert!(
+            matches!(
+                outcomes[..],
+                [HealthOutcome::Failed(_), HealthOutcome::Failed(_)]
+            ),
+            "{outcomes:?}"
         );
     }
 }
