@@ -18,7 +18,10 @@
 //!
 //! Each service owns two regions of the shared `SCHEDULE` array. Its table is rebuilt into the
 //! region not in use, then the service entry is switched to it in one map update: the datapath
-//! never sees a half-written table.
+//! never sees a half-written table. Only the entries that differ from what that region held
+//! are written (each write is a syscall, and a Maglev table has up to 1000003 entries). The
+//! regions of removed services are reused from the reload after the one that removed them (see
+//! [`crate::schedule_space`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +40,7 @@ use crate::{
     dataplane::{
         AnyEndpointKey, AnyServiceKey, AnyVipProtocol, Dataplane, DataplaneError, WideEndpoint,
     },
+    schedule_space::{Block, ScheduleSpace},
     scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
 };
 
@@ -52,10 +56,17 @@ pub enum TableError {
         backend: SocketAddr,
     },
     #[error(
-        "the scheduling table has room for {free} more entries, and this change needs {needed}: \
-         restart lb-user to resize it"
+        "service {service:?} needs {needed} entries of the scheduling table (two tables' worth), \
+         and its largest free stretch has {free} of its {size}: space of services removed or \
+         moved by the last reload is free from the next reload on; otherwise restart lb-user to \
+         size the table for this configuration"
     )]
-    ScheduleFull { needed: u32, free: u32 },
+    ScheduleFull {
+        service: String,
+        needed: u32,
+        free: u32,
+        size: u32,
+    },
     /// Cannot happen with a valid configuration (it has at most this many services): ids of
     /// services a reload removes are free for the services it adds.
     #[error(
@@ -97,13 +108,26 @@ impl BackendState {
     }
 }
 
-/// Where a service's two tables live in `SCHEDULE`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a service's two tables live in `SCHEDULE`, and what they hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Regions {
     offsets: [u32; 2],
     capacity: u32,
     /// Which region the datapath reads now.
     active: usize,
+    /// What each region holds as written by us; `None` while unknown: fresh from the
+    /// allocator (an earlier service's table may be there), or a write failed partway.
+    written: [Option<Vec<u32>>; 2],
+}
+
+impl Regions {
+    /// Both regions, as one block of the allocator.
+    fn block(&self) -> Block {
+        Block {
+            offset: self.offsets[0],
+            len: 2 * self.capacity,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -112,8 +136,15 @@ pub struct ServiceState {
     pub config: ServiceConfig,
     pub backends: Vec<BackendState>,
     regions: Regions,
-    /// The table the datapath reads now.
-    pub table: Vec<u32>,
+}
+
+impl ServiceState {
+    /// The table the datapath reads now (empty before the first one is written).
+    pub fn table(&self) -> &[u32] {
+        self.regions.written[self.regions.active]
+            .as_deref()
+            .unwrap_or_default()
+    }
 }
 
 /// Every configured service with its backends' health, and the ids and table space in use.
@@ -124,9 +155,8 @@ pub struct ServiceTable {
     pub fragments: FragmentSettings,
     /// Generation of every backend id ever given out (index = id).
     generations: Vec<u32>,
-    schedule_size: u32,
-    /// The next free entry of `SCHEDULE` (regions are never reused: a reload allocates anew).
-    schedule_next: u32,
+    /// Which parts of `SCHEDULE` the services' regions take.
+    space: ScheduleSpace,
     /// Backend ids given out by the reload in progress.
     handed_out: Vec<u32>,
     /// Backend addresses reached through the kernel's forwarding (see `set_kernel_paths`).
@@ -155,6 +185,10 @@ pub enum HealthOutcome {
     /// be shared by every report about the same service).
     Failed(Arc<DataplaneError>),
 }
+
+/// The smallest `SCHEDULE` the daemon loads: 2^21 entries (8 MiB), room for eight Maglev
+/// services of the default table size (two tables each) beyond what the configuration needs.
+pub const MIN_SCHEDULE_SIZE: u32 = 1 << 21;
 
 /// Generation written for a backend id the first time it is given out.
 const FIRST_GENERATION: u32 = 1;
@@ -214,14 +248,16 @@ pub enum ReloadError {
 
 impl ServiceTable {
     /// The `SCHEDULE` size to load the datapath with for `config`: twice what it needs (two
-    /// regions per service), twice over again so reloads can add services and backends.
+    /// regions per service), twice over again so reloads can add services and backends, and
+    /// never less than [`MIN_SCHEDULE_SIZE`] (8 MiB of kernel memory), so that a reload can
+    /// switch a service to Maglev or add a few without a restart.
     pub fn schedule_size_for(config: &Config) -> u32 {
         let needed: u64 = config
             .services
             .iter()
             .map(|s| 2 * u64::from(capacity(s)))
             .sum();
-        (needed * 2).clamp(1 << 16, u64::from(u32::MAX / 2)) as u32
+        (needed * 2).clamp(u64::from(MIN_SCHEDULE_SIZE), u64::from(u32::MAX / 2)) as u32
     }
 
     /// All backends start down: none gets traffic before it passed a probe.
@@ -231,8 +267,7 @@ impl ServiceTable {
             flows: config.flows,
             fragments: config.fragments,
             generations: Vec::new(),
-            schedule_size,
-            schedule_next: 0,
+            space: ScheduleSpace::new(schedule_size),
             handed_out: Vec::new(),
             kernel_paths: BTreeSet::new(),
         };
@@ -242,13 +277,12 @@ impl ServiceTable {
                 .iter()
                 .map(|backend| table.new_backend(backend.addr, backend.weight))
                 .collect::<Result<Vec<_>, _>>()?;
-            let regions = table.allocate(capacity(service))?;
+            let regions = table.allocate(service)?;
             table.services.push(ServiceState {
                 id: index as u32,
                 config: service.clone(),
                 backends,
                 regions,
-                table: Vec::new(),
             });
         }
         Ok(table)
@@ -430,6 +464,9 @@ impl ServiceTable {
     ) -> Result<ReloadPlan, TableError> {
         let mut next = self.clone();
         next.handed_out.clear();
+        // What the previous reload gave back has had the time between two reloads to go out
+        // of use: from now on it is free.
+        next.space.end_quarantine();
         next.set_kernel_paths(kernel_paths);
         next.flows = config.flows;
         next.fragments = config.fragments;
@@ -499,16 +536,15 @@ impl ServiceTable {
                     }
                 }
             }
-            let needed = capacity(service);
             let (id, regions) = match old {
                 Some(old) if same_listener => {
                     if old.config != *service {
                         summary.services_changed.push(service.name.clone());
                     }
-                    let regions = if old.regions.capacity >= needed {
-                        old.regions
+                    let regions = if old.regions.capacity >= capacity(service) {
+                        old.regions.clone()
                     } else {
-                        next.allocate(needed)?
+                        next.allocate(service)?
                     };
                     (old.id, regions)
                 }
@@ -516,7 +552,7 @@ impl ServiceTable {
                     summary.services_added.push(service.name.clone());
                     let id = free_service_id(&kept_service_ids, &services)?;
                     fresh.services.insert(id);
-                    (id, next.allocate(needed)?)
+                    (id, next.allocate(service)?)
                 }
             };
             services.push(ServiceState {
@@ -524,11 +560,17 @@ impl ServiceTable {
                 config: service.clone(),
                 backends,
                 regions,
-                table: old
-                    .filter(|_| same_listener)
-                    .map(|old| old.table.clone())
-                    .unwrap_or_default(),
             });
+        }
+        // Regions no service keeps: removed services', and those of services that outgrew them.
+        for old in &old_services {
+            let block = old.regions.block();
+            if !services
+                .iter()
+                .any(|service| service.regions.block() == block)
+            {
+                next.space.release(block);
+            }
         }
         for old in &old_services {
             for backend in old
@@ -594,14 +636,23 @@ impl ServiceTable {
         // What the failed attempt handed out stays spent: flows may be pinned to those ids and
         // generations, and its tables may be in those regions.
         restored.generations = failed.generations.clone();
-        restored.schedule_next = failed.schedule_next;
+        // The attempt's new regions may be read by packets that saw its service entries: they
+        // wait in quarantine like a removed service's; the running services' regions are in
+        // use again.
+        restored.space = failed.space.clone();
+        for service in &failed.services {
+            restored.space.release(service.regions.block());
+        }
         for service in &mut restored.services {
+            restored.space.reclaim(service.regions.block());
             if let Some(written) = failed.services.iter().find(|written| {
                 written.id == service.id && written.regions.offsets == service.regions.offsets
             }) {
-                // The attempt may have switched the service to its other region: publish into
-                // the one the datapath does not read.
+                // The attempt may have switched the service to its other region, and written
+                // either: publish into the one the datapath does not read, knowing what the
+                // attempt left in each.
                 service.regions.active = written.regions.active;
+                service.regions.written = written.regions.written.clone();
             }
         }
         match write_changes(
@@ -652,39 +703,45 @@ impl ServiceTable {
         dataplane: &mut impl Dataplane,
     ) -> Result<(), DataplaneError> {
         let service = &mut self.services[index];
-        let table = build_table(service);
+        let mut table = build_table(service);
+        // Tables never outgrow their region: capacity() bounds every scheduler's table.
+        table.truncate(service.regions.capacity as usize);
         let spare = 1 - service.regions.active;
         let offset = service.regions.offsets[spare];
-        // Tables never outgrow their region: capacity() bounds every scheduler's table.
-        let table_len = table.len().min(service.regions.capacity as usize);
-        dataplane.set_schedule(offset, &table[..table_len])?;
+        // Unknown until the write is through: a failure may leave it half written.
+        let before = service.regions.written[spare].take();
+        write_table(dataplane, offset, before.as_deref(), &table)?;
         let value = Service {
             id: service.id,
             scheduler: scheduler_value(service.config.scheduler),
             flags: flags_value(service.config.scheduler),
             _pad: [0; 2],
             table_offset: offset,
-            table_len: table_len as u32,
+            table_len: table.len() as u32,
         };
+        service.regions.written[spare] = Some(table);
         dataplane.set_service(service_key(&service.config), &value)?;
         service.regions.active = spare;
-        service.table = table;
         Ok(())
     }
 
-    fn allocate(&mut self, capacity: u32) -> Result<Regions, TableError> {
-        let capacity = capacity.max(1);
+    /// Two regions for `service`'s table, from the space free now.
+    fn allocate(&mut self, service: &ServiceConfig) -> Result<Regions, TableError> {
+        let capacity = capacity(service).max(1);
         let needed = capacity * 2;
-        let free = self.schedule_size - self.schedule_next;
-        if needed > free {
-            return Err(TableError::ScheduleFull { needed, free });
-        }
-        let first = self.schedule_next;
-        self.schedule_next += needed;
+        let Some(block) = self.space.allocate(needed) else {
+            return Err(TableError::ScheduleFull {
+                service: service.name.clone(),
+                needed,
+                free: self.space.largest_free(),
+                size: self.space.size(),
+            });
+        };
         Ok(Regions {
-            offsets: [first, first + capacity],
+            offsets: [block.offset, block.offset + capacity],
             capacity,
             active: 1,
+            written: [None, None],
         })
     }
 
@@ -821,6 +878,33 @@ fn write_changes(
     dataplane.set_ports(&port_bitmap(&to.services))?;
     for service in new_three_tuple.values() {
         dataplane.set_three_tuple_service(*service)?;
+    }
+    Ok(())
+}
+
+/// Writes `table` into `SCHEDULE` from `offset` on, where `before` was (if known): only the
+/// runs of entries that differ, each in one call.
+fn write_table(
+    dataplane: &mut impl Dataplane,
+    offset: u32,
+    before: Option<&[u32]>,
+    table: &[u32],
+) -> Result<(), DataplaneError> {
+    let Some(before) = before else {
+        return dataplane.set_schedule(offset, table);
+    };
+    let differs = |slot: usize| before.get(slot) != Some(&table[slot]);
+    let mut slot = 0;
+    while slot < table.len() {
+        if !differs(slot) {
+            slot += 1;
+            continue;
+        }
+        let start = slot;
+        while slot < table.len() && differs(slot) {
+            slot += 1;
+        }
+        dataplane.set_schedule(offset + start as u32, &table[start..slot])?;
     }
     Ok(())
 }
@@ -1588,7 +1672,7 @@ mod tests {
         let mut dataplane = MemoryDataplane::default();
         table.install(&mut dataplane).expect("ok");
         let bigger = CONFIG.replace("maglev_table_size = 1009", "maglev_table_size = 1013");
-        let before = (dataplane.writes, table.services[1].table.clone());
+        let before = (dataplane.writes, table.services[1].table().to_vec());
         let error = table.reload(&config::parse(&bigger).expect("valid"), &mut dataplane);
         assert!(
             matches!(
@@ -1597,7 +1681,10 @@ mod tests {
             ),
             "{error:?}"
         );
-        assert_eq!((dataplane.writes, table.services[1].table.clone()), before);
+        assert_eq!(
+            (dataplane.writes, table.services[1].table().to_vec()),
+            before
+        );
         assert_eq!(
             table.services[1].config.scheduler,
             Scheduler::Maglev {
@@ -1996,6 +2083,90 @@ mod tests {
                 [HealthOutcome::Failed(_), HealthOutcome::Failed(_)]
             ),
             "{outcomes:?}"
+        );
+    }
+
+    /// One Maglev service `name` on 10.200.1.1:80 with the default table (65537 entries) over
+    /// `backends` backends 10.200.1N.2.
+    fn maglev_service(name: &str, backends: u32) -> String {
+        let mut text = format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"10.200.1.1\"\nport = 80\n\
+             scheduler = \"maglev\"\n[service.health_check]\nkind = \"none\"\n"
+        );
+        for backend in 0..backends {
+            text += &format!(
+                "[[service.backend]]\naddress = \"10.200.{}.2\"\n",
+                11 + backend
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn regions_of_removed_services_are_reused_from_the_next_reload_on() {
+        let config = config::parse(&maglev_service("web", 2)).expect("valid");
+        // Room for the regions of two such services: the running one and its successor.
+        let mut table = ServiceTable::new(&config, 2 * 2 * 65537).expect("fits");
+        let mut dataplane = MemoryDataplane::default();
+        table.install(&mut dataplane).expect("memory");
+        all_up(&mut table, &mut dataplane);
+        let mut blocks = vec![table.services[0].regions.block()];
+        for name in ["web2", "web", "web2", "web", "web3"] {
+            let config = config::parse(&maglev_service(name, 2)).expect("valid");
+            table
+                .reload(&config, &mut dataplane)
+                .unwrap_or_else(|error| panic!("renaming to {name}: {error}"));
+            let block = table.services[0].regions.block();
+            assert_ne!(
+                Some(&block),
+                blocks.last(),
+                "{name}: not the regions this reload took from the service it removed"
+            );
+            blocks.push(block);
+            all_up(&mut table, &mut dataplane);
+            let entries = dataplane.table(&key(&table, name));
+            assert_eq!(entries.len(), 65537, "{name}");
+            assert_eq!(entries, table.services[0].table(), "{name}");
+            assert!(entries.contains(&0) && entries.contains(&1), "{name}");
+        }
+        let distinct: BTreeSet<Block> = blocks.iter().copied().collect();
+        assert_eq!(distinct.len(), 2, "{blocks:?}");
+    }
+
+    #[test]
+    fn a_table_write_touches_only_the_entries_that_changed() {
+        let config = maglev_service("web", 4)
+            .replace("port = 80\n", "port = 80\nmaglev_table_size = 1009\n");
+        let (mut table, mut dataplane) = installed(&config);
+        all_up(&mut table, &mut dataplane);
+        let web = key(&table, "web");
+        let mut written = 0;
+        for (id, up) in [(3, false), (0, false), (3, true), (0, true), (2, false)] {
+            // What the region about to be written holds, as the datapath has it.
+            let regions = &table.services[0].regions;
+            let offset = regions.offsets[1 - regions.active];
+            let held: Vec<Option<u32>> = (0..1009)
+                .map(|slot| dataplane.schedule.get(&(offset + slot)).copied())
+                .collect();
+            let before = dataplane.schedule_entries;
+            table
+                .set_backend_up(id, up, &mut dataplane)
+                .expect("memory");
+            let now = dataplane.table(&web);
+            // What writing the whole table would have left.
+            assert_eq!(now, build_table(&table.services[0]), "backend {id} up {up}");
+            let changed = now
+                .iter()
+                .zip(&held)
+                .filter(|(entry, held)| Some(**entry) != **held)
+                .count();
+            let step = dataplane.schedule_entries - before;
+            assert_eq!(step, changed, "backend {id} up {up}");
+            written += step;
+        }
+        assert!(
+            written < 5 * 1009 / 2,
+            "{written} entries written in 5 changes"
         );
     }
 }
