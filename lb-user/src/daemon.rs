@@ -119,7 +119,7 @@ pub async fn run(options: Options) -> Result<()> {
     for service in &table.services {
         log_service(service);
     }
-    warn_shared_backends(&table);
+    warn_shared_backends(&table, &BTreeMap::new());
 
     // Backend-facing interfaces first, the public one last: by the time clients' packets are
     // translated, their replies are translated too. A failure drops `dataplane`, which
@@ -251,7 +251,11 @@ impl Daemon {
             }
         };
         for change in self.dataplane.reconcile(&wanted, self.mode) {
-            tracing::warn!("{change}");
+            if change.warning {
+                tracing::warn!("{}", change.message);
+            } else {
+                tracing::info!("{}", change.message);
+            }
         }
         if self.mode == XdpMode::Driver {
             let unready: BTreeSet<String> = unready_redirect_targets(&wanted).into_iter().collect();
@@ -394,6 +398,7 @@ impl Daemon {
             // reload fails below, needed before any such backend takes traffic.
             attach_egress(&mut self.dataplane, &self.public_interface, &paths).context(REFUSED)?;
         }
+        let shared_before = shared_backends(&self.table);
         let summary = match self.table.apply_reload(plan, &mut self.dataplane) {
             Ok(summary) => summary,
             Err(error @ ReloadError::Refused(_)) => return Err(error).context(REFUSED),
@@ -415,8 +420,19 @@ impl Daemon {
         for service in &self.table.services {
             log_service(service);
         }
+        warn_shared_backends(&self.table, &shared_before);
+        let moved = if summary.services_moved.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", moved to another VIP, port or protocol (new to the datapath: their backends \
+                 start over) {:?}",
+                summary.services_moved
+            )
+        };
         let message = format!(
-            "reloaded {}: services added {:?}, removed {:?}, changed {:?}; backends added {:?}, removed {:?}",
+            "reloaded {}: services added {:?}, removed {:?}, changed {:?}{moved}; backends added \
+             {:?}, removed {:?}",
             self.config_path.display(),
             summary.services_added,
             summary.services_removed,
@@ -605,12 +621,10 @@ fn take_queued(first: HealthEvent, queue: &mut mpsc::Receiver<HealthEvent>) -> V
     events
 }
 
-/// Warns about backend endpoints that serve more than one service (as the table marked them
-/// when it was installed): NAT keeps the client's address, so if one client uses the same
-/// source port towards both services, the backend sees one connection and the replies cannot
-/// be told apart.
-fn warn_shared_backends(table: &ServiceTable) {
-    let mut users: std::collections::BTreeMap<SocketAddr, Vec<&str>> = Default::default();
+/// The backend endpoints that serve more than one service (as the table marked them when it
+/// was installed or reloaded), with those services' names.
+fn shared_backends(table: &ServiceTable) -> BTreeMap<SocketAddr, Vec<String>> {
+    let mut users: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
     for service in &table.services {
         for backend in service
             .backends
@@ -620,10 +634,21 @@ fn warn_shared_backends(table: &ServiceTable) {
             users
                 .entry(backend.addr)
                 .or_default()
-                .push(&service.config.name);
+                .push(service.config.name.clone());
         }
     }
-    for (addr, services) in &users {
+    users
+}
+
+/// Warns about backend endpoints that serve more than one service, except those that served
+/// the same services in `known` (before a reload: warned about already): NAT keeps the
+/// client's address, so if one client uses the same source port towards both services, the
+/// backend sees one connection and the replies cannot be told apart.
+fn warn_shared_backends(table: &ServiceTable, known: &BTreeMap<SocketAddr, Vec<String>>) {
+    for (addr, services) in shared_backends(table) {
+        if known.get(&addr) == Some(&services) {
+            continue;
+        }
         tracing::warn!(
             "backend {addr} serves services {}: a client using one source port for both would \
              look like one connection to it; give each service its own backend port",
@@ -680,6 +705,12 @@ fn warn_about_unreachable_vips(public: &str, config: &Config) {
         let prefix = if vip.is_ipv6() { 128 } else { 32 };
         match topology::vip_route(vip) {
             topology::VipRoute::Local => {}
+            topology::VipRoute::Broadcast { device } => tracing::warn!(
+                "VIP {vip} (service {services}) is the broadcast address of a subnet of \
+                 {device}: clients' packets to it go to every host there as broadcasts, and \
+                 connections to it do not work. Choose a VIP that is no subnet's broadcast or \
+                 network address"
+            ),
             topology::VipRoute::OnLink { device } => tracing::warn!(
                 "VIP {vip} (service {services}) is on {device}'s subnet but no address of this \
                  host: nobody answers ARP or neighbour solicitations for it, so clients cannot \

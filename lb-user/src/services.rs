@@ -199,6 +199,10 @@ pub struct ReloadSummary {
     pub services_added: Vec<String>,
     pub services_removed: Vec<String>,
     pub services_changed: Vec<String>,
+    /// Services that kept their name but not their VIP, port or protocol: to the datapath a
+    /// new service (new id, its backends start over), listed here rather than as both added
+    /// and removed.
+    pub services_moved: Vec<String>,
     pub backends_added: Vec<String>,
     pub backends_removed: Vec<String>,
     /// The health of every backend that stays (by id): its checker resumes from it. A backend
@@ -549,7 +553,11 @@ impl ServiceTable {
                     (old.id, regions)
                 }
                 _ => {
-                    summary.services_added.push(service.name.clone());
+                    if old.is_some() {
+                        summary.services_moved.push(service.name.clone());
+                    } else {
+                        summary.services_added.push(service.name.clone());
+                    }
                     let id = free_service_id(&kept_service_ids, &services)?;
                     fresh.services.insert(id);
                     (id, next.allocate(service)?)
@@ -582,7 +590,8 @@ impl ServiceTable {
                     .backends_removed
                     .push(format!("{} of {}", backend.addr, old.config.name));
             }
-            if !kept_service_ids.contains(&old.id) {
+            let moved = summary.services_moved.contains(&old.config.name);
+            if !kept_service_ids.contains(&old.id) && !moved {
                 summary.services_removed.push(old.config.name.clone());
             }
         }
@@ -2168,5 +2177,18 @@ mod tests {
             written < 5 * 1009 / 2,
             "{written} entries written in 5 changes"
         );
+    }
+
+    #[test]
+    fn a_service_that_keeps_its_name_but_not_its_listener_is_reported_as_moved() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let moved = CONFIG.replacen("port = 80\n", "port = 81\n", 1);
+        let summary = table
+            .reload(&config::parse(&moved).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_moved, ["web"]);
+        assert!(summary.services_added.is_empty(), "{summary:?}");
+        assert!(summary.services_removed.is_empty(), "{summary:?}");
+        assert_eq!(summary.backends_added.len(), 2, "web's backends start over");
     }
 }

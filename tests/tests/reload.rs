@@ -409,3 +409,47 @@ fn a_dead_backend_goes_down_while_reloads_come_faster_than_its_probes() -> anyho
     )?;
     lb.shutdown()
 }
+
+#[test]
+fn reloads_warn_about_backends_they_share_and_name_services_they_move() -> anyhow::Result<()> {
+    if !skip_unless_privileged("reloads_warn_about_backends_they_share_and_name_services_they_move")
+    {
+        return Ok(());
+    }
+    let testbed = Testbed::start()?;
+    let web = testbed.topology.demo_service();
+    let lb = testbed.start_lb(std::slice::from_ref(&web))?;
+    let backend1 = testbed.topology.backend("backend1")?.address.to_string();
+    let warning = format!("backend {backend1}:80 serves services web, alt");
+    ensure!(
+        !lb.log().contains(&warning),
+        "before the reload:\n{}",
+        lb.log()
+    );
+
+    // alt on port 8000 over the same backends: their endpoints now serve two services.
+    let alt = ServiceConfig {
+        name: "alt".to_string(),
+        port: 8000,
+        ..web.clone()
+    };
+    lb.reload(&config_toml(&[web.clone(), alt]))?;
+    ensure!(
+        lb.log().contains(&warning),
+        "after the reload:\n{}",
+        lb.log()
+    );
+
+    // web moves to port 8001: neither added nor removed, but moved.
+    let moved = ServiceConfig {
+        port: 8001,
+        ..web.clone()
+    };
+    let message = lb.reload(&config_toml(&[moved]))?;
+    ensure!(
+        message.contains(r#"services added [], removed ["alt"], changed []"#)
+            && message.contains(r#"start over) ["web"]"#),
+        "the reload's message: {message}"
+    );
+    lb.shutdown()
+}
