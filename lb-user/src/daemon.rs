@@ -26,7 +26,7 @@ use crate::{
     dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
     netdev,
-    services::{ReloadError, ServiceTable},
+    services::{HealthOutcome, HealthReport, ReloadError, ServiceTable},
     stats::Snapshot,
     topology,
 };
@@ -45,6 +45,16 @@ pub struct Options {
     pub socket: PathBuf,
 }
 
+/// A running health checker and what it was started for: a reload keeps it when none of
+/// this changes, so its rise/fall streak survives.
+struct Checker {
+    task: JoinHandle<()>,
+    service_id: u32,
+    generation: u32,
+    target: SocketAddr,
+    check: config::HealthCheck,
+}
+
 /// Everything the running daemon owns.
 struct Daemon {
     public_interface: String,
@@ -54,7 +64,7 @@ struct Daemon {
     table: ServiceTable,
     dataplane: XdpDataplane,
     /// Health checker per backend id.
-    checkers: HashMap<u32, JoinHandle<()>>,
+    checkers: HashMap<u32, Checker>,
     events: mpsc::Sender<HealthEvent>,
     /// Redirect targets that could not take redirects at the last check (warned about once);
     /// the backends routed through them are reached through the kernel meanwhile.
@@ -109,7 +119,7 @@ pub async fn run(options: Options) -> Result<()> {
     for service in &table.services {
         log_service(service);
     }
-    warn_shared_backends(&table);
+    warn_shared_backends(&table, &BTreeMap::new());
 
     // Backend-facing interfaces first, the public one last: by the time clients' packets are
     // translated, their replies are translated too. A failure drops `dataplane`, which
@@ -154,7 +164,7 @@ pub async fn run(options: Options) -> Result<()> {
         addresses_via: paths.addresses_via.clone(),
         backends_via: paths.backends_via.clone(),
     };
-    daemon.restart_checkers(&BTreeMap::new());
+    daemon.sync_checkers(&BTreeMap::new());
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -167,7 +177,10 @@ pub async fn run(options: Options) -> Result<()> {
                 daemon.reconcile_interfaces();
                 daemon.sweep_fragments();
             }
-            Some(event) = health_events.recv() => daemon.apply_health_event(event),
+            Some(event) = health_events.recv() => {
+                let events = take_queued(event, &mut health_events);
+                daemon.apply_health_events(&events);
+            }
             Some((request, reply)) = control_calls.recv() => {
                 let response = daemon.handle(request);
                 if reply.send(response).is_err() {
@@ -193,7 +206,7 @@ pub async fn run(options: Options) -> Result<()> {
 
     control_task.abort();
     for checker in daemon.checkers.values() {
-        checker.abort();
+        checker.task.abort();
     }
     let failures = daemon.dataplane.detach_all();
     if let Some((interface, error)) = failures.first() {
@@ -238,7 +251,11 @@ impl Daemon {
             }
         };
         for change in self.dataplane.reconcile(&wanted, self.mode) {
-            tracing::warn!("{change}");
+            if change.warning {
+                tracing::warn!("{}", change.message);
+            } else {
+                tracing::info!("{}", change.message);
+            }
         }
         if self.mode == XdpMode::Driver {
             let unready: BTreeSet<String> = unready_redirect_targets(&wanted).into_iter().collect();
@@ -381,6 +398,7 @@ impl Daemon {
             // reload fails below, needed before any such backend takes traffic.
             attach_egress(&mut self.dataplane, &self.public_interface, &paths).context(REFUSED)?;
         }
+        let shared_before = shared_backends(&self.table);
         let summary = match self.table.apply_reload(plan, &mut self.dataplane) {
             Ok(summary) => summary,
             Err(error @ ReloadError::Refused(_)) => return Err(error).context(REFUSED),
@@ -398,12 +416,23 @@ impl Daemon {
         self.backends_via = paths.backends_via;
         // New backends may be routed through interfaces not attached yet.
         self.reconcile_interfaces();
-        self.restart_checkers(&summary.resumed);
+        self.sync_checkers(&summary.resumed);
         for service in &self.table.services {
             log_service(service);
         }
+        warn_shared_backends(&self.table, &shared_before);
+        let moved = if summary.services_moved.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", moved to another VIP, port or protocol (new to the datapath: their backends \
+                 start over) {:?}",
+                summary.services_moved
+            )
+        };
         let message = format!(
-            "reloaded {}: services added {:?}, removed {:?}, changed {:?}; backends added {:?}, removed {:?}",
+            "reloaded {}: services added {:?}, removed {:?}, changed {:?}{moved}; backends added \
+             {:?}, removed {:?}",
             self.config_path.display(),
             summary.services_added,
             summary.services_removed,
@@ -426,17 +455,31 @@ impl Daemon {
         Ok(paths)
     }
 
-    /// One checker per backend. A backend that stays (by id and address, in `resumed`)
-    /// resumes from its state; every other starts fresh, as at startup.
-    fn restart_checkers(&mut self, resumed: &BTreeMap<u32, bool>) {
-        for (_, checker) in self.checkers.drain() {
-            checker.abort();
-        }
+    /// One checker per backend. A backend that stays (by id and generation, in `resumed`)
+    /// with the same probe target and health-check settings keeps its running checker, and
+    /// with it the streak of results towards its next change: restarting it at every reload
+    /// would let reloads more frequent than `interval` × `fall` keep a dead backend up. A
+    /// backend that stays but whose check changed resumes from its up/down state; every other
+    /// starts fresh, as at startup.
+    fn sync_checkers(&mut self, resumed: &BTreeMap<u32, bool>) {
+        let mut previous = std::mem::take(&mut self.checkers);
         for service in &self.table.services {
             let check = &service.config.health_check;
             for backend in &service.backends {
                 let target = check.probe_target(backend.addr);
-                let checker = health::spawn_checker(
+                if let Some(running) = previous.remove(&backend.id) {
+                    let unchanged = running.service_id == service.id
+                        && running.generation == backend.generation
+                        && running.target == target
+                        && running.check == *check
+                        && resumed.contains_key(&backend.id);
+                    if unchanged && !running.task.is_finished() {
+                        self.checkers.insert(backend.id, running);
+                        continue;
+                    }
+                    running.task.abort();
+                }
+                let task = health::spawn_checker(
                     service.id as usize,
                     (backend.id as usize, backend.generation),
                     target,
@@ -444,38 +487,59 @@ impl Daemon {
                     self.events.clone(),
                     resumed.get(&backend.id).copied(),
                 );
+                let checker = Checker {
+                    task,
+                    service_id: service.id,
+                    generation: backend.generation,
+                    target,
+                    check: check.clone(),
+                };
                 self.checkers.insert(backend.id, checker);
             }
         }
+        for checker in previous.into_values() {
+            checker.task.abort();
+        }
     }
 
-    fn apply_health_event(&mut self, event: HealthEvent) {
-        let backend_id = event.backend as u32;
-        let Some((index, position)) = self.table.find_backend_id(backend_id) else {
-            return; // a checker of a backend removed by a reload
-        };
-        let service = &self.table.services[index];
-        let (name, addr) = (service.config.name.clone(), service.backends[position].addr);
-        let current = service.backends[position].generation == event.generation;
-        let state = if event.up { "up" } else { "down" };
-        // Ok(false) too for an event queued by the checker of the id's previous holder.
-        let written = self.table.set_backend_health(
-            backend_id,
-            event.generation,
-            event.up,
-            &mut self.dataplane,
-        );
-        match written {
-            Ok(true) => tracing::info!("backend {addr} of service {name} is {state} {}", event.reason),
-            Ok(false) if event.first_probe && current => tracing::warn!(
-                "backend {addr} of service {name} is down {}: it gets traffic once its probes \
-                 pass",
-                event.reason
-            ),
-            Ok(false) => {}
-            Err(error) => tracing::error!(
-                "backend {addr} of service {name} is {state}, but updating the datapath failed: {error}"
-            ),
+    /// Applies a batch of health events (see [`take_queued`]): every service whose backends
+    /// changed gets its table written once for the whole batch.
+    fn apply_health_events(&mut self, events: &[HealthEvent]) {
+        let reports: Vec<HealthReport> = events
+            .iter()
+            .map(|event| HealthReport {
+                backend_id: event.backend as u32,
+                generation: event.generation,
+                up: event.up,
+            })
+            .collect();
+        let outcomes = self.table.apply_health(&reports, &mut self.dataplane);
+        for (event, outcome) in events.iter().zip(outcomes) {
+            let Some((index, position)) = self.table.find_backend_id(event.backend as u32) else {
+                continue; // a checker of a backend removed by a reload
+            };
+            let service = &self.table.services[index];
+            let (name, addr) = (&service.config.name, service.backends[position].addr);
+            let state = if event.up { "up" } else { "down" };
+            match outcome {
+                HealthOutcome::Changed => {
+                    tracing::info!(
+                        "backend {addr} of service {name} is {state} {}",
+                        event.reason
+                    )
+                }
+                HealthOutcome::Unchanged if event.first_probe => tracing::warn!(
+                    "backend {addr} of service {name} is down {}: it gets traffic once its \
+                     probes pass",
+                    event.reason
+                ),
+                // Stale: queued by the checker of the id's previous holder.
+                HealthOutcome::Unchanged | HealthOutcome::Stale => {}
+                HealthOutcome::Failed(error) => tracing::error!(
+                    "backend {addr} of service {name} is {state}, but updating the datapath \
+                     failed: {error}"
+                ),
+            }
         }
     }
 
@@ -540,12 +604,27 @@ impl Daemon {
     }
 }
 
-/// Warns about backend endpoints that serve more than one service (as the table marked them
-/// when it was installed): NAT keeps the client's address, so if one client uses the same
-/// source port towards both services, the backend sees one connection and the replies cannot
-/// be told apart.
-fn warn_shared_backends(table: &ServiceTable) {
-    let mut users: std::collections::BTreeMap<SocketAddr, Vec<&str>> = Default::default();
+/// Most health events applied together: bounds the time one batch keeps the loop busy.
+const MAX_HEALTH_BATCH: usize = 1024;
+
+/// `first` and every event queued behind it (up to [`MAX_HEALTH_BATCH`]): rebuilding a large
+/// Maglev table once for many backends' changes instead of once per change keeps the control
+/// socket answering when many backends change together (all of them come up at start).
+fn take_queued(first: HealthEvent, queue: &mut mpsc::Receiver<HealthEvent>) -> Vec<HealthEvent> {
+    let mut events = vec![first];
+    while events.len() < MAX_HEALTH_BATCH {
+        match queue.try_recv() {
+            Ok(event) => events.push(event),
+            Err(_) => break,
+        }
+    }
+    events
+}
+
+/// The backend endpoints that serve more than one service (as the table marked them when it
+/// was installed or reloaded), with those services' names.
+fn shared_backends(table: &ServiceTable) -> BTreeMap<SocketAddr, Vec<String>> {
+    let mut users: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
     for service in &table.services {
         for backend in service
             .backends
@@ -555,10 +634,21 @@ fn warn_shared_backends(table: &ServiceTable) {
             users
                 .entry(backend.addr)
                 .or_default()
-                .push(&service.config.name);
+                .push(service.config.name.clone());
         }
     }
-    for (addr, services) in &users {
+    users
+}
+
+/// Warns about backend endpoints that serve more than one service, except those that served
+/// the same services in `known` (before a reload: warned about already): NAT keeps the
+/// client's address, so if one client uses the same source port towards both services, the
+/// backend sees one connection and the replies cannot be told apart.
+fn warn_shared_backends(table: &ServiceTable, known: &BTreeMap<SocketAddr, Vec<String>>) {
+    for (addr, services) in shared_backends(table) {
+        if known.get(&addr) == Some(&services) {
+            continue;
+        }
         tracing::warn!(
             "backend {addr} serves services {}: a client using one source port for both would \
              look like one connection to it; give each service its own backend port",
@@ -615,6 +705,12 @@ fn warn_about_unreachable_vips(public: &str, config: &Config) {
         let prefix = if vip.is_ipv6() { 128 } else { 32 };
         match topology::vip_route(vip) {
             topology::VipRoute::Local => {}
+            topology::VipRoute::Broadcast { device } => tracing::warn!(
+                "VIP {vip} (service {services}) is the broadcast address of a subnet of \
+                 {device}: clients' packets to it go to every host there as broadcasts, and \
+                 connections to it do not work. Choose a VIP that is no subnet's broadcast or \
+                 network address"
+            ),
             topology::VipRoute::OnLink { device } => tracing::warn!(
                 "VIP {vip} (service {services}) is on {device}'s subnet but no address of this \
                  host: nobody answers ARP or neighbour solicitations for it, so clients cannot \
@@ -838,5 +934,35 @@ impl Drop for RemoveOnDrop {
                 tracing::warn!("removing control socket {}: {error}", self.0.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(backend: usize) -> HealthEvent {
+        HealthEvent {
+            service: 0,
+            backend,
+            generation: 1,
+            up: true,
+            reason: "after 1 successful probe".to_string(),
+            first_probe: false,
+        }
+    }
+
+    #[test]
+    fn health_events_queued_behind_one_are_taken_together() {
+        let (sender, mut queue) = mpsc::channel(MAX_HEALTH_BATCH + 10);
+        for backend in 1..MAX_HEALTH_BATCH + 4 {
+            sender.try_send(event(backend)).expect("room");
+        }
+        let batch = take_queued(event(0), &mut queue);
+        let backends: Vec<usize> = batch.iter().map(|event| event.backend).collect();
+        assert_eq!(backends, (0..MAX_HEALTH_BATCH).collect::<Vec<_>>());
+        let rest = take_queued(event(0), &mut queue);
+        assert_eq!(rest.len(), 1 + 4, "the first and the 4 left");
+        assert_eq!(take_queued(event(7), &mut queue), [event(7)]);
     }
 }

@@ -263,6 +263,24 @@ macro_rules! loaded_program {
     }};
 }
 
+/// One thing [`XdpDataplane::reconcile`] did, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceChange {
+    pub message: String,
+    /// Worth a warning (an interface went, was recreated, or could not be attached to), not
+    /// routine.
+    pub warning: bool,
+}
+
+impl InterfaceChange {
+    fn warning(message: String) -> Self {
+        Self {
+            message,
+            warning: true,
+        }
+    }
+}
+
 /// The loaded XDP program and its maps.
 pub struct XdpDataplane {
     ebpf: Ebpf,
@@ -413,8 +431,9 @@ impl XdpDataplane {
     /// interface deleted and created again (a container's veth after a restart) has a new
     /// index and no program: its stale link is dropped and the program attached anew. An
     /// interface that does not exist at the moment is left for a later call. Returns what was
-    /// done, for the log.
-    pub fn reconcile(&mut self, wanted: &[String], mode: XdpMode) -> Vec<String> {
+    /// done, for the log: attaching to an interface for the first time is routine (a reload
+    /// routed a backend through it); everything else is a warning.
+    pub fn reconcile(&mut self, wanted: &[String], mode: XdpMode) -> Vec<InterfaceChange> {
         let mut changes = Vec::new();
         for interface in wanted {
             let current = topology::interface_index(interface);
@@ -431,20 +450,30 @@ impl XdpDataplane {
                     }
                 }
                 if current == 0 {
-                    changes.push(format!("interface {interface} is gone; its traffic is not balanced until it returns"));
+                    changes.push(InterfaceChange::warning(format!("interface {interface} is gone; its traffic is not balanced until it returns")));
                     continue;
                 }
             } else if current == 0 {
                 continue;
             }
+            let again = if position.is_some() { " again" } else { "" };
             match self.attach(interface, mode) {
-                Ok(()) => changes.push(format!(
-                    "attached XDP program to {interface} (ifindex {current})"
-                )),
-                Err(error) => changes.push(format!("attaching XDP to {interface} failed: {error}")),
+                Ok(()) => changes.push(InterfaceChange {
+                    message: format!(
+                        "attached XDP program to {interface}{again} (ifindex {current})"
+                    ),
+                    warning: position.is_some(),
+                }),
+                Err(error) => changes.push(InterfaceChange::warning(format!(
+                    "attaching XDP to {interface} failed: {error}"
+                ))),
             }
         }
-        changes.extend(self.reconcile_egress());
+        changes.extend(
+            self.reconcile_egress()
+                .into_iter()
+                .map(InterfaceChange::warning),
+        );
         changes
     }
 
@@ -991,6 +1020,10 @@ pub struct MemoryDataplane {
     pub vip_removals: Vec<IpAddr>,
     /// How many writes happened, to check that unchanged state is not rewritten.
     pub writes: usize,
+    /// How many `set_schedule` calls there were, and how many entries they wrote in all: what
+    /// a kernel map would have cost in syscalls.
+    pub schedule_writes: usize,
+    pub schedule_entries: usize,
     /// Fail the write that would be number `fail_at` (counting from 1, as `writes` does),
     /// once: a kernel refusing one update midway. Cleared by the failure unless
     /// `keep_failing`, which fails every write from then on.
@@ -1051,6 +1084,8 @@ impl Dataplane for MemoryDataplane {
 
     fn set_schedule(&mut self, offset: u32, entries: &[u32]) -> Result<(), DataplaneError> {
         self.write()?;
+        self.schedule_writes += 1;
+        self.schedule_entries += entries.len();
         for (position, id) in entries.iter().enumerate() {
             self.schedule.insert(offset + position as u32, *id);
         }

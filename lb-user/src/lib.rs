@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod netdev;
+pub mod schedule_space;
 pub mod scheduling;
 pub mod services;
 pub mod stats;

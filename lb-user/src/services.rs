@@ -18,11 +18,15 @@
 //!
 //! Each service owns two regions of the shared `SCHEDULE` array. Its table is rebuilt into the
 //! region not in use, then the service entry is switched to it in one map update: the datapath
-//! never sees a half-written table.
+//! never sees a half-written table. Only the entries that differ from what that region held
+//! are written (each write is a syscall, and a Maglev table has up to 1000003 entries). The
+//! regions of removed services are reused from the reload after the one that removed them (see
+//! [`crate::schedule_space`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -36,6 +40,7 @@ use crate::{
     dataplane::{
         AnyEndpointKey, AnyServiceKey, AnyVipProtocol, Dataplane, DataplaneError, WideEndpoint,
     },
+    schedule_space::{Block, ScheduleSpace},
     scheduling::{maglev_table, round_robin_table, smooth_weighted_table, TableBackend},
 };
 
@@ -51,12 +56,28 @@ pub enum TableError {
         backend: SocketAddr,
     },
     #[error(
-        "the scheduling table has room for {free} more entries, and this change needs {needed}: \
-         restart lb-user to resize it"
+        "service {service:?} needs {needed} entries of the scheduling table (two tables' worth), \
+         and its largest free stretch has {free} of its {size}: space of services removed or \
+         moved by the last reload is free from the next reload on; otherwise restart lb-user to \
+         size the table for this configuration"
     )]
-    ScheduleFull { needed: u32, free: u32 },
-    #[error("more than {MAX_SERVICES} services or {MAX_BACKENDS} backends over the daemon's life: restart lb-user")]
-    OutOfIds,
+    ScheduleFull {
+        service: String,
+        needed: u32,
+        free: u32,
+        size: u32,
+    },
+    /// Cannot happen with a valid configuration (it has at most this many services): ids of
+    /// services a reload removes are free for the services it adds.
+    #[error(
+        "no free service id: all {MAX_SERVICES} are held by services of the new configuration"
+    )]
+    OutOfServiceIds,
+    /// As [`Self::OutOfServiceIds`], for backends.
+    #[error(
+        "no free backend id: all {MAX_BACKENDS} are held by backends of the new configuration"
+    )]
+    OutOfBackendIds,
 }
 
 /// One backend's identity, weight and health as the control plane sees it.
@@ -87,13 +108,26 @@ impl BackendState {
     }
 }
 
-/// Where a service's two tables live in `SCHEDULE`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a service's two tables live in `SCHEDULE`, and what they hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Regions {
     offsets: [u32; 2],
     capacity: u32,
     /// Which region the datapath reads now.
     active: usize,
+    /// What each region holds as written by us; `None` while unknown: fresh from the
+    /// allocator (an earlier service's table may be there), or a write failed partway.
+    written: [Option<Vec<u32>>; 2],
+}
+
+impl Regions {
+    /// Both regions, as one block of the allocator.
+    fn block(&self) -> Block {
+        Block {
+            offset: self.offsets[0],
+            len: 2 * self.capacity,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -102,8 +136,15 @@ pub struct ServiceState {
     pub config: ServiceConfig,
     pub backends: Vec<BackendState>,
     regions: Regions,
-    /// The table the datapath reads now.
-    pub table: Vec<u32>,
+}
+
+impl ServiceState {
+    /// The table the datapath reads now (empty before the first one is written).
+    pub fn table(&self) -> &[u32] {
+        self.regions.written[self.regions.active]
+            .as_deref()
+            .unwrap_or_default()
+    }
 }
 
 /// Every configured service with its backends' health, and the ids and table space in use.
@@ -114,14 +155,40 @@ pub struct ServiceTable {
     pub fragments: FragmentSettings,
     /// Generation of every backend id ever given out (index = id).
     generations: Vec<u32>,
-    schedule_size: u32,
-    /// The next free entry of `SCHEDULE` (regions are never reused: a reload allocates anew).
-    schedule_next: u32,
+    /// Which parts of `SCHEDULE` the services' regions take.
+    space: ScheduleSpace,
     /// Backend ids given out by the reload in progress.
     handed_out: Vec<u32>,
     /// Backend addresses reached through the kernel's forwarding (see `set_kernel_paths`).
     kernel_paths: BTreeSet<IpAddr>,
 }
+
+/// A health checker's report about one backend, for [`ServiceTable::apply_health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    pub backend_id: u32,
+    /// The generation of the id the checker was started for.
+    pub generation: u32,
+    pub up: bool,
+}
+
+/// What [`ServiceTable::apply_health`] made of one report.
+#[derive(Clone, Debug)]
+pub enum HealthOutcome {
+    /// About a backend id that is gone or now names another backend: ignored.
+    Stale,
+    /// The backend already was in that state: nothing written.
+    Unchanged,
+    /// The backend changed state and the datapath follows.
+    Changed,
+    /// The backend changed state, but writing it or its service's table failed (the error may
+    /// be shared by every report about the same service).
+    Failed(Arc<DataplaneError>),
+}
+
+/// The smallest `SCHEDULE` the daemon loads: 2^21 entries (8 MiB), room for eight Maglev
+/// services of the default table size (two tables each) beyond what the configuration needs.
+pub const MIN_SCHEDULE_SIZE: u32 = 1 << 21;
 
 /// Generation written for a backend id the first time it is given out.
 const FIRST_GENERATION: u32 = 1;
@@ -132,6 +199,10 @@ pub struct ReloadSummary {
     pub services_added: Vec<String>,
     pub services_removed: Vec<String>,
     pub services_changed: Vec<String>,
+    /// Services that kept their name but not their VIP, port or protocol: to the datapath a
+    /// new service (new id, its backends start over), listed here rather than as both added
+    /// and removed.
+    pub services_moved: Vec<String>,
     pub backends_added: Vec<String>,
     pub backends_removed: Vec<String>,
     /// The health of every backend that stays (by id): its checker resumes from it. A backend
@@ -181,14 +252,16 @@ pub enum ReloadError {
 
 impl ServiceTable {
     /// The `SCHEDULE` size to load the datapath with for `config`: twice what it needs (two
-    /// regions per service), twice over again so reloads can add services and backends.
+    /// regions per service), twice over again so reloads can add services and backends, and
+    /// never less than [`MIN_SCHEDULE_SIZE`] (8 MiB of kernel memory), so that a reload can
+    /// switch a service to Maglev or add a few without a restart.
     pub fn schedule_size_for(config: &Config) -> u32 {
         let needed: u64 = config
             .services
             .iter()
             .map(|s| 2 * u64::from(capacity(s)))
             .sum();
-        (needed * 2).clamp(1 << 16, u64::from(u32::MAX / 2)) as u32
+        (needed * 2).clamp(u64::from(MIN_SCHEDULE_SIZE), u64::from(u32::MAX / 2)) as u32
     }
 
     /// All backends start down: none gets traffic before it passed a probe.
@@ -198,8 +271,7 @@ impl ServiceTable {
             flows: config.flows,
             fragments: config.fragments,
             generations: Vec::new(),
-            schedule_size,
-            schedule_next: 0,
+            space: ScheduleSpace::new(schedule_size),
             handed_out: Vec::new(),
             kernel_paths: BTreeSet::new(),
         };
@@ -209,13 +281,12 @@ impl ServiceTable {
                 .iter()
                 .map(|backend| table.new_backend(backend.addr, backend.weight))
                 .collect::<Result<Vec<_>, _>>()?;
-            let regions = table.allocate(capacity(service))?;
+            let regions = table.allocate(service)?;
             table.services.push(ServiceState {
                 id: index as u32,
                 config: service.clone(),
                 backends,
                 regions,
-                table: Vec::new(),
             });
         }
         Ok(table)
@@ -302,23 +373,48 @@ impl ServiceTable {
         Ok(true)
     }
 
-    /// [`Self::set_backend_up`] for a health checker's report about backend `backend_id` of
-    /// `generation`: a report about an earlier holder of the id (queued before a reload gave
-    /// the id to another backend) changes nothing and returns false.
-    pub fn set_backend_health(
+    /// Applies health checkers' reports together: each backend entry that changes is written
+    /// at once (so flows pinned to a backend that went down move at once), then each affected
+    /// service's table is rebuilt and written once, however many of its backends changed. A
+    /// report about an earlier holder of an id (queued before a reload gave the id to another
+    /// backend) changes nothing. Returns what became of each report, in order.
+    pub fn apply_health(
         &mut self,
-        backend_id: u32,
-        generation: u32,
-        up: bool,
+        reports: &[HealthReport],
         dataplane: &mut impl Dataplane,
-    ) -> Result<bool, DataplaneError> {
-        let current = self
-            .find_backend_id(backend_id)
-            .map(|(index, position)| self.services[index].backends[position].generation);
-        if current != Some(generation) {
-            return Ok(false);
+    ) -> Vec<HealthOutcome> {
+        let mut outcomes = Vec::with_capacity(reports.len());
+        // Service index -> the reports that changed one of its backends.
+        let mut affected: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (report_index, report) in reports.iter().enumerate() {
+            let Some((index, position)) = self.find_backend_id(report.backend_id) else {
+                outcomes.push(HealthOutcome::Stale);
+                continue;
+            };
+            let service = &mut self.services[index];
+            let backend = &mut service.backends[position];
+            if backend.generation != report.generation {
+                outcomes.push(HealthOutcome::Stale);
+            } else if backend.up == report.up {
+                outcomes.push(HealthOutcome::Unchanged);
+            } else {
+                backend.up = report.up;
+                match dataplane.set_backend(backend.id, &backend_value(service.id, backend)) {
+                    Ok(()) => outcomes.push(HealthOutcome::Changed),
+                    Err(error) => outcomes.push(HealthOutcome::Failed(Arc::new(error))),
+                }
+                affected.entry(index).or_default().push(report_index);
+            }
         }
-        self.set_backend_up(backend_id, up, dataplane)
+        for (index, report_indices) in affected {
+            if let Err(error) = self.publish(index, dataplane) {
+                let error = Arc::new(error);
+                for report_index in report_indices {
+                    outcomes[report_index] = HealthOutcome::Failed(error.clone());
+                }
+            }
+        }
+        outcomes
     }
 
     /// Drains (no new flows, existing flows continue) or undrains a backend. Returns false
@@ -372,6 +468,9 @@ impl ServiceTable {
     ) -> Result<ReloadPlan, TableError> {
         let mut next = self.clone();
         next.handed_out.clear();
+        // What the previous reload gave back has had the time between two reloads to go out
+        // of use: from now on it is free.
+        next.space.end_quarantine();
         next.set_kernel_paths(kernel_paths);
         next.flows = config.flows;
         next.fragments = config.fragments;
@@ -395,6 +494,20 @@ impl ServiceTable {
                     .map(|backend| backend.id)
             })
             .collect();
+        // Ids of services that stay; those of removed services are free for added ones, so
+        // even replacing every service at once fits.
+        let kept_service_ids: BTreeSet<u32> = config
+            .services
+            .iter()
+            .filter_map(|service| {
+                old_services.iter().find(|old| {
+                    old.config.name == service.name
+                        && service_key(&old.config) == service_key(service)
+                })
+            })
+            .map(|old| old.id)
+            .collect();
+        let mut fresh = FreshIds::default();
 
         for service in &config.services {
             let old = old_services
@@ -427,23 +540,27 @@ impl ServiceTable {
                     }
                 }
             }
-            let needed = capacity(service);
             let (id, regions) = match old {
                 Some(old) if same_listener => {
                     if old.config != *service {
                         summary.services_changed.push(service.name.clone());
                     }
-                    let regions = if old.regions.capacity >= needed {
-                        old.regions
+                    let regions = if old.regions.capacity >= capacity(service) {
+                        old.regions.clone()
                     } else {
-                        next.allocate(needed)?
+                        next.allocate(service)?
                     };
                     (old.id, regions)
                 }
                 _ => {
-                    summary.services_added.push(service.name.clone());
-                    let id = free_service_id(&old_services, &services)?;
-                    (id, next.allocate(needed)?)
+                    if old.is_some() {
+                        summary.services_moved.push(service.name.clone());
+                    } else {
+                        summary.services_added.push(service.name.clone());
+                    }
+                    let id = free_service_id(&kept_service_ids, &services)?;
+                    fresh.services.insert(id);
+                    (id, next.allocate(service)?)
                 }
             };
             services.push(ServiceState {
@@ -451,14 +568,19 @@ impl ServiceTable {
                 config: service.clone(),
                 backends,
                 regions,
-                table: old
-                    .filter(|_| same_listener)
-                    .map(|old| old.table.clone())
-                    .unwrap_or_default(),
             });
         }
+        // Regions no service keeps: removed services', and those of services that outgrew them.
         for old in &old_services {
-            let kept = services.iter().find(|service| service.id == old.id);
+            let block = old.regions.block();
+            if !services
+                .iter()
+                .any(|service| service.regions.block() == block)
+            {
+                next.space.release(block);
+            }
+        }
+        for old in &old_services {
             for backend in old
                 .backends
                 .iter()
@@ -468,7 +590,8 @@ impl ServiceTable {
                     .backends_removed
                     .push(format!("{} of {}", backend.addr, old.config.name));
             }
-            if kept.is_none() {
+            let moved = summary.services_moved.contains(&old.config.name);
+            if !kept_service_ids.contains(&old.id) && !moved {
                 summary.services_removed.push(old.config.name.clone());
             }
         }
@@ -481,15 +604,7 @@ impl ServiceTable {
             .filter(|backend| kept_ids.contains(&backend.id))
             .map(|backend| (backend.id, backend.up))
             .collect();
-        let fresh = FreshIds {
-            backends: next.handed_out.iter().copied().collect(),
-            services: next
-                .services
-                .iter()
-                .map(|service| service.id)
-                .filter(|id| !old_services.iter().any(|old| old.id == *id))
-                .collect(),
-        };
+        fresh.backends = next.handed_out.iter().copied().collect();
         Ok(ReloadPlan {
             next,
             summary,
@@ -530,14 +645,23 @@ impl ServiceTable {
         // What the failed attempt handed out stays spent: flows may be pinned to those ids and
         // generations, and its tables may be in those regions.
         restored.generations = failed.generations.clone();
-        restored.schedule_next = failed.schedule_next;
+        // The attempt's new regions may be read by packets that saw its service entries: they
+        // wait in quarantine like a removed service's; the running services' regions are in
+        // use again.
+        restored.space = failed.space.clone();
+        for service in &failed.services {
+            restored.space.release(service.regions.block());
+        }
         for service in &mut restored.services {
+            restored.space.reclaim(service.regions.block());
             if let Some(written) = failed.services.iter().find(|written| {
                 written.id == service.id && written.regions.offsets == service.regions.offsets
             }) {
-                // The attempt may have switched the service to its other region: publish into
-                // the one the datapath does not read.
+                // The attempt may have switched the service to its other region, and written
+                // either: publish into the one the datapath does not read, knowing what the
+                // attempt left in each.
                 service.regions.active = written.regions.active;
+                service.regions.written = written.regions.written.clone();
             }
         }
         match write_changes(
@@ -588,46 +712,52 @@ impl ServiceTable {
         dataplane: &mut impl Dataplane,
     ) -> Result<(), DataplaneError> {
         let service = &mut self.services[index];
-        let table = build_table(service);
+        let mut table = build_table(service);
+        // Tables never outgrow their region: capacity() bounds every scheduler's table.
+        table.truncate(service.regions.capacity as usize);
         let spare = 1 - service.regions.active;
         let offset = service.regions.offsets[spare];
-        // Tables never outgrow their region: capacity() bounds every scheduler's table.
-        let table_len = table.len().min(service.regions.capacity as usize);
-        dataplane.set_schedule(offset, &table[..table_len])?;
+        // Unknown until the write is through: a failure may leave it half written.
+        let before = service.regions.written[spare].take();
+        write_table(dataplane, offset, before.as_deref(), &table)?;
         let value = Service {
             id: service.id,
             scheduler: scheduler_value(service.config.scheduler),
             flags: flags_value(service.config.scheduler),
             _pad: [0; 2],
             table_offset: offset,
-            table_len: table_len as u32,
+            table_len: table.len() as u32,
         };
+        service.regions.written[spare] = Some(table);
         dataplane.set_service(service_key(&service.config), &value)?;
         service.regions.active = spare;
-        service.table = table;
         Ok(())
     }
 
-    fn allocate(&mut self, capacity: u32) -> Result<Regions, TableError> {
-        let capacity = capacity.max(1);
+    /// Two regions for `service`'s table, from the space free now.
+    fn allocate(&mut self, service: &ServiceConfig) -> Result<Regions, TableError> {
+        let capacity = capacity(service).max(1);
         let needed = capacity * 2;
-        let free = self.schedule_size - self.schedule_next;
-        if needed > free {
-            return Err(TableError::ScheduleFull { needed, free });
-        }
-        let first = self.schedule_next;
-        self.schedule_next += needed;
+        let Some(block) = self.space.allocate(needed) else {
+            return Err(TableError::ScheduleFull {
+                service: service.name.clone(),
+                needed,
+                free: self.space.largest_free(),
+                size: self.space.size(),
+            });
+        };
         Ok(Regions {
-            offsets: [first, first + capacity],
+            offsets: [block.offset, block.offset + capacity],
             capacity,
             active: 1,
+            written: [None, None],
         })
     }
 
     fn new_backend(&mut self, addr: SocketAddr, weight: u32) -> Result<BackendState, TableError> {
         let id = self.generations.len() as u32;
         if id >= MAX_BACKENDS {
-            return Err(TableError::OutOfIds);
+            return Err(TableError::OutOfBackendIds);
         }
         self.generations.push(FIRST_GENERATION);
         Ok(BackendState {
@@ -656,7 +786,7 @@ impl ServiceTable {
             .copied()
             .collect();
         let Some(id) = (0..MAX_BACKENDS).find(|id| !in_use.contains(id)) else {
-            return Err(TableError::OutOfIds);
+            return Err(TableError::OutOfBackendIds);
         };
         self.handed_out.push(id);
         let index = id as usize;
@@ -761,6 +891,33 @@ fn write_changes(
     Ok(())
 }
 
+/// Writes `table` into `SCHEDULE` from `offset` on, where `before` was (if known): only the
+/// runs of entries that differ, each in one call.
+fn write_table(
+    dataplane: &mut impl Dataplane,
+    offset: u32,
+    before: Option<&[u32]>,
+    table: &[u32],
+) -> Result<(), DataplaneError> {
+    let Some(before) = before else {
+        return dataplane.set_schedule(offset, table);
+    };
+    let differs = |slot: usize| before.get(slot) != Some(&table[slot]);
+    let mut slot = 0;
+    while slot < table.len() {
+        if !differs(slot) {
+            slot += 1;
+            continue;
+        }
+        let start = slot;
+        while slot < table.len() && differs(slot) {
+            slot += 1;
+        }
+        dataplane.set_schedule(offset + start as u32, &table[start..slot])?;
+    }
+    Ok(())
+}
+
 /// An endpoint key of `addr`'s family.
 fn endpoint_key(service: &ServiceConfig, addr: SocketAddr) -> AnyEndpointKey {
     let (port, protocol) = (addr.port().to_be_bytes(), service.protocol.number());
@@ -841,10 +998,11 @@ pub fn port_bitmap(services: &[ServiceState]) -> Vec<u64> {
     bitmap
 }
 
-fn free_service_id(old: &[ServiceState], new: &[ServiceState]) -> Result<u32, TableError> {
+/// The lowest id neither kept by a service that stays nor given to one planned already.
+fn free_service_id(kept: &BTreeSet<u32>, planned: &[ServiceState]) -> Result<u32, TableError> {
     (0..MAX_SERVICES)
-        .find(|id| !old.iter().chain(new).any(|service| service.id == *id))
-        .ok_or(TableError::OutOfIds)
+        .find(|id| !kept.contains(id) && !planned.iter().any(|service| service.id == *id))
+        .ok_or(TableError::OutOfServiceIds)
 }
 
 /// Entries a service's table can need: every backend once, one period of its weights, or the
@@ -1523,7 +1681,7 @@ mod tests {
         let mut dataplane = MemoryDataplane::default();
         table.install(&mut dataplane).expect("ok");
         let bigger = CONFIG.replace("maglev_table_size = 1009", "maglev_table_size = 1013");
-        let before = (dataplane.writes, table.services[1].table.clone());
+        let before = (dataplane.writes, table.services[1].table().to_vec());
         let error = table.reload(&config::parse(&bigger).expect("valid"), &mut dataplane);
         assert!(
             matches!(
@@ -1532,7 +1690,10 @@ mod tests {
             ),
             "{error:?}"
         );
-        assert_eq!((dataplane.writes, table.services[1].table.clone()), before);
+        assert_eq!(
+            (dataplane.writes, table.services[1].table().to_vec()),
+            before
+        );
         assert_eq!(
             table.services[1].config.scheduler,
             Scheduler::Maglev {
@@ -1593,16 +1754,25 @@ mod tests {
         let web = key(&table, "web");
         assert_eq!(dataplane.table(&web), vec![0]);
         // "Up" from the checker of the removed 10.200.12.2:8080, queued before the reload.
-        assert!(!table
-            .set_backend_health(moved.id, moved.generation - 1, true, &mut dataplane)
-            .expect("ok"));
+        let report = |generation| HealthReport {
+            backend_id: moved.id,
+            generation,
+            up: true,
+        };
+        let outcomes = table.apply_health(&[report(moved.generation - 1)], &mut dataplane);
+        assert!(
+            matches!(outcomes[..], [HealthOutcome::Stale]),
+            "{outcomes:?}"
+        );
         assert!(!table.services[0].backends[1].up);
         assert_eq!(dataplane.table(&web), vec![0]);
         assert_eq!(dataplane.backends[&moved.id].state, backend_state::DOWN);
         // The new backend's own checker.
-        assert!(table
-            .set_backend_health(moved.id, moved.generation, true, &mut dataplane)
-            .expect("ok"));
+        let outcomes = table.apply_health(&[report(moved.generation)], &mut dataplane);
+        assert!(
+            matches!(outcomes[..], [HealthOutcome::Changed]),
+            "{outcomes:?}"
+        );
         assert_eq!(dataplane.table(&web), vec![0, 1]);
     }
 
@@ -1801,5 +1971,224 @@ mod tests {
             matches!(error, Err(ReloadError::Inconsistent { .. })),
             "{error:?}"
         );
+    }
+
+    /// `count` round-robin services named `{prefix}{i}`, each on its own port with one backend.
+    fn many_services(prefix: &str, count: u32) -> String {
+        (0..count)
+            .map(|i| {
+                format!(
+                    "[[service]]\nname = \"{prefix}{i}\"\nvip = \"10.200.1.1\"\nport = {}\n\
+                     [[service.backend]]\naddress = \"10.200.11.2\"\n",
+                    1000 + i
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ids_of_services_a_reload_removes_serve_the_services_it_adds() {
+        let full = MAX_SERVICES;
+        let (mut table, mut dataplane) = installed(&many_services("old", full));
+        let counted = TrafficStats {
+            packets: 7,
+            ..TrafficStats::default()
+        };
+        for id in 0..full {
+            dataplane.service_stats.insert(id, counted);
+        }
+
+        // Every service renamed at once: each takes a removed one's id, with zeroed counters.
+        let renamed = config::parse(&many_services("new", full)).expect("valid");
+        let summary = table.reload(&renamed, &mut dataplane).expect("fits");
+        assert_eq!(summary.services_added.len(), full as usize);
+        assert_eq!(summary.services_removed.len(), full as usize);
+        let ids: BTreeSet<u32> = table.services.iter().map(|service| service.id).collect();
+        assert_eq!(ids, (0..full).collect());
+        for id in [0, full / 2, full - 1] {
+            assert_eq!(
+                dataplane.service_stats(id).expect("ok"),
+                TrafficStats::default(),
+                "id {id}"
+            );
+        }
+        assert_eq!(dataplane.services.len(), full as usize);
+
+        // From every id in use to one new service.
+        let summary = table
+            .reload(&config::parse(ELSEWHERE).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_added, ["api"]);
+        assert_eq!(table.services[0].id, 0);
+        assert_eq!(dataplane.services.len(), 1);
+    }
+
+    #[test]
+    fn health_reports_applied_together_write_each_service_table_once() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let before = dataplane.schedule_writes;
+        let up = |backend_id| HealthReport {
+            backend_id,
+            generation: FIRST_GENERATION,
+            up: true,
+        };
+        // All four up (web: 0 and 1, dns: 2 and 3), plus a repeat and a stale report.
+        let reports = [
+            up(0),
+            up(2),
+            up(1),
+            up(3),
+            up(0),
+            HealthReport {
+                generation: FIRST_GENERATION + 1,
+                ..up(1)
+            },
+        ];
+        let outcomes = table.apply_health(&reports, &mut dataplane);
+        let kinds: Vec<&str> = outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                HealthOutcome::Changed => "changed",
+                HealthOutcome::Unchanged => "unchanged",
+                HealthOutcome::Stale => "stale",
+                HealthOutcome::Failed(_) => "failed",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "changed",
+                "changed",
+                "changed",
+                "changed",
+                "unchanged",
+                "stale"
+            ]
+        );
+        assert_eq!(
+            dataplane.schedule_writes - before,
+            2,
+            "one table write per service, not per report"
+        );
+        assert_eq!(dataplane.table(&key(&table, "web")), vec![0, 1]);
+        let dns = dataplane.table(&key(&table, "dns"));
+        assert!(dns.contains(&2) && dns.contains(&3) && dns.len() == 1009);
+        assert!(dataplane
+            .backends
+            .values()
+            .all(|backend| backend.state == backend_state::UP));
+
+        // A failed table write (after the two backend entries) is reported for every report
+        // about that service.
+        dataplane.fail_at = Some(dataplane.writes + 3);
+        let down = |backend_id| HealthReport {
+            up: false,
+            ..up(backend_id)
+        };
+        let outcomes = table.apply_health(&[down(0), down(1)], &mut dataplane);
+        assert!(
+            matches!(
+                outcomes[..],
+                [HealthOutcome::Failed(_), HealthOutcome::Failed(_)]
+            ),
+            "{outcomes:?}"
+        );
+    }
+
+    /// One Maglev service `name` on 10.200.1.1:80 with the default table (65537 entries) over
+    /// `backends` backends 10.200.1N.2.
+    fn maglev_service(name: &str, backends: u32) -> String {
+        let mut text = format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"10.200.1.1\"\nport = 80\n\
+             scheduler = \"maglev\"\n[service.health_check]\nkind = \"none\"\n"
+        );
+        for backend in 0..backends {
+            text += &format!(
+                "[[service.backend]]\naddress = \"10.200.{}.2\"\n",
+                11 + backend
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn regions_of_removed_services_are_reused_from_the_next_reload_on() {
+        let config = config::parse(&maglev_service("web", 2)).expect("valid");
+        // Room for the regions of two such services: the running one and its successor.
+        let mut table = ServiceTable::new(&config, 2 * 2 * 65537).expect("fits");
+        let mut dataplane = MemoryDataplane::default();
+        table.install(&mut dataplane).expect("memory");
+        all_up(&mut table, &mut dataplane);
+        let mut blocks = vec![table.services[0].regions.block()];
+        for name in ["web2", "web", "web2", "web", "web3"] {
+            let config = config::parse(&maglev_service(name, 2)).expect("valid");
+            table
+                .reload(&config, &mut dataplane)
+                .unwrap_or_else(|error| panic!("renaming to {name}: {error}"));
+            let block = table.services[0].regions.block();
+            assert_ne!(
+                Some(&block),
+                blocks.last(),
+                "{name}: not the regions this reload took from the service it removed"
+            );
+            blocks.push(block);
+            all_up(&mut table, &mut dataplane);
+            let entries = dataplane.table(&key(&table, name));
+            assert_eq!(entries.len(), 65537, "{name}");
+            assert_eq!(entries, table.services[0].table(), "{name}");
+            assert!(entries.contains(&0) && entries.contains(&1), "{name}");
+        }
+        let distinct: BTreeSet<Block> = blocks.iter().copied().collect();
+        assert_eq!(distinct.len(), 2, "{blocks:?}");
+    }
+
+    #[test]
+    fn a_table_write_touches_only_the_entries_that_changed() {
+        let config = maglev_service("web", 4)
+            .replace("port = 80\n", "port = 80\nmaglev_table_size = 1009\n");
+        let (mut table, mut dataplane) = installed(&config);
+        all_up(&mut table, &mut dataplane);
+        let web = key(&table, "web");
+        let mut written = 0;
+        for (id, up) in [(3, false), (0, false), (3, true), (0, true), (2, false)] {
+            // What the region about to be written holds, as the datapath has it.
+            let regions = &table.services[0].regions;
+            let offset = regions.offsets[1 - regions.active];
+            let held: Vec<Option<u32>> = (0..1009)
+                .map(|slot| dataplane.schedule.get(&(offset + slot)).copied())
+                .collect();
+            let before = dataplane.schedule_entries;
+            table
+                .set_backend_up(id, up, &mut dataplane)
+                .expect("memory");
+            let now = dataplane.table(&web);
+            // What writing the whole table would have left.
+            assert_eq!(now, build_table(&table.services[0]), "backend {id} up {up}");
+            let changed = now
+                .iter()
+                .zip(&held)
+                .filter(|(entry, held)| Some(**entry) != **held)
+                .count();
+            let step = dataplane.schedule_entries - before;
+            assert_eq!(step, changed, "backend {id} up {up}");
+            written += step;
+        }
+        assert!(
+            written < 5 * 1009 / 2,
+            "{written} entries written in 5 changes"
+        );
+    }
+
+    #[test]
+    fn a_service_that_keeps_its_name_but_not_its_listener_is_reported_as_moved() {
+        let (mut table, mut dataplane) = installed(CONFIG);
+        let moved = CONFIG.replacen("port = 80\n", "port = 81\n", 1);
+        let summary = table
+            .reload(&config::parse(&moved).expect("valid"), &mut dataplane)
+            .expect("fits");
+        assert_eq!(summary.services_moved, ["web"]);
+        assert!(summary.services_added.is_empty(), "{summary:?}");
+        assert!(summary.services_removed.is_empty(), "{summary:?}");
+        assert_eq!(summary.backends_added.len(), 2, "web's backends start over");
     }
 }

@@ -110,6 +110,9 @@ pub enum VipRoute {
     /// Reached through a gateway: fine if the network routes it to this host (a routed
     /// additional address), unreachable otherwise.
     Routed { device: String },
+    /// The broadcast address of a subnet of `device`: clients' packets to it are broadcast
+    /// frames, and no client can talk TCP to it.
+    Broadcast { device: String },
     /// No route at all, or an answer `ip` could not give.
     Unknown { detail: String },
 }
@@ -141,7 +144,9 @@ pub fn vip_route(vip: IpAddr) -> VipRoute {
         };
     };
     let device = route["dev"].as_str().unwrap_or_default().to_string();
-    if route["type"].as_str() == Some("local") || device == "lo" {
+    if route["type"].as_str() == Some("broadcast") {
+        VipRoute::Broadcast { device }
+    } else if route["type"].as_str() == Some("local") || device == "lo" {
         VipRoute::Local
     } else if route.get("gateway").is_some() {
         VipRoute::Routed { device }

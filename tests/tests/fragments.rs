@@ -180,8 +180,8 @@ fn fragments_in_any_order_reach_one_backend_with_the_3_tuple_policy() {
         _pad: [0; 3],
     };
     let sticky = &fixture.table.services[STICKY];
-    let slot = flow_hash(&key) as usize % sticky.table.len();
-    let backend_id = sticky.table[slot];
+    let slot = flow_hash(&key) as usize % sticky.table().len();
+    let backend_id = sticky.table()[slot];
     let std::net::IpAddr::V4(backend) = sticky
         .backends
         .iter()

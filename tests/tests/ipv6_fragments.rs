@@ -265,7 +265,7 @@ fn ipv6_fragments_in_any_order_reach_one_backend_with_the_3_tuple_policy() {
         _pad: [0; 3],
     };
     let sticky = &fixture.table.services[STICKY];
-    let backend_id = sticky.table[flow_hash(&key) as usize % sticky.table.len()];
+    let backend_id = sticky.table()[flow_hash(&key) as usize % sticky.table().len()];
     let std::net::IpAddr::V6(backend) = sticky
         .backends
         .iter()

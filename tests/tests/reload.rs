@@ -9,14 +9,15 @@
 //!   the backends of a renamed service, come up once their probes pass and take the traffic;
 //!   removing two IPv6 services that share the IPv6 VIP is a successful reload, `lb-user stats`
 //!   and `lb-user flows --service` no longer know them, and the VIP is no longer balanced
-//!   until a reload brings them back.
+//!   until a reload brings them back; a backend whose server stopped goes down within its
+//!   `interval` × `fall` even while the configuration is reloaded more often than that.
 //!
 //! They need root (without it they print SKIPPED, or fail under `LB_REQUIRE_PRIVILEGED=1`) and
 //! lb-user built (`cargo build -p lb-user`); run them one at a time:
 //! `cargo test -p lb-tests --test reload -- --test-threads=1`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use lb_common::TrafficStats;
@@ -348,5 +349,107 @@ fn removing_two_services_that_share_a_vip_is_a_successful_reload() -> anyhow::Re
         "web6 back",
     )?;
     check_answered_by(&testbed, ALT_URL6, &["backend1"], "alt6 back")?;
+    lb.shutdown()
+}
+
+#[test]
+fn a_dead_backend_goes_down_while_reloads_come_faster_than_its_probes() -> anyhow::Result<()> {
+    if !skip_unless_privileged("a_dead_backend_goes_down_while_reloads_come_faster_than_its_probes")
+    {
+        return Ok(());
+    }
+    let mut testbed = Testbed::start()?;
+    let service = testbed.topology.demo_service();
+    let check = service.health_check.clone();
+    // Reloads closer together than one probe interval: a checker restarted by each would never
+    // see `fall` failures in a row.
+    let reload_every = Duration::from_millis(check.interval_ms / 2);
+    let lb = testbed.start_lb(std::slice::from_ref(&service))?;
+    let config = config_toml(std::slice::from_ref(&service));
+    let backend2 = testbed.topology.backend("backend2")?.address.to_string();
+
+    testbed.backends[1].stop()?;
+    let stopped = Instant::now();
+    // `fall` probes an interval apart, the last taking up to its timeout, and slack for two
+    // busy CPUs.
+    let allowed =
+        Duration::from_millis(check.interval_ms * u64::from(check.fall) + check.timeout_ms)
+            + Duration::from_secs(2);
+    let mut reloads = 0;
+    loop {
+        lb.reload(&config)?;
+        reloads += 1;
+        if lb.stats_json()?.backend(&backend2)?.state == "down" {
+            break;
+        }
+        ensure!(
+            stopped.elapsed() < allowed,
+            "backend2 still up {:?} after its server stopped (interval {} ms, fall {}), through \
+             {reloads} reloads:\n{}",
+            stopped.elapsed(),
+            check.interval_ms,
+            check.fall,
+            lb.log()
+        );
+        std::thread::sleep(reload_every);
+    }
+    println!(
+        "backend2 down {:?} after its server stopped, through {reloads} reloads",
+        stopped.elapsed()
+    );
+    ensure!(
+        reloads >= 3,
+        "only {reloads} reloads before backend2 went down"
+    );
+    check_answered_by(
+        &testbed,
+        SERVICE_URL,
+        &["backend1"],
+        "after backend2 went down",
+    )?;
+    lb.shutdown()
+}
+
+#[test]
+fn reloads_warn_about_backends_they_share_and_name_services_they_move() -> anyhow::Result<()> {
+    if !skip_unless_privileged("reloads_warn_about_backends_they_share_and_name_services_they_move")
+    {
+        return Ok(());
+    }
+    let testbed = Testbed::start()?;
+    let web = testbed.topology.demo_service();
+    let lb = testbed.start_lb(std::slice::from_ref(&web))?;
+    let backend1 = testbed.topology.backend("backend1")?.address.to_string();
+    let warning = format!("backend {backend1}:80 serves services web, alt");
+    ensure!(
+        !lb.log().contains(&warning),
+        "before the reload:\n{}",
+        lb.log()
+    );
+
+    // alt on port 8000 over the same backends: their endpoints now serve two services.
+    let alt = ServiceConfig {
+        name: "alt".to_string(),
+        port: 8000,
+        ..web.clone()
+    };
+    lb.reload(&config_toml(&[web.clone(), alt]))?;
+    ensure!(
+        lb.log().contains(&warning),
+        "after the reload:\n{}",
+        lb.log()
+    );
+
+    // web moves to port 8001: neither added nor removed, but moved.
+    let moved = ServiceConfig {
+        port: 8001,
+        ..web.clone()
+    };
+    let message = lb.reload(&config_toml(&[moved]))?;
+    ensure!(
+        message.contains(r#"services added [], removed ["alt"], changed []"#)
+            && message.contains(r#"start over) ["web"]"#),
+        "the reload's message: {message}"
+    );
     lb.shutdown()
 }

@@ -190,7 +190,7 @@ fn maglev_sends_a_mid_stream_miss_where_the_hash_says() {
         .iter()
         .find(|s| s.config.name == "maglev")
         .expect("svc");
-    let table = service.table.clone();
+    let table = service.table().to_vec();
     let backends: Vec<(u32, [u8; 4], u16)> = service
         .backends
         .iter()
