@@ -91,7 +91,8 @@ pub async fn run(options: Options) -> Result<()> {
         }
     }
     let interfaces = paths.xdp_interfaces.clone();
-    let schedule_size = ServiceTable::schedule_size_for(&config);
+    let schedule_size = ServiceTable::schedule_size_for(&config)
+        .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let mut table = ServiceTable::new(&config, schedule_size)?;
     table.set_kernel_paths(paths.kernel_paths.clone());
     let listener = control::bind(&options.socket)?;

@@ -216,6 +216,8 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::CheckConfig { config }) => {
             let parsed = config::load(&config)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
+            lb_user::services::ServiceTable::schedule_size_for(&parsed)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             let backends: usize = parsed.services.iter().map(|s| s.backends.len()).sum();
             let ipv6 = parsed.services.iter().filter(|s| s.vip.is_ipv6()).count();
             println!(

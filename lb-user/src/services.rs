@@ -67,6 +67,13 @@ pub enum TableError {
         free: u32,
         size: u32,
     },
+    #[error(
+        "the services' scheduling tables need {needed} entries (two per service: \
+         maglev_table_size under maglev, the weights' period under weighted, one per backend \
+         under round-robin), more than the {most} lb-user allows (256 MiB of kernel memory with \
+         room for reloads): lower maglev_table_size or the weights"
+    )]
+    ScheduleTooLarge { needed: u64, most: u64 },
     /// Cannot happen with a valid configuration (it has at most this many services): ids of
     /// services a reload removes are free for the services it adds.
     #[error(
@@ -190,6 +197,10 @@ pub enum HealthOutcome {
 /// services of the default table size (two tables each) beyond what the configuration needs.
 pub const MIN_SCHEDULE_SIZE: u32 = 1 << 21;
 
+/// The largest `SCHEDULE` the daemon loads: 2^26 entries (256 MiB of kernel memory). A
+/// configuration whose tables need more than half of it is refused before anything loads.
+pub const MAX_SCHEDULE_SIZE: u32 = 1 << 26;
+
 /// Generation written for a backend id the first time it is given out.
 const FIRST_GENERATION: u32 = 1;
 
@@ -255,13 +266,20 @@ impl ServiceTable {
     /// regions per service), twice over again so reloads can add services and backends, and
     /// never less than [`MIN_SCHEDULE_SIZE`] (8 MiB of kernel memory), so that a reload can
     /// switch a service to Maglev or add a few without a restart.
-    pub fn schedule_size_for(config: &Config) -> u32 {
+    /// A configuration whose tables alone need more than half of [`MAX_SCHEDULE_SIZE`] is an
+    /// error: at the limits (1024 Maglev services of 1000003 entries) it would ask the kernel
+    /// for gigabytes.
+    pub fn schedule_size_for(config: &Config) -> Result<u32, TableError> {
         let needed: u64 = config
             .services
             .iter()
             .map(|s| 2 * u64::from(capacity(s)))
             .sum();
-        (needed * 2).clamp(u64::from(MIN_SCHEDULE_SIZE), u64::from(u32::MAX / 2)) as u32
+        let most = u64::from(MAX_SCHEDULE_SIZE / 2);
+        if needed > most {
+            return Err(TableError::ScheduleTooLarge { needed, most });
+        }
+        Ok((needed * 2).clamp(u64::from(MIN_SCHEDULE_SIZE), u64::from(MAX_SCHEDULE_SIZE)) as u32)
     }
 
     /// All backends start down: none gets traffic before it passed a probe.
@@ -1172,8 +1190,11 @@ mod tests {
 
     fn installed(text: &str) -> (ServiceTable, MemoryDataplane) {
         let config = config::parse(text).expect("test config is valid");
-        let mut table =
-            ServiceTable::new(&config, ServiceTable::schedule_size_for(&config)).expect("fits");
+        let mut table = ServiceTable::new(
+            &config,
+            ServiceTable::schedule_size_for(&config).expect("fits"),
+        )
+        .expect("fits");
         let mut dataplane = MemoryDataplane::default();
         table
             .install(&mut dataplane)
@@ -1199,6 +1220,36 @@ mod tests {
             .find(|s| s.config.name == name)
             .expect("service");
         service_key(&service.config)
+    }
+
+    #[test]
+    fn a_configuration_whose_tables_would_take_gigabytes_is_refused() {
+        let maglev_services = |count: u16| {
+            (0..count)
+                .map(|index| {
+                    format!(
+                        "[[service]]\nname = \"m{index}\"\nvip = \"10.200.1.1\"\nport = {}\n\
+                         scheduler = \"maglev\"\nmaglev_table_size = 1000003\n\
+                         [service.health_check]\nkind = \"none\"\n\
+                         [[service.backend]]\naddress = \"10.200.11.2\"\n",
+                        1000 + index
+                    )
+                })
+                .collect::<String>()
+        };
+        // 16 services need 32000096 entries, within the 33554432 allowed; 17 are too many.
+        let fits = config::parse(&maglev_services(16)).expect("valid");
+        assert_eq!(
+            ServiceTable::schedule_size_for(&fits).expect("fits"),
+            2 * 32_000_096
+        );
+        let too_many = config::parse(&maglev_services(17)).expect("valid");
+        let error = ServiceTable::schedule_size_for(&too_many).expect_err("too large");
+        assert!(
+            error.to_string().contains("need 34000102 entries")
+                && error.to_string().contains("lower maglev_table_size"),
+            "{error}"
+        );
     }
 
     #[test]
