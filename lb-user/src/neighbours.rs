@@ -239,7 +239,7 @@ fn serve(state: &mut State) {
         let Neighbour { addr, ifindex } = neighbour;
         match ask_kernel(neighbour) {
             Ok(interface) if decision == Decision::AskAndLog => tracing::info!(
-                "next hop {addr} on {interface} has no neighbour entry: asked the kernel to \
+                "next hop {addr} on {interface} has no usable neighbour entry: asked the kernel to \
                  resolve it (IPv4 replies towards it are dropped until it answers)"
             ),
             Ok(interface) => tracing::debug!("asked the kernel to resolve {addr} on {interface}"),
