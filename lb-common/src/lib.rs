@@ -361,6 +361,28 @@ pub struct NextHop {
     pub _pad: [u8; 2],
 }
 
+/// A next hop a route lookup found without a usable neighbour entry (none, incomplete or
+/// failed): keys `NEIGHBOURS_WANTED`, which `lb-user` empties and asks the kernel to resolve
+/// each entry of. The value is the coarse `bpf_ktime` (CLOCK_MONOTONIC) when it was wanted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NeighbourKey {
+    /// The next hop: the route's gateway, or the destination itself when it is on-link. IPv4
+    /// in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// The interface the next hop is reached through.
+    pub ifindex: u32,
+    /// The next hop's family, as `bpf_fib_lookup` has it: 2 (IPv4) or 10 (IPv6; also for an
+    /// IPv4 route through an IPv6 gateway).
+    pub family: u8,
+    /// Zero; see [`ServiceKey::_pad`].
+    pub _pad: [u8; 3],
+}
+
+/// Entries of `NEIGHBOURS_WANTED`: next hops waiting for resolution between two of lb-user's
+/// reads (every 100 ms). An LRU: past this many, the least recently wanted goes.
+pub const NEIGHBOURS_WANTED_SIZE: u32 = 256;
+
 /// Per-CPU traffic counters of one service or one backend. Bytes are whole frames as XDP sees
 /// them (Ethernet header included).
 #[repr(C)]
@@ -489,9 +511,14 @@ pub mod counter {
     /// IPv6 UDP with a zero checksum for a service: dropped (IPv6 requires a UDP checksum;
     /// the kernel drops them too).
     pub const DROP_UDP_ZERO_CHECKSUM: u32 = 42;
+    /// IPv4 replies (and ICMP errors towards a client) whose next hop has no usable neighbour
+    /// entry: dropped, and the next hop put in `NEIGHBOURS_WANTED` for lb-user to resolve.
+    /// Passed, the kernel would drop them anyway (their source, the VIP, is its own address:
+    /// a martian) without resolving the neighbour, so every later reply would be lost too.
+    pub const DROP_NEIGH_UNRESOLVED: u32 = 43;
 
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 44;
 
     /// Names as `lb-user stats` prints them, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -538,6 +565,7 @@ pub mod counter {
         "drop_malformed_ipv6",
         "pass_ipv6_extension",
         "drop_udp_zero_checksum",
+        "drop_neigh_unresolved",
     ];
 }
 
@@ -623,6 +651,7 @@ mod pod {
     unsafe impl aya::Pod for VipProtocol {}
     unsafe impl aya::Pod for FragmentKey6 {}
     unsafe impl aya::Pod for VipProtocol6 {}
+    unsafe impl aya::Pod for NeighbourKey {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
@@ -648,6 +677,7 @@ const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 48);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 12);
+const _: () = assert!(core::mem::size_of::<NeighbourKey>() == 24);
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
 
 #[cfg(test)]
@@ -709,6 +739,8 @@ mod tests {
         assert_eq!(offset_of!(NextHop, dmac), 38);
         assert_eq!(offset_of!(NextHop, ok_len), 44);
         assert_eq!(offset_of!(TrafficStats, rescheduled), 40);
+        assert_eq!(offset_of!(NeighbourKey, ifindex), 16);
+        assert_eq!(offset_of!(NeighbourKey, family), 20);
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub trait Family {
     const ICMP_PSEUDO_HEADER: bool;
     /// The protocol number of this family's ICMP, as the route lookup is given it.
     const ICMP_PROTOCOL: u8;
+    /// Whether the kernel drops a packet that arrives from outside with one of its own
+    /// addresses as the source (IPv4's martian check; IPv6 has none). A translated reply
+    /// comes from the VIP, so XDP cannot leave it to the kernel to forward.
+    const LOCAL_SOURCE_IS_MARTIAN: bool;
 
     /// Whether an ICMP message of this type is an error that quotes a packet of a flow:
     /// destination unreachable (fragmentation needed included), packet too big, time exceeded,
@@ -111,6 +115,7 @@ impl Family for V4 {
     const UDP_CHECKSUM_OPTIONAL: bool = true;
     const ICMP_PSEUDO_HEADER: bool = false;
     const ICMP_PROTOCOL: u8 = 1;
+    const LOCAL_SOURCE_IS_MARTIAN: bool = true;
 
     #[inline(always)]
     fn is_icmp_error(kind: u8) -> bool {
@@ -206,6 +211,7 @@ impl Family for V6 {
     const UDP_CHECKSUM_OPTIONAL: bool = false;
     const ICMP_PSEUDO_HEADER: bool = true;
     const ICMP_PROTOCOL: u8 = 58;
+    const LOCAL_SOURCE_IS_MARTIAN: bool = false;
 
     #[inline(always)]
     fn is_icmp_error(kind: u8) -> bool {

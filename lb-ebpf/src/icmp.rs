@@ -25,7 +25,7 @@ use crate::{
     headers::{ptr_at, EthernetHeader},
     maps::{count, reverse_nat, BACKENDS},
     route::{self, Hop, Route, SendCounters},
-    Verdict,
+    Drop, Verdict,
 };
 
 #[repr(C)]
@@ -56,8 +56,8 @@ pub fn translate_error<F: Family>(
     l3_offset: usize,
     icmp_offset: usize,
     packet_end: usize,
-) -> Verdict {
-    let not_ours = Verdict::Pass(counter::PASS_NOT_TCP_UDP);
+) -> Result<Verdict, Drop> {
+    let not_ours = Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
     // Found again from their offsets rather than passed: a BPF call takes five arguments.
     let Some(ethernet) = ptr_at::<EthernetHeader>(ctx, 0) else {
         return not_ours;
@@ -114,7 +114,10 @@ pub fn translate_error<F: Family>(
 
     // Each direction resolves its route before it rewrites anything: an error the lookup
     // cannot send on passes to the kernel as it came (issue 5), except towards an unresolved
-    // neighbour, which the kernel resolves before it forwards the translated error.
+    // neighbour, which the kernel resolves before it forwards the translated error. An IPv4
+    // error towards a client is the exception to the exception: translated, it comes from the
+    // VIP, which the kernel drops as a martian; it is dropped untouched instead, while lb-user
+    // has the neighbour resolved (`route::want_neighbour`).
     // SAFETY: map values stay valid for the whole program run (RCU).
     if let Some(flow) = unsafe { F::flows().get(&key) } {
         let Some(backend) = BACKENDS.get(flow.backend_id) else {
@@ -130,7 +133,7 @@ pub fn translate_error<F: Family>(
         );
         let hop = match next_hop(ctx, &route) {
             Ok(hop) => hop,
-            Err(untouched) => return untouched,
+            Err(untouched) => return Ok(untouched),
         };
         let (addr, port) = (F::narrow(backend.addr), backend.port);
         unsafe {
@@ -142,14 +145,17 @@ pub fn translate_error<F: Family>(
             transmit: counter::FORWARD_TX,
             redirect: counter::FORWARD_REDIRECT,
         };
-        return send_on(ctx, ethernet, hop, &counters);
+        return Ok(send_on(ctx, ethernet, hop, &counters));
     }
     if let Some(nat) = reverse_nat::<F>(&key) {
         let (addr, port) = (nat.service_addr, nat.service_port);
         let route = icmp_route::<F>(addr, unsafe { *F::dst(ip) }, total_len);
         let hop = match next_hop(ctx, &route) {
+            Ok(None) if F::LOCAL_SOURCE_IS_MARTIAN => {
+                return Err(Drop(counter::DROP_NEIGH_UNRESOLVED))
+            }
             Ok(hop) => hop,
-            Err(untouched) => return untouched,
+            Err(untouched) => return Ok(untouched),
         };
         unsafe {
             replace_outer::<F>(ip, icmp, OuterSide::Source, addr);
@@ -168,7 +174,7 @@ pub fn translate_error<F: Family>(
             transmit: counter::REPLY_TX,
             redirect: counter::REPLY_REDIRECT,
         };
-        return send_on(ctx, ethernet, hop, &counters);
+        return Ok(send_on(ctx, ethernet, hop, &counters));
     }
     not_ours
 }

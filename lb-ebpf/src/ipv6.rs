@@ -337,12 +337,12 @@ pub fn try_translate_icmp(ctx: &XdpContext) -> Result<Verdict, Drop> {
     let Some(parsed) = parsed() else {
         return Ok(Verdict::Pass(counter::PASS_NOT_IP));
     };
-    Ok(icmp::translate_error::<V6>(
+    icmp::translate_error::<V6>(
         ctx,
         parsed.l3_offset as usize,
         parsed.l4_offset as usize,
         parsed.packet_end as usize,
-    ))
+    )
 }
 
 #[inline(always)]

@@ -184,12 +184,7 @@ fn balance_ipv4(
         && u16::from_be_bytes(unsafe { (*ip).fragment }) & IPV4_FRAGMENT_MASK == 0
     {
         let packet_end = l3_offset + total_len;
-        return Ok(icmp::translate_error::<V4>(
-            ctx,
-            l3_offset,
-            l3_offset + header_len,
-            packet_end,
-        ));
+        return icmp::translate_error::<V4>(ctx, l3_offset, l3_offset + header_len, packet_end);
     }
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
@@ -286,7 +281,7 @@ pub(crate) fn balance<F: Family>(
     if first_fragment.is_none() {
         if let Some(nat) = reverse_nat::<F>(&tuple) {
             check_udp_checksum::<F>(transport)?;
-            return Ok(reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat));
+            return reply::<F>(ctx, ethernet, ip, transport, &tuple, &nat);
         }
     }
     Ok(not_for_a_service::<F>(first_fragment))
@@ -482,7 +477,7 @@ fn reply<F: Family>(
     transport: &Transport,
     tuple: &FlowKey<F::Addr>,
     nat: &ReverseNat<F::Addr>,
-) -> Verdict {
+) -> Result<Verdict, Drop> {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     note_reply_flags::<F>(tuple, nat, transport.tcp_flags);
     // SAFETY: ip and transport point into the bounds-checked packet.
@@ -515,12 +510,19 @@ fn reply<F: Family>(
         redirect: counter::REPLY_REDIRECT,
     };
     if let Some(pass) = partial.and_then(|partial| partial.too_long()) {
-        return pass;
+        return Ok(pass);
     }
     // Passed translated if the lookup fails: untouched, the kernel would forward it from the
     // backend's address, which the client rejects.
     let verdict = route::send(ctx, ethernet, &route, &counters, None);
-    settle_checksum(ctx, partial, verdict)
+    if F::LOCAL_SOURCE_IS_MARTIAN
+        && matches!(verdict, Verdict::Pass(counter::PASS_NEIGH_UNRESOLVED))
+    {
+        // Not to the kernel, which would drop it as a martian and leave the neighbour
+        // unresolved: dropped here while lb-user has it resolved; the backend retransmits.
+        return Err(Drop(counter::DROP_NEIGH_UNRESOLVED));
+    }
+    Ok(settle_checksum(ctx, partial, verdict))
 }
 
 /// Completes a partial transport checksum if the packet leaves XDP with it (see `partial`).

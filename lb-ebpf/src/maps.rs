@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Fragment, FragmentKey, FragmentKey6, NextHop, ReverseNat, ReverseNat6, Service, ServiceKey,
-    ServiceKey6, Settings, TrafficStats, VipProtocol, VipProtocol6, FLOW_TABLE_SIZE,
-    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, PORT_BITMAP_WORDS, SCHEDULE_SIZE,
+    Fragment, FragmentKey, FragmentKey6, NeighbourKey, NextHop, ReverseNat, ReverseNat6, Service,
+    ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol, VipProtocol6, FLOW_TABLE_SIZE,
+    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NEIGHBOURS_WANTED_SIZE, PORT_BITMAP_WORDS,
+    SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU
@@ -109,6 +110,12 @@ pub static RR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERV
 /// Each backend's next hop, per CPU (no torn reads of the MAC addresses, no shared writes).
 #[map]
 pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Next hops a route lookup found without a usable neighbour entry, for `lb-user` to have the
+/// kernel resolve (see `route::want_neighbour`); it deletes each entry it reads.
+#[map]
+pub static NEIGHBOURS_WANTED: LruHashMap<NeighbourKey, u64> =
+    LruHashMap::with_max_entries(NEIGHBOURS_WANTED_SIZE, 0);
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> =

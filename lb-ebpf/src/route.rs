@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{counter, Address, NextHop};
+use lb_common::{counter, Address, NeighbourKey, NextHop};
 
-use crate::{family::AF_INET, headers::EthernetHeader, Verdict};
+use crate::{family::AF_INET, headers::EthernetHeader, maps::NEIGHBOURS_WANTED, Verdict};
 
 /// How long a backend's cached next hop is used before the routing and neighbour tables are
 /// asked again: a route or MAC change takes effect within this time.
@@ -51,7 +51,9 @@ pub struct SendCounters {
 /// interface) or XDP_REDIRECT. Anything the lookup cannot settle goes to the kernel with the
 /// translation already applied: its forwarding path resolves neighbours (the packet is not
 /// black-holed while ARP runs), sends ICMP for oversized packets, and applies its own policy.
-/// (ICMP errors call [`resolve`] before they rewrite, and [`deliver`] after.)
+/// Not so an IPv4 reply towards an unresolved neighbour: the kernel drops it as a martian,
+/// and the caller drops it instead (see `Family::LOCAL_SOURCE_IS_MARTIAN`). (ICMP errors call
+/// [`resolve`] before they rewrite, and [`deliver`] after.)
 #[inline(always)]
 pub fn send<A: Address>(
     ctx: &XdpContext,
@@ -76,7 +78,8 @@ pub struct Hop {
 /// Finds the next hop for `route`, from `cache` while it is fresh, else from the kernel's
 /// tables (refreshing `cache`). Touches no packet byte, so a caller can decide before it
 /// translates anything. `Err` is the counter of the pass the kernel gets instead:
-/// `PASS_NEIGH_UNRESOLVED`, `PASS_FORWARDING_DISABLED`, `PASS_FRAG_NEEDED` or `PASS_NO_ROUTE`.
+/// `PASS_NEIGH_UNRESOLVED` (the next hop is then in `NEIGHBOURS_WANTED`),
+/// `PASS_FORWARDING_DISABLED`, `PASS_FRAG_NEEDED` or `PASS_NO_ROUTE`.
 #[inline(always)]
 pub fn resolve<A: Address>(
     ctx: &XdpContext,
@@ -154,7 +157,8 @@ pub fn resolve<A: Address>(
 }
 
 /// Asks the kernel's routing and neighbour tables for `route`'s next hop; returns the helper's
-/// result code, and on success fills `found`.
+/// result code, and on success fills `found`. An IPv4 next hop without a usable neighbour
+/// entry is recorded for lb-user to resolve.
 #[inline(always)]
 fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Hop) -> i64 {
     // The helper takes ports and addresses in network order: keep the wire bytes as they are.
@@ -176,8 +180,45 @@ fn look_up<A: Address>(ctx: &XdpContext, route: &Route<A>, found: &mut Hop) -> i
         found.ifindex = params.ifindex;
         found.smac = params.smac;
         found.dmac = params.dmac;
+    } else if result == FIB_NO_NEIGHBOUR && size_of::<A>() == 4 {
+        // IPv4 only (the address type, unlike `route.family`, is known in `look_up_apart`): the
+        // kernel forwards a passed IPv6 packet from a VIP and resolves its neighbour on the
+        // way, and the IPv6 programs have no stack for the key (with it, the transport program
+        // and `look_up_apart` would take 504 of the verifier's 512 bytes).
+        want_neighbour(&params);
     }
     result
+}
+
+/// Records the next hop of a lookup that answered `FIB_NO_NEIGHBOUR` in `NEIGHBOURS_WANTED`,
+/// for lb-user to have the kernel resolve. The kernel resolves a neighbour only when it sends
+/// to it itself, and an IPv4 reply from a VIP that XDP passes it never gets that far (a
+/// martian); without this, such replies would be lost until something else refreshed ARP.
+#[inline(always)]
+fn want_neighbour(params: &FibLookup) {
+    // On this answer the helper has filled in the egress interface and, in the destination
+    // field, the next hop (the gateway, or the destination on-link): IPv4 in its first four
+    // bytes, the rest still zero from `fib_params`. An IPv4 route through an IPv6 gateway
+    // comes back with the family set to IPv6.
+    let key = NeighbourKey {
+        // SAFETY: the union is 16 bytes; any bytes are a valid [u8; 16].
+        addr: unsafe {
+            (&raw const params.__bindgen_anon_4)
+                .cast::<[u8; 16]>()
+                .read_unaligned()
+        },
+        ifindex: params.ifindex,
+        family: params.family,
+        _pad: [0; 3],
+    };
+    // Written once, not per packet: a burst towards the next hop costs one lookup each.
+    // SAFETY: the value is only compared with None, never read.
+    if unsafe { NEIGHBOURS_WANTED.get(&key) }.is_some() {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A failed insert (out of memory) loses this request, not the next packet's: ignored.
+    let _ = NEIGHBOURS_WANTED.insert(&key, &now, 0);
 }
 
 /// [`look_up`] as a function of its own (a BPF-to-BPF call), for the IPv6 program's stack.

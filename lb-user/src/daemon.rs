@@ -25,7 +25,7 @@ use crate::{
     control::{self, Call, FlowEntry, Request, Response},
     dataplane::{monotonic_ns, LoadOptions, XdpDataplane},
     health::{self, HealthEvent},
-    netdev,
+    neighbours, netdev,
     services::{HealthOutcome, HealthReport, ReloadError, ServiceTable},
     stats::Snapshot,
     topology,
@@ -148,6 +148,14 @@ pub async fn run(options: Options) -> Result<()> {
         attach_egress(&mut dataplane, &options.interface, &paths)?;
     }
 
+    // Next hops the datapath found unresolved are resolved by a task of their own: it runs
+    // `ip`, which must not hold up health events or the control socket.
+    let neighbour_task = neighbours::spawn(
+        dataplane
+            .take_wanted_neighbours()
+            .context("taking the datapath's NEIGHBOURS_WANTED map")?,
+    );
+
     let (events, mut health_events) = mpsc::channel::<HealthEvent>(256);
     let (calls, mut control_calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls));
@@ -206,6 +214,7 @@ pub async fn run(options: Options) -> Result<()> {
     }
 
     control_task.abort();
+    neighbour_task.abort();
     for checker in daemon.checkers.values() {
         checker.task.abort();
     }

@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
-use crate::topology;
+use crate::{neighbours::WantedNeighbours, topology};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
@@ -636,6 +636,12 @@ impl XdpDataplane {
     /// The IPv6 maps, or the error that names `map` as missing.
     fn ipv6_maps(&mut self, map: &'static str) -> Result<&mut Ipv6Maps, DataplaneError> {
         self.ipv6.as_mut().ok_or(DataplaneError::NoIpv6 { map })
+    }
+
+    /// The datapath's requests for neighbour resolution, for [`crate::neighbours::spawn`]; an
+    /// error the second time (the map is handed over, not shared).
+    pub fn take_wanted_neighbours(&mut self) -> Result<WantedNeighbours, DataplaneError> {
+        take_map(&mut self.ebpf, "NEIGHBOURS_WANTED", HashMap::try_from).map(WantedNeighbours::new)
     }
 
     /// Any map by name that `load` did not take over (the reverse table, cursors), for tests.

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod neighbours;
 pub mod netdev;
 pub mod schedule_space;
 pub mod scheduling;

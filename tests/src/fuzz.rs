@@ -48,7 +48,9 @@
 //! twins of the IPv4 hosts, extension-header chains walked as the datapath walks them
 //! ([`ipv6_walk`]), ICMPv6 errors, TCP, UDP and ICMPv6 checksums over the IPv6 pseudo-header.
 //! A /80 is too big to resolve every neighbour of: a translated packet passed towards an
-//! unresolved one (`pass_neigh_unresolved`) is the one translated PASS accepted. IPv6
+//! unresolved one (`pass_neigh_unresolved`) is the one translated PASS accepted. (An IPv4 reply
+//! towards an unresolved neighbour would be dropped instead, `drop_neigh_unresolved`: the
+//! kernel drops a passed one as a martian. Every IPv4 host here is resolved, so none is.) IPv6
 //! fragments are held to the IPv4 fragments' model: the checker reads a fragment header as
 //! IPv4's fragment field ([`Fragment6::as_ipv4_field`]) with its 32-bit identification, and
 //! the generator cuts IPv6 datagrams too (a fragment header after the extension headers).
@@ -3558,7 +3560,8 @@ fn check(world: &World, model: &mut Model, case: &Case, outcome: &Outcome) -> Ch
         None
     };
     // The one translated packet the datapath may pass: one whose next hop has no neighbour
-    // entry (only IPv6 clients outside the hosts `add_neighbours` resolves: a /80 is too big).
+    // entry (only IPv6 clients outside the hosts `add_neighbours` resolves: a /80 is too big;
+    // IPv4 would be dropped there, but every IPv4 host is resolved).
     let unresolved = verdict == XDP_PASS && next_hop.is_some_and(|hop| !has_neighbour(hop));
     if changed && !unresolved && (verdict == XDP_PASS || verdict == XDP_DROP) {
         let first = output.iter().zip(&case.frame).position(|(a, b)| a != b);

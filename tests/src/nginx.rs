@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 
 use crate::netns::{Netns, NetnsName};
 use crate::process::{log_tail, unique_name, wait_until, ChildProcess, Poll, TempDir};
+use crate::topology::Topology;
 
 const NGINX: &str = "/usr/sbin/nginx";
 /// How long nginx gets to start listening.
@@ -48,6 +49,16 @@ impl Nginx {
         port: u16,
     ) -> anyhow::Result<Self> {
         Self::start_on(netns, body_name, &[address.into()], port)
+    }
+
+    /// One nginx per backend of `topology`, each in its namespace on its IPv4 address and
+    /// `port`, answering with the backend's name.
+    pub fn start_on_backends(topology: &Topology, port: u16) -> anyhow::Result<Vec<Self>> {
+        topology
+            .backends
+            .iter()
+            .map(|backend| Self::start(&backend.netns, &backend.name, backend.address, port))
+            .collect()
     }
 
     /// Like [`Nginx::start`], listening on `address` and `address6` (both families), port

@@ -21,6 +21,7 @@ use etherparse::{IpNumber, Ipv4Header, PacketBuilder, TcpHeader, UdpHeader};
 use lb_user::{
     config,
     dataplane::{Dataplane, LoadOptions, XdpDataplane},
+    neighbours::{Neighbour, WantedNeighbours},
     services::ServiceTable,
 };
 
@@ -93,7 +94,8 @@ kind = "none"
 address = "10.200.1.20"
 "#;
 
-fn run(command: &[&str]) {
+/// Runs `command` (program and arguments); panics if it fails. Returns its standard output.
+fn run(command: &[&str]) -> String {
     let output = Command::new(command[0])
         .args(&command[1..])
         .output()
@@ -103,6 +105,13 @@ fn run(command: &[&str]) {
         "{command:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `ip` with `args` in the fixture's namespace (the test thread is inside it, and a child
+/// process starts where its parent thread is); panics if it fails. Returns its output.
+pub fn ip(args: &[&str]) -> String {
+    run(&[["ip"].as_slice(), args].concat())
 }
 
 fn mac(bytes: [u8; 6]) -> String {
@@ -113,7 +122,7 @@ fn mac(bytes: [u8; 6]) -> String {
         .join(":")
 }
 
-fn ip(bytes: [u8; 4]) -> String {
+fn ipv4_text(bytes: [u8; 4]) -> String {
     std::net::Ipv4Addr::from(bytes).to_string()
 }
 
@@ -124,6 +133,8 @@ pub struct Fixture {
     pub table: ServiceTable,
     pub pub_ifindex: u32,
     pub back_ifindex: u32,
+    /// `NEIGHBOURS_WANTED`, once [`Fixture::drain_wanted_neighbours`] has taken it.
+    wanted_neighbours: Option<WantedNeighbours>,
     /// Held for its Drop, and last, so the namespace goes after everything that lives in it.
     _namespace: NamespaceGuard,
 }
@@ -238,7 +249,7 @@ impl Fixture {
                 ns,
                 "neigh",
                 "replace",
-                &ip(addr),
+                &ipv4_text(addr),
                 "lladdr",
                 &mac(lladdr),
                 "dev",
@@ -283,6 +294,7 @@ impl Fixture {
         Self {
             pub_ifindex: ifindex("pub"),
             back_ifindex: ifindex("back"),
+            wanted_neighbours: None,
             _namespace: namespace,
             dataplane,
             table,
@@ -355,6 +367,19 @@ impl Fixture {
 
     pub fn counter(&self, index: u32) -> u64 {
         self.dataplane.counters().expect("counters")[index as usize]
+    }
+
+    /// Empties `NEIGHBOURS_WANTED` as lb-user does, and returns the next hops it held.
+    pub fn drain_wanted_neighbours(&mut self) -> Vec<Neighbour> {
+        let wanted = match &mut self.wanted_neighbours {
+            Some(wanted) => wanted,
+            None => self.wanted_neighbours.insert(
+                self.dataplane
+                    .take_wanted_neighbours()
+                    .expect("the NEIGHBOURS_WANTED map"),
+            ),
+        };
+        wanted.drain().expect("draining NEIGHBOURS_WANTED")
     }
 
     /// Adds IPv6 to the namespace: [`VIP6`]'s /80 on `pub`, the backend side's on `back`,

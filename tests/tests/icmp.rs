@@ -1,10 +1,12 @@
 //! Packet tests of ICMP errors about balanced flows: sent to the flow's backend, or back to the
 //! client, with the outer header, the ICMP checksum and the quoted packet all translated; and,
 //! when the route lookup cannot send a translated error on, passed to the kernel exactly as it
-//! came (only an unresolved neighbour gets the translated error, for the kernel to forward).
+//! came (only an unresolved neighbour gets the translated error, for the kernel to forward;
+//! but an IPv4 error towards a client, from the VIP, is dropped: the kernel would not forward
+//! it).
 //! Every checksum of the expected frames is computed from scratch here. Needs root.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::Ipv4Addr;
 
 use etherparse::{
     icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type, Ipv4Header,
@@ -189,20 +191,6 @@ fn icmp_that_is_not_about_a_balanced_flow_passes_unchanged() {
     assert_eq!(fixture.counter(counter::PASS_NOT_TCP_UDP), 2);
 }
 
-/// Runs `ip` with `args` in the fixture's namespace (the test thread is inside it, and a child
-/// process starts where its parent thread is).
-fn ip(args: &[&str]) {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|error| panic!("running ip {args:?}: {error}"));
-    assert!(
-        output.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// An error about a balanced flow that the route lookup cannot send on: `frame` must come out
 /// of the datapath as it went in, passed and counted under `reason`, and translated neither
 /// way.
@@ -295,6 +283,43 @@ fn an_error_towards_an_unresolved_neighbour_is_translated_for_the_kernel() {
     assert_eq!(out, with_fresh_icmp_checksums(expected));
     assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 2);
     assert_eq!(fixture.counter(counter::ICMP_TO_BACKEND), 1);
+}
+
+#[test]
+fn an_ipv4_error_towards_a_client_without_a_neighbour_is_dropped_untouched() {
+    if !skip_unless_privileged(
+        "an_ipv4_error_towards_a_client_without_a_neighbour_is_dropped_untouched",
+    ) {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let query = udp_frame(53, 48003, false);
+    let (verdict, forwarded) = fixture.run(&query, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    // The client's neighbour entry goes, as an expired one does.
+    let client = Ipv4Addr::from(CLIENT).to_string();
+    ip(&["neigh", "del", &client, "dev", "pub"]);
+
+    // Backend A's "port unreachable" would come from the VIP, a martian for the kernel.
+    let error = icmp_error(
+        BACKEND_A_MAC,
+        BACK_MAC,
+        BACKEND_A,
+        CLIENT,
+        DestUnreachableHeader::Port,
+        &forwarded[14..],
+    );
+    let (verdict, out) = fixture.run(&error, fixture.back_ifindex);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(out, error, "dropped before anything was translated");
+    assert_eq!(fixture.counter(counter::DROP_NEIGH_UNRESOLVED), 1);
+    assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 0);
+    assert_eq!(fixture.counter(counter::ICMP_TO_CLIENT), 0);
+    let wanted = lb_user::neighbours::Neighbour {
+        addr: std::net::IpAddr::V4(CLIENT.into()),
+        ifindex: fixture.pub_ifindex,
+    };
+    assert_eq!(fixture.drain_wanted_neighbours(), [wanted]);
 }
 
 #[test]

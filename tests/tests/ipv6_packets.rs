@@ -216,6 +216,67 @@ fn ipv6_syn_is_translated_sticks_to_its_backend_and_the_reply_is_translated_back
 }
 
 #[test]
+fn an_ipv6_reply_towards_an_unresolved_gateway_goes_to_the_kernel_translated() {
+    if !skip_unless_privileged(
+        "an_ipv6_reply_towards_an_unresolved_gateway_goes_to_the_kernel_translated",
+    ) {
+        return;
+    }
+    // A client one router away, the router without a neighbour entry: unlike IPv4, the kernel
+    // forwards a passed IPv6 packet from its own address, resolving the router on the way.
+    let mut fixture = fixture6();
+    let remote_client = address6(9, 5);
+    let gateway = std::net::Ipv6Addr::from(OTHER6).to_string();
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:200::9:0:0:0/80",
+        "via",
+        &gateway,
+        "dev",
+        "pub",
+    ]);
+    let syn = tcp6((CLIENT_MAC, PUB_MAC), remote_client, VIP6, 40030, 80, true);
+    let (verdict, out) = fixture.run(&syn, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let expected = tcp6(
+        (BACK_MAC, BACKEND_A_MAC),
+        remote_client,
+        BACKEND6_A,
+        40030,
+        8080,
+        true,
+    );
+    assert_eq!(out, expected, "SYN from the remote client");
+
+    let reply = tcp6(
+        (BACKEND_A_MAC, BACK_MAC),
+        BACKEND6_A,
+        remote_client,
+        8080,
+        40030,
+        false,
+    );
+    let (verdict, out) = fixture.run(&reply, fixture.back_ifindex);
+    assert_eq!(verdict, XDP_PASS);
+    // Translated, the Ethernet header as it came: the kernel picks the next hop's MAC.
+    let expected = tcp6(
+        (BACKEND_A_MAC, BACK_MAC),
+        VIP6,
+        remote_client,
+        80,
+        40030,
+        false,
+    );
+    assert_eq!(out, expected, "reply passed translated");
+    assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 1);
+    assert_eq!(fixture.counter(counter::DROP_NEIGH_UNRESOLVED), 0);
+    // The IPv6 programs record no next hop (no stack for it; the kernel resolves them).
+    assert_eq!(fixture.drain_wanted_neighbours(), []);
+}
+
+#[test]
 fn ipv6_udp_needs_a_checksum_and_a_computed_zero_leaves_as_ffff() {
     if !skip_unless_privileged("ipv6_udp_needs_a_checksum_and_a_computed_zero_leaves_as_ffff") {
         return;

@@ -54,15 +54,7 @@ impl Testbed {
         while topology.backends.len() < backends {
             topology.add_backend()?;
         }
-        let mut nginx = Vec::new();
-        for backend in &topology.backends {
-            nginx.push(Nginx::start(
-                &backend.netns,
-                &backend.name,
-                backend.address,
-                SERVICE_PORT,
-            )?);
-        }
+        let nginx = Nginx::start_on_backends(&topology, SERVICE_PORT)?;
         let client = Client::new(&topology.client);
         Ok(Self {
             nginx,

@@ -35,15 +35,7 @@ struct Testbed {
 impl Testbed {
     fn start() -> anyhow::Result<Self> {
         let topology = Topology::demo().context("building the demo topology")?;
-        let mut backends = Vec::new();
-        for backend in &topology.backends {
-            backends.push(Nginx::start(
-                &backend.netns,
-                &backend.name,
-                backend.address,
-                80,
-            )?);
-        }
+        let backends = Nginx::start_on_backends(&topology, 80)?;
         let ssh_standin = Nginx::start(&topology.lb, "ssh-standin", VIP, SSH_PORT)?;
         let client = Client::new(&topology.client);
         Ok(Self {

@@ -3,10 +3,15 @@
 //! expected frame whose checksums etherparse computes from scratch (see `lb_tests::packet`).
 //! Needs root; without it each test prints SKIPPED (or fails under LB_REQUIRE_PRIVILEGED=1).
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
 use lb_common::counter;
 use lb_tests::{packet::*, skip_unless_privileged};
-use lb_user::dataplane::Dataplane;
+use lb_user::{
+    dataplane::Dataplane,
+    neighbours::{ask_kernel, Neighbour},
+};
 
 #[test]
 fn syn_to_a_service_is_translated_to_a_backend_and_redirected() {
@@ -75,6 +80,17 @@ fn a_flow_sticks_to_its_backend_and_new_flows_go_round_robin() {
     );
 }
 
+/// What a web backend's reply (TCP, no IP options) should look like translated back to come
+/// from VIP:80, sent out of `pub` to `next_hop_mac`.
+fn expected_reply(reply: &[u8], next_hop_mac: [u8; 6]) -> Vec<u8> {
+    let mut expected = reply.to_vec();
+    expected[0..6].copy_from_slice(&next_hop_mac);
+    expected[6..12].copy_from_slice(&PUB_MAC);
+    expected[26..30].copy_from_slice(&VIP);
+    expected[34..36].copy_from_slice(&80u16.to_be_bytes());
+    with_fresh_checksums(expected)
+}
+
 #[test]
 fn a_backend_reply_is_translated_back_to_the_service() {
     if !skip_unless_privileged("a_backend_reply_is_translated_back_to_the_service") {
@@ -97,16 +113,8 @@ fn a_backend_reply_is_translated_back_to_the_service() {
     let (verdict, out) = fixture.run(&reply, fixture.back_ifindex);
 
     assert_eq!(verdict, XDP_REDIRECT);
-    let mut expected = reply.clone();
-    expected[0..6].copy_from_slice(&CLIENT_MAC);
-    expected[6..12].copy_from_slice(&PUB_MAC);
-    expected[26..30].copy_from_slice(&VIP);
-    expected[34..36].copy_from_slice(&80u16.to_be_bytes());
-    assert_frames_equal(
-        &out,
-        &with_fresh_checksums(expected),
-        "reply from backend A",
-    );
+    let expected = expected_reply(&reply, CLIENT_MAC);
+    assert_frames_equal(&out, &expected, "reply from backend A");
     assert_eq!(fixture.counter(counter::REPLY_REDIRECT), 1);
     let stats = fixture.dataplane.backend_stats(0).expect("stats");
     assert_eq!(
@@ -453,6 +461,122 @@ fn an_unresolved_next_hop_goes_to_the_kernel_translated() {
     expected[0..12].copy_from_slice(&syn[0..12]);
     assert_frames_equal(&out, &expected, "SYN to an unresolved backend");
     assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 1);
+    assert_eq!(fixture.counter(counter::DROP_NEIGH_UNRESOLVED), 0);
+    // The kernel resolves it as it forwards; the datapath asks lb-user to all the same.
+    let wanted = Neighbour {
+        addr: IpAddr::V4(BACKEND_UNRESOLVED.into()),
+        ifindex: fixture.back_ifindex,
+    };
+    assert_eq!(fixture.drain_wanted_neighbours(), [wanted]);
+}
+
+/// A client one router away on the public side; the router, [`GATEWAY`], has no neighbour
+/// entry until a test gives it one.
+const REMOTE_CLIENT: [u8; 4] = [10, 200, 9, 5];
+const GATEWAY: [u8; 4] = [10, 200, 1, 254];
+const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
+
+/// Backend A's reply on the flow from [`REMOTE_CLIENT`] port `client_port` to web.
+fn reply_to_remote_client(client_port: u16) -> Vec<u8> {
+    Tcp {
+        src_mac: BACKEND_A_MAC,
+        dst_mac: BACK_MAC,
+        src: BACKEND_A,
+        dst: REMOTE_CLIENT,
+        src_port: 8080,
+        dst_port: client_port,
+        syn: false,
+        payload: b"HTTP/1.1 200 OK\r\n\r\nbackend A",
+    }
+    .frame()
+}
+
+#[test]
+fn an_ipv4_reply_towards_an_unresolved_gateway_is_dropped_and_the_gateway_wanted() {
+    if !skip_unless_privileged(
+        "an_ipv4_reply_towards_an_unresolved_gateway_is_dropped_and_the_gateway_wanted",
+    ) {
+        return;
+    }
+    let mut fixture = Fixture::new();
+    let gateway = Ipv4Addr::from(GATEWAY).to_string();
+    ip(&[
+        "route",
+        "add",
+        "10.200.9.0/24",
+        "via",
+        &gateway,
+        "dev",
+        "pub",
+    ]);
+    let syn = Tcp {
+        src: REMOTE_CLIENT,
+        ..Tcp::from_client(80, 40020)
+    }
+    .frame();
+    let (verdict, out) = fixture.run(&syn, fixture.pub_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT, "the client's SYN reaches backend A");
+    let expected = expected_forward(&syn, BACK_MAC, BACKEND_A_MAC, BACKEND_A, 8080);
+    assert_frames_equal(&out, &expected, "SYN from the remote client");
+    assert_eq!(
+        fixture.drain_wanted_neighbours(),
+        [],
+        "a resolved next hop is not wanted"
+    );
+
+    // The reply's next hop is the gateway, which has no neighbour entry. Passed, the kernel
+    // would drop it as a martian (its source, the VIP, is local) and never resolve the
+    // gateway; so it is dropped here, and the gateway recorded for lb-user, once however
+    // many replies want it.
+    let reply = reply_to_remote_client(40020);
+    for sent in 1..=3 {
+        let (verdict, _) = fixture.run(&reply, fixture.back_ifindex);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "reply {sent} towards the unresolved gateway"
+        );
+    }
+    assert_eq!(fixture.counter(counter::DROP_NEIGH_UNRESOLVED), 3);
+    assert_eq!(fixture.counter(counter::PASS_NEIGH_UNRESOLVED), 0);
+    let gateway_wanted = Neighbour {
+        addr: IpAddr::V4(GATEWAY.into()),
+        ifindex: fixture.pub_ifindex,
+    };
+    assert_eq!(fixture.drain_wanted_neighbours(), [gateway_wanted]);
+    assert_eq!(fixture.drain_wanted_neighbours(), [], "drained");
+    // Still unresolved, a later reply records it again.
+    let (verdict, _) = fixture.run(&reply, fixture.back_ifindex);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(fixture.drain_wanted_neighbours(), [gateway_wanted]);
+
+    // What lb-user does with it: the kernel creates the entry and starts ARP (nobody
+    // answers here, so it stays incomplete, then fails).
+    assert_eq!(ask_kernel(gateway_wanted).expect("ip neigh"), "pub");
+    let entry = ip(&["neigh", "show", &gateway, "dev", "pub"]);
+    assert!(
+        entry.contains("INCOMPLETE") || entry.contains("FAILED"),
+        "the kernel is resolving the gateway: {entry:?}"
+    );
+
+    // Once the gateway is resolved, the reply goes out translated.
+    let lladdr = GATEWAY_MAC.map(|byte| format!("{byte:02x}")).join(":");
+    ip(&[
+        "neigh",
+        "replace",
+        &gateway,
+        "lladdr",
+        &lladdr,
+        "dev",
+        "pub",
+        "nud",
+        "reachable",
+    ]);
+    let (verdict, out) = fixture.run(&reply, fixture.back_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT);
+    let expected = expected_reply(&reply, GATEWAY_MAC);
+    assert_frames_equal(&out, &expected, "reply through the gateway");
+    assert_eq!(fixture.counter(counter::DROP_NEIGH_UNRESOLVED), 4);
+    assert_eq!(fixture.drain_wanted_neighbours(), []);
 }
 
 #[test]
