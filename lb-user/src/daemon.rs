@@ -83,6 +83,7 @@ pub async fn run(options: Options) -> Result<()> {
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let paths = paths_for(&options.interface, &config)?;
     warn_about_unreachable_vips(&options.interface, &config);
+    warn_about_larger_backend_mtus(&options.interface, &paths);
     check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
         let unready = unready_redirect_targets(&paths.xdp_interfaces);
@@ -697,6 +698,36 @@ struct Paths {
     backends_via: HashMap<String, Vec<String>>,
     /// The backend addresses routed through each device that is not a bridge.
     addresses_via: HashMap<String, BTreeSet<IpAddr>>,
+}
+
+/// Says which backend-facing interfaces have a larger MTU than the public one: a backend's
+/// reply that does not fit the public interface cannot leave through XDP, and the kernel drops
+/// the translated IPv4 reply as a martian (its source is the VIP) instead of answering with
+/// "fragmentation needed". TCP's MSS usually keeps replies small enough; UDP's are not.
+fn warn_about_larger_backend_mtus(public: &str, paths: &Paths) {
+    let mtu = |interface: &str| -> Option<u32> {
+        std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let Some(public_mtu) = mtu(public) else {
+        return;
+    };
+    for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
+        if interface == public {
+            continue;
+        }
+        if let Some(backend_mtu) = mtu(interface).filter(|&backend_mtu| backend_mtu > public_mtu) {
+            tracing::warn!(
+                "interface {interface} has MTU {backend_mtu}, more than {public}'s {public_mtu}: \
+                 a backend's reply larger than {public_mtu} bytes cannot be sent on to its \
+                 client (counted as pass_frag_needed and lost). Give the backends' side an MTU \
+                 of at most {public_mtu}"
+            );
+        }
+    }
 }
 
 /// Says which VIPs clients may be unable to reach: a VIP on the public subnet that is no

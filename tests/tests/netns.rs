@@ -470,6 +470,43 @@ fn bad_config_exits_nonzero_before_attaching() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Backends behind an interface with a larger MTU than the public one can send replies that
+/// cannot go on to the client: lb-user names the interface and the fix at start.
+#[test]
+fn a_backend_side_mtu_above_the_public_one_is_warned_about() -> anyhow::Result<()> {
+    if !skip_unless_privileged("a_backend_side_mtu_above_the_public_one_is_warned_about") {
+        return Ok(());
+    }
+    let topology = Topology::demo()?;
+    topology.lb.ip(["link", "set", "lbpub", "mtu", "1400"])?;
+    let lb = LoadBalancer::start(&topology.lb, &config_toml(&[topology.demo_service()]))?;
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !lb.log().contains("attached XDP program to lbpub") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = lb.log();
+    lb.shutdown()?;
+    let backend_side: Vec<String> = topology
+        .lb_interfaces()
+        .into_iter()
+        .filter(|interface| interface != "lbpub")
+        .collect();
+    ensure!(
+        !backend_side.is_empty(),
+        "the demo has backend-side interfaces"
+    );
+    for interface in backend_side {
+        ensure!(
+            log.contains(&format!(
+                "interface {interface} has MTU 1500, more than lbpub's 1400"
+            )),
+            "no MTU warning about {interface}; log:\n{log}"
+        );
+    }
+    topology.shutdown()?;
+    Ok(())
+}
+
 /// A VIP that no host answers ARP for is a silent outage: lb-user says so at start, naming the
 /// VIP and the fix, and says nothing about a VIP that is the host's own address.
 #[test]
