@@ -11,9 +11,17 @@
 //!
 //! The request is `ip neigh replace ADDR dev IFACE nud none use`: with `use` (`NTF_USE`) the
 //! kernel creates the entry if it is missing and starts resolving it, as it does before
-//! sending a packet, and leaves an entry that exists as it is (no address, no state written).
-//! `nud none` because `ip` otherwise sends the permanent state, which a new entry would keep as
-//! an exemption from the neighbour table's garbage collection.
+//! sending a packet. `nud none` because `ip` otherwise sends the permanent state, which a new
+//! entry would keep as an exemption from the neighbour table's garbage collection. On this
+//! kernel the request also resets an existing PERMANENT or externally learned entry to
+//! INCOMPLETE, dropping its address: so the entry is looked at first (`ip neigh show`), and
+//! only a missing, FAILED, INCOMPLETE or NONE one is asked for. Entries an operator or another
+//! daemon set are never touched (a race between the look and the request remains, a few
+//! milliseconds wide).
+//!
+//! Many unresolved next hops at once (on-link clients with forged sources, say) cost at most
+//! [`ASKS_PER_ROUND`] requests per round and [`LOGS_PER_MINUTE`] log lines a minute, plus one
+//! line saying how many more there were.
 
 use std::{
     collections::HashMap,
@@ -36,6 +44,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub const ASK_INTERVAL: Duration = Duration::from_secs(1);
 /// Each next hop is logged above debug level at most this often.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Most next hops asked for per round (per [`POLL_INTERVAL`]): each costs two `ip` runs. The
+/// others wait: the datapath records them again on their next dropped reply.
+pub const ASKS_PER_ROUND: usize = 4;
+/// Most next hops logged above debug level per [`LOG_INTERVAL`], all next hops together.
+pub const LOGS_PER_MINUTE: u32 = 10;
 
 /// `bpf_fib_lookup`'s address families, as [`NeighbourKey::family`] holds them.
 const AF_INET: u8 = 2;
@@ -185,12 +198,59 @@ fn interface_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// Asks the kernel to resolve `neighbour` (see the module's comment); returns the
-/// interface's name, for the log.
-pub fn ask_kernel(neighbour: Neighbour) -> Result<String, ResolveError> {
+/// Whether `ip -json neigh show` output describes an entry to leave alone: one an operator or
+/// another daemon set (PERMANENT, NOARP, externally learned), or one that is usable already.
+fn leave_alone(show_json: &[u8]) -> bool {
+    let Ok(entries) = serde_json::from_slice::<Vec<serde_json::Value>>(show_json) else {
+        // Unreadable: do not risk touching it.
+        return true;
+    };
+    entries.iter().any(|entry| {
+        let words = |field: &str| -> Vec<String> {
+            entry[field]
+                .as_array()
+                .map(|values| {
+                    values
+                        .iter()
+                        .filter_map(|value| value.as_str().map(str::to_ascii_uppercase))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let kept = ["PERMANENT", "NOARP", "REACHABLE", "STALE", "DELAY", "PROBE"];
+        words("state")
+            .iter()
+            .any(|state| kept.contains(&state.as_str()))
+            || words("flags").iter().any(|flag| flag == "EXTERN_LEARN")
+    })
+}
+
+/// What asking about a next hop came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// The kernel was asked to resolve it, on this interface.
+    Resolving(String),
+    /// Its entry is set by somebody or usable already: left alone.
+    LeftAlone(String),
+}
+
+/// Asks the kernel to resolve `neighbour` (see the module's comment), unless its entry is one
+/// to leave alone.
+pub fn ask_kernel(neighbour: Neighbour) -> Result<Asked, ResolveError> {
     let interface =
         interface_name(neighbour.ifindex).ok_or(ResolveError::NoInterface(neighbour.ifindex))?;
     let addr = neighbour.addr.to_string();
+    let show = ["-json", "neigh", "show", &addr, "dev", &interface];
+    let output = Command::new("ip").args(show).output()?;
+    if !output.status.success() {
+        return Err(ResolveError::Failed {
+            command: show.join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    if leave_alone(&output.stdout) {
+        return Ok(Asked::LeftAlone(interface));
+    }
     let args = [
         "neigh", "replace", &addr, "dev", &interface, "nud", "none", "use",
     ];
@@ -201,13 +261,54 @@ pub fn ask_kernel(neighbour: Neighbour) -> Result<String, ResolveError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
-    Ok(interface)
+    Ok(Asked::Resolving(interface))
+}
+
+/// The cap on log lines across all next hops: [`LOGS_PER_MINUTE`] a minute, then one line
+/// saying how many were left out.
+#[derive(Debug, Default)]
+struct LogBudget {
+    window_start: Option<Instant>,
+    used: u32,
+    left_out: u32,
+}
+
+impl LogBudget {
+    /// Whether one more line may be logged at `now`; a new window first reports what the last
+    /// one left out.
+    fn take(&mut self, now: Instant) -> bool {
+        if self
+            .window_start
+            .is_none_or(|start| now.duration_since(start) >= LOG_INTERVAL)
+        {
+            if self.left_out > 0 {
+                tracing::info!(
+                    "{} more next hops without a usable neighbour entry were asked for in the \
+                     last minute (not logged one by one; see the debug log)",
+                    self.left_out
+                );
+            }
+            *self = LogBudget {
+                window_start: Some(now),
+                used: 0,
+                left_out: 0,
+            };
+        }
+        if self.used < LOGS_PER_MINUTE {
+            self.used += 1;
+            true
+        } else {
+            self.left_out += 1;
+            false
+        }
+    }
 }
 
 /// Everything one round needs, moved into a blocking thread and back.
 struct State {
     wanted: WantedNeighbours,
     limiter: Limiter,
+    logs: LogBudget,
     /// Whether the last read of the map failed (warned about once, not every round).
     read_failing: bool,
 }
@@ -231,18 +332,32 @@ fn serve(state: &mut State) {
         }
     };
     let now = Instant::now();
+    let mut asked = 0;
     for neighbour in wanted {
-        let decision = state.limiter.decide(neighbour, now);
+        if asked == ASKS_PER_ROUND {
+            break;
+        }
+        let mut decision = state.limiter.decide(neighbour, now);
         if decision == Decision::Skip {
             continue;
         }
+        asked += 1;
+        if decision == Decision::AskAndLog && !state.logs.take(now) {
+            decision = Decision::Ask;
+        }
         let Neighbour { addr, ifindex } = neighbour;
         match ask_kernel(neighbour) {
-            Ok(interface) if decision == Decision::AskAndLog => tracing::info!(
+            Ok(Asked::Resolving(interface)) if decision == Decision::AskAndLog => tracing::info!(
                 "next hop {addr} on {interface} has no usable neighbour entry: asked the kernel to \
                  resolve it (IPv4 replies towards it are dropped until it answers)"
             ),
-            Ok(interface) => tracing::debug!("asked the kernel to resolve {addr} on {interface}"),
+            Ok(Asked::Resolving(interface)) => {
+                tracing::debug!("asked the kernel to resolve {addr} on {interface}")
+            }
+            Ok(Asked::LeftAlone(interface)) => tracing::debug!(
+                "next hop {addr} on {interface} has an entry set by somebody or usable by now: \
+                 left alone"
+            ),
             Err(error) if decision == Decision::AskAndLog => {
                 tracing::warn!("resolving next hop {addr} (interface {ifindex}): {error}")
             }
@@ -261,6 +376,7 @@ pub fn spawn(wanted: WantedNeighbours) -> JoinHandle<()> {
         let mut state = State {
             wanted,
             limiter: Limiter::default(),
+            logs: LogBudget::default(),
             read_failing: false,
         };
         let mut interval = tokio::time::interval(POLL_INTERVAL);
@@ -337,6 +453,56 @@ mod tests {
             Decision::AskAndLog
         );
         assert_eq!(limiter.decide(neighbour(1), at(60_500)), Decision::Skip);
+    }
+
+    #[test]
+    fn entries_somebody_set_or_usable_ones_are_left_alone() {
+        for (json, alone) in [
+            (r#"[]"#, false),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","state":["FAILED"]}]"#,
+                false,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","state":["INCOMPLETE"]}]"#,
+                false,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","lladdr":"02:00:00:00:00:01","state":["PERMANENT"]}]"#,
+                true,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","state":["NOARP"]}]"#,
+                true,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","lladdr":"02:00:00:00:00:01","state":["REACHABLE"]}]"#,
+                true,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","lladdr":"02:00:00:00:00:01","state":["STALE"]}]"#,
+                true,
+            ),
+            (
+                r#"[{"dst":"10.200.61.2","dev":"eth0","flags":["extern_learn"],"state":["FAILED"]}]"#,
+                true,
+            ),
+            ("not json", true),
+        ] {
+            assert_eq!(leave_alone(json.as_bytes()), alone, "{json}");
+        }
+    }
+
+    #[test]
+    fn log_lines_are_capped_across_next_hops_and_the_rest_counted() {
+        let mut budget = LogBudget::default();
+        let start = Instant::now();
+        let granted = (0..25).filter(|_| budget.take(start)).count();
+        assert_eq!(granted, LOGS_PER_MINUTE as usize);
+        assert_eq!(budget.left_out, 25 - LOGS_PER_MINUTE);
+        // A new minute reports and clears what was left out, and grants lines again.
+        assert!(budget.take(start + LOG_INTERVAL));
+        assert_eq!((budget.used, budget.left_out), (1, 0));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use lb_common::counter;
 use lb_tests::{packet::*, skip_unless_privileged};
 use lb_user::{
     dataplane::Dataplane,
-    neighbours::{ask_kernel, Neighbour},
+    neighbours::{ask_kernel, Asked, Neighbour},
 };
 
 #[test]
@@ -551,12 +551,39 @@ fn an_ipv4_reply_towards_an_unresolved_gateway_is_dropped_and_the_gateway_wanted
 
     // What lb-user does with it: the kernel creates the entry and starts ARP (nobody
     // answers here, so it stays incomplete, then fails).
-    assert_eq!(ask_kernel(gateway_wanted).expect("ip neigh"), "pub");
+    assert_eq!(
+        ask_kernel(gateway_wanted).expect("ip neigh"),
+        Asked::Resolving("pub".to_string())
+    );
     let entry = ip(&["neigh", "show", &gateway, "dev", "pub"]);
     assert!(
         entry.contains("INCOMPLETE") || entry.contains("FAILED"),
         "the kernel is resolving the gateway: {entry:?}"
     );
+
+    // An entry an operator pinned is never touched (asking would reset it to INCOMPLETE).
+    let pinned = "02:00:00:00:99:01";
+    ip(&[
+        "neigh",
+        "replace",
+        &gateway,
+        "lladdr",
+        pinned,
+        "dev",
+        "pub",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(
+        ask_kernel(gateway_wanted).expect("ip neigh"),
+        Asked::LeftAlone("pub".to_string())
+    );
+    let entry = ip(&["neigh", "show", &gateway, "dev", "pub"]);
+    assert!(
+        entry.contains("PERMANENT") && entry.contains(pinned),
+        "the pinned entry is kept: {entry:?}"
+    );
+    ip(&["neigh", "del", &gateway, "dev", "pub"]);
 
     // Once the gateway is resolved, the reply goes out translated.
     let lladdr = GATEWAY_MAC.map(|byte| format!("{byte:02x}")).join(":");
