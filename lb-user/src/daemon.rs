@@ -82,7 +82,7 @@ pub async fn run(options: Options) -> Result<()> {
     let config = config::load(&options.config)
         .with_context(|| format!("invalid configuration {}", options.config.display()))?;
     let paths = paths_for(&options.interface, &config)?;
-    warn_about_unreachable_vips(&options.interface, &config);
+    warn_about_unreachable_vips(&options.interface, &config, None);
     warn_about_larger_backend_mtus(&options.interface, &paths);
     check_forwarding(paths.xdp_interfaces.iter().chain(&paths.bridges), &config)?;
     if options.mode == XdpMode::Driver {
@@ -420,8 +420,8 @@ impl Daemon {
                 return Err(error).context("reload failed halfway")
             }
         };
-        self.config = config;
-        warn_about_unreachable_vips(&self.public_interface, &self.config);
+        let previous = std::mem::replace(&mut self.config, config);
+        warn_about_unreachable_vips(&self.public_interface, &self.config, Some(&previous));
         self.bridge_paths = paths.kernel_paths;
         self.addresses_via = paths.addresses_via;
         self.backends_via = paths.backends_via;
@@ -733,8 +733,24 @@ fn warn_about_larger_backend_mtus(public: &str, paths: &Paths) {
 /// Says which VIPs clients may be unable to reach: a VIP on the public subnet that is no
 /// address of this host gets no ARP or neighbour answer, and the balancer never sees a packet
 /// for it. Only a warning: a VIP routed to this host by the network needs no local address.
-fn warn_about_unreachable_vips(public: &str, config: &Config) {
-    let vips: BTreeSet<IpAddr> = config.services.iter().map(|service| service.vip).collect();
+/// After a reload (`previous` the configuration it replaced) only VIPs new to it are checked:
+/// the others were warned about before.
+fn warn_about_unreachable_vips(public: &str, config: &Config, previous: Option<&Config>) {
+    let known: BTreeSet<IpAddr> = previous
+        .map(|previous| {
+            previous
+                .services
+                .iter()
+                .map(|service| service.vip)
+                .collect()
+        })
+        .unwrap_or_default();
+    let vips: BTreeSet<IpAddr> = config
+        .services
+        .iter()
+        .map(|service| service.vip)
+        .filter(|vip| !known.contains(vip))
+        .collect();
     for vip in vips {
         let services: Vec<&str> = config
             .services

@@ -117,8 +117,32 @@ pub enum VipRoute {
     Unknown { detail: String },
 }
 
+/// Whether `addr` is configured on an interface of this namespace (`ip addr show to`), even
+/// while the kernel does not route to it as local yet (an IPv6 address still in duplicate
+/// address detection).
+fn is_assigned(addr: IpAddr) -> bool {
+    let prefix = if addr.is_ipv6() { 128 } else { 32 };
+    Command::new("ip")
+        .args(["-json", "addr", "show", "to"])
+        .arg(format!("{addr}/{prefix}"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).ok())
+        .is_some_and(|interfaces| {
+            interfaces.iter().any(|interface| {
+                interface["addr_info"]
+                    .as_array()
+                    .is_some_and(|addresses| !addresses.is_empty())
+            })
+        })
+}
+
 /// Asks the kernel how it routes `vip` (`ip route get`).
 pub fn vip_route(vip: IpAddr) -> VipRoute {
+    if is_assigned(vip) {
+        return VipRoute::Local;
+    }
     let family = if vip.is_ipv6() { "-6" } else { "-4" };
     let output = match Command::new("ip")
         .args(["-json", family, "route", "get"])
