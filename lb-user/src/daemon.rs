@@ -705,21 +705,16 @@ struct Paths {
 /// the translated IPv4 reply as a martian (its source is the VIP) instead of answering with
 /// "fragmentation needed". TCP's MSS usually keeps replies small enough; UDP's are not.
 fn warn_about_larger_backend_mtus(public: &str, paths: &Paths) {
-    let mtu = |interface: &str| -> Option<u32> {
-        std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let Some(public_mtu) = mtu(public) else {
+    let Some(public_mtu) = topology::mtu(public) else {
         return;
     };
     for interface in paths.xdp_interfaces.iter().chain(&paths.bridges) {
         if interface == public {
             continue;
         }
-        if let Some(backend_mtu) = mtu(interface).filter(|&backend_mtu| backend_mtu > public_mtu) {
+        if let Some(backend_mtu) =
+            topology::mtu(interface).filter(|&backend_mtu| backend_mtu > public_mtu)
+        {
             tracing::warn!(
                 "interface {interface} has MTU {backend_mtu}, more than {public}'s {public_mtu}: \
                  a backend's reply larger than {public_mtu} bytes cannot be sent on to its \

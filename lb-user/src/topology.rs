@@ -67,29 +67,53 @@ pub fn check_interface(interface: &str) -> Result<(), TopologyError> {
     }
 }
 
+/// Why `ip route get` gave no route.
+enum RouteGetError {
+    /// `ip` could not be run.
+    Spawn(std::io::Error),
+    /// The kernel refused: its own words (blackhole, unreachable and prohibit routes answer
+    /// this way).
+    Refused(String),
+    /// The answer was not JSON.
+    Unreadable(serde_json::Error),
+    /// An empty answer.
+    NoRoute,
+}
+
+/// The first route `ip -json route get ADDR` gives for `addr` (either family).
+fn route_get(addr: IpAddr) -> Result<serde_json::Value, RouteGetError> {
+    let family = if addr.is_ipv6() { "-6" } else { "-4" };
+    let output = Command::new("ip")
+        .args(["-json", family, "route", "get"])
+        .arg(addr.to_string())
+        .output()
+        .map_err(RouteGetError::Spawn)?;
+    if !output.status.success() {
+        return Err(RouteGetError::Refused(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
+    }
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).map_err(RouteGetError::Unreadable)?;
+    routes.into_iter().next().ok_or(RouteGetError::NoRoute)
+}
+
 /// The device the kernel routes `backend` (either family) through.
 pub fn route_device(backend: IpAddr) -> Result<String, TopologyError> {
     let route_error = |detail: String| TopologyError::Route { backend, detail };
-    let family = if backend.is_ipv6() { "-6" } else { "-4" };
-    let output = Command::new("ip")
-        .args(["-json", family, "route", "get"])
-        .arg(backend.to_string())
-        .output()
-        .map_err(|error| route_error(format!("running `ip`: {error}")))?;
-    if !output.status.success() {
-        // The kernel's words for a blackhole, unreachable or prohibit route are terse
-        // ("Invalid argument", "Permission denied"): say what they mean here.
-        return Err(route_error(format!(
-            "{} (no usable route: check `ip route get {backend}`; blackhole, unreachable and \
-             prohibit routes answer like this)",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
-        .map_err(|error| route_error(format!("unreadable answer from `ip`: {error}")))?;
-    let route = routes
-        .first()
-        .ok_or_else(|| route_error("no route".to_string()))?;
+    let route = route_get(backend).map_err(|error| {
+        route_error(match error {
+            RouteGetError::Spawn(error) => format!("running `ip`: {error}"),
+            // The kernel's words for a blackhole, unreachable or prohibit route are terse
+            // ("Invalid argument", "Permission denied"): say what they mean here.
+            RouteGetError::Refused(stderr) => format!(
+                "{stderr} (no usable route: check `ip route get {backend}`; blackhole, \
+                 unreachable and prohibit routes answer like this)"
+            ),
+            RouteGetError::Unreadable(error) => format!("unreadable answer from `ip`: {error}"),
+            RouteGetError::NoRoute => "no route".to_string(),
+        })
+    })?;
     let device = route["dev"]
         .as_str()
         .ok_or_else(|| route_error(format!("route without a device: {route}")))?
@@ -143,29 +167,19 @@ pub fn vip_route(vip: IpAddr) -> VipRoute {
     if is_assigned(vip) {
         return VipRoute::Local;
     }
-    let family = if vip.is_ipv6() { "-6" } else { "-4" };
-    let output = match Command::new("ip")
-        .args(["-json", family, "route", "get"])
-        .arg(vip.to_string())
-        .output()
-    {
-        Ok(output) if output.status.success() => output,
-        Ok(output) => {
-            return VipRoute::Unknown {
-                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            }
-        }
-        Err(error) => {
+    let route = match route_get(vip) {
+        Ok(route) => route,
+        Err(RouteGetError::Spawn(error)) => {
             return VipRoute::Unknown {
                 detail: format!("running `ip`: {error}"),
             }
         }
-    };
-    let routes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap_or_default();
-    let Some(route) = routes.first() else {
-        return VipRoute::Unknown {
-            detail: "no route".to_string(),
-        };
+        Err(RouteGetError::Refused(stderr)) => return VipRoute::Unknown { detail: stderr },
+        Err(RouteGetError::Unreadable(_) | RouteGetError::NoRoute) => {
+            return VipRoute::Unknown {
+                detail: "no route".to_string(),
+            }
+        }
     };
     let device = route["dev"].as_str().unwrap_or_default().to_string();
     if route["type"].as_str() == Some("broadcast") {
@@ -177,6 +191,15 @@ pub fn vip_route(vip: IpAddr) -> VipRoute {
     } else {
         VipRoute::OnLink { device }
     }
+}
+
+/// `interface`'s MTU, from sysfs; `None` if it cannot be read.
+pub fn mtu(interface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Fails unless `device` carries Ethernet frames (ARPHRD_ETHER): XDP here rewrites and sends
