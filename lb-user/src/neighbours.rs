@@ -198,6 +198,18 @@ fn interface_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// Runs `ip ARGS`; its standard output, or an error with its standard error.
+fn run_ip(args: &[&str]) -> Result<Vec<u8>, ResolveError> {
+    let output = Command::new("ip").args(args).output()?;
+    if !output.status.success() {
+        return Err(ResolveError::Failed {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(output.stdout)
+}
+
 /// Whether `ip -json neigh show` output describes an entry to leave alone: one an operator or
 /// another daemon set (PERMANENT, NOARP, externally learned), or one that is usable already.
 fn leave_alone(show_json: &[u8]) -> bool {
@@ -240,27 +252,13 @@ pub fn ask_kernel(neighbour: Neighbour) -> Result<Asked, ResolveError> {
     let interface =
         interface_name(neighbour.ifindex).ok_or(ResolveError::NoInterface(neighbour.ifindex))?;
     let addr = neighbour.addr.to_string();
-    let show = ["-json", "neigh", "show", &addr, "dev", &interface];
-    let output = Command::new("ip").args(show).output()?;
-    if !output.status.success() {
-        return Err(ResolveError::Failed {
-            command: show.join(" "),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    if leave_alone(&output.stdout) {
+    let shown = run_ip(&["-json", "neigh", "show", &addr, "dev", &interface])?;
+    if leave_alone(&shown) {
         return Ok(Asked::LeftAlone(interface));
     }
-    let args = [
+    run_ip(&[
         "neigh", "replace", &addr, "dev", &interface, "nud", "none", "use",
-    ];
-    let output = Command::new("ip").args(args).output()?;
-    if !output.status.success() {
-        return Err(ResolveError::Failed {
-            command: args.join(" "),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
+    ])?;
     Ok(Asked::Resolving(interface))
 }
 
