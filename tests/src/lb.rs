@@ -183,6 +183,17 @@ impl LoadBalancer {
         result.map_err(|error| self.with_log(error))
     }
 
+    /// Waits until lb-user's log contains `text`.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        let result = wait_until(timeout, &format!("lb-user to log {text:?}"), || {
+            if self.log().contains(text) {
+                return Ok(Poll::Ready(()));
+            }
+            Ok(Poll::NotYet("not in the log yet".to_string()))
+        });
+        result.map_err(|error| self.with_log(error))
+    }
+
     /// Waits until the backend at `address` is in `state` (`"up"` or `"down"`).
     pub fn wait_backend_state(
         &mut self,

@@ -480,10 +480,7 @@ fn a_backend_side_mtu_above_the_public_one_is_warned_about() -> anyhow::Result<(
     let topology = Topology::demo()?;
     topology.lb.ip(["link", "set", "lbpub", "mtu", "1400"])?;
     let lb = LoadBalancer::start(&topology.lb, &config_toml(&[topology.demo_service()]))?;
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    while !lb.log().contains("attached XDP program to lbpub") && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
+    lb.wait_log("attached XDP program to lbpub", STATE_TIMEOUT)?;
     let log = lb.log();
     lb.shutdown()?;
     let backend_side: Vec<String> = topology
@@ -535,10 +532,7 @@ fn a_vip_nobody_answers_arp_for_is_warned_about() -> anyhow::Result<()> {
     let config = config_toml(&[web, ghost, tentative]);
     let lb = LoadBalancer::start(&topology.lb, &config)?;
     // The VIPs are checked before the program loads; attaching to lbpub comes after.
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    while !lb.log().contains("attached XDP program to lbpub") && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-    }
+    lb.wait_log("attached XDP program to lbpub", STATE_TIMEOUT)?;
     let addresses = topology.lb.ip(["-6", "addr", "show", "dev", "lbpub"])?;
     ensure!(
         addresses.contains("fd00:200::1:99/128") && addresses.contains("tentative"),

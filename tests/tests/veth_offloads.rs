@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use lb_tests::process::{unique_name, wait_until, Poll, TempDir};
+use lb_tests::process::{unique_name, TempDir};
 use lb_tests::{
     config_toml, skip_unless_privileged, Client, Layout, LoadBalancer, Nginx, Offloads, PeerState,
     Topology, SERVICE_PORT,
@@ -139,12 +139,7 @@ impl Testbed {
 
     /// Waits until lb-user's log contains `text`.
     fn wait_log(&self, text: &str) -> anyhow::Result<()> {
-        wait_until(STATE_TIMEOUT, &format!("lb-user to log {text:?}"), || {
-            if self.lb.log().contains(text) {
-                return Ok(Poll::Ready(()));
-            }
-            Ok(Poll::NotYet("not in the log yet".to_string()))
-        })
+        self.lb.wait_log(text, STATE_TIMEOUT)
     }
 
     fn shutdown(mut self) -> anyhow::Result<()> {
