@@ -28,6 +28,29 @@ pub const FLOW_TABLE_SIZE: u32 = 262_144;
 pub const FRAGMENT_TABLE_SIZE: u32 = 65_536;
 /// Words of the `PORTS` bitmap: one bit for each of the 65536 ports.
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+
+/// The `PORTS` map's one value: bit `port % 64` of word `port / 64` is set for every service
+/// port and every backend port. One value rather than a word per entry, so that the datapath
+/// tests both of a packet's ports with one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBitmap {
+    pub words: [u64; PORT_BITMAP_WORDS as usize],
+}
+
+impl PortBitmap {
+    /// Whether `port` (network byte order) has its bit set.
+    #[inline(always)]
+    pub fn contains(&self, port: [u8; 2]) -> bool {
+        let port = u16::from_be_bytes(port);
+        // `port / 64` is below PORT_BITMAP_WORDS: `get` never misses, it only keeps the index
+        // visibly bounded (for the verifier) without a panic path.
+        match self.words.get(usize::from(port / 64)) {
+            Some(word) => word & (1u64 << (port % 64)) != 0,
+            None => true,
+        }
+    }
+}
 /// The longest TCP or UDP segment (header and payload) whose partial checksum the datapath
 /// completes before XDP_TX or XDP_REDIRECT; a longer one goes to the kernel translated.
 pub const MAX_COMPLETED_SEGMENT: usize = 3327;
@@ -652,6 +675,7 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey6 {}
     unsafe impl aya::Pod for VipProtocol6 {}
     unsafe impl aya::Pod for NeighbourKey {}
+    unsafe impl aya::Pod for PortBitmap {}
 }
 
 // Sizes are part of the ABI: a change here must be made on purpose, on both sides at once.
@@ -661,6 +685,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PortBitmap>() == 8192);
 const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<EndpointKey6>() == 20);
 const _: () = assert!(core::mem::size_of::<Endpoint6>() == 24);

@@ -43,7 +43,7 @@ use crate::{
         VLAN_TAG_LEN,
     },
     maps::{
-        count, port_in_use, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
+        count, either_port_in_use, port_bitmap, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
         PROGRAM_IPV6, RR_CURSORS, SCHEDULE, SERVICE_STATS, SETTINGS,
     },
     partial::Partial,
@@ -134,6 +134,9 @@ fn act(result: Result<Verdict, Drop>) -> u32 {
 }
 
 fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
+    if is_plain_host_traffic(ctx) {
+        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
+    }
     let ethernet: *mut EthernetHeader =
         ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
     // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
@@ -189,12 +192,22 @@ fn balance_ipv4(
     if ip_protocol != protocol::TCP && ip_protocol != protocol::UDP {
         return Ok(Verdict::Pass(counter::PASS_NOT_TCP_UDP));
     }
+    let l4_offset = l3_offset + header_len;
+    let segment_len = total_len - header_len;
+    // The transport header must lie inside the IP packet, not in the frame's padding.
+    let transport_len = if ip_protocol == protocol::TCP {
+        TCP_HEADER_LEN
+    } else {
+        UDP_HEADER_LEN
+    };
+    let holds_transport = segment_len >= transport_len;
+
     // Only a first fragment has ports: later ones follow it (see fragments.rs).
     let first_fragment = match fragments::ipv4(
         ctx,
         ethernet,
         ip,
-        l3_offset + header_len,
+        l4_offset,
         l3_offset + total_len,
     )? {
         fragments::Step::Whole => None,
@@ -202,25 +215,72 @@ fn balance_ipv4(
         fragments::Step::Done(verdict) => return Ok(verdict),
     };
 
-    let dst_addr = unsafe { (*ip).dst };
-    // The transport header must lie inside the IP packet, not in the frame's padding.
-    let transport_len = if ip_protocol == protocol::TCP {
-        TCP_HEADER_LEN
-    } else {
-        UDP_HEADER_LEN
-    };
-    let transport = if header_len + transport_len <= total_len {
-        let segment_len = total_len - header_len;
-        transport_at(ctx, l3_offset + header_len, segment_len, ip_protocol)
+    let transport = if holds_transport {
+        transport_at(ctx, l4_offset, segment_len, ip_protocol)
     } else {
         None
     };
     let Some(transport) = transport else {
         // Without ports we cannot tell whether it is for a service: drop it only if it is
         // addressed to a VIP, and leave everybody else's packets to the kernel.
-        return not_for_us_or_malformed::<V4>(dst_addr);
+        return not_for_us_or_malformed::<V4>(unsafe { (*ip).dst });
     };
     balance::<V4>(ctx, ethernet, ip, &transport, first_fragment.as_ref())
+}
+
+const IPV4_HEADER_LEN: usize = core::mem::size_of::<Ipv4Header>();
+
+/// The start of the most common frame: untagged Ethernet, IPv4 without options, and the
+/// ports of a TCP or UDP header.
+#[repr(C)]
+struct PlainPrefix {
+    ethernet: EthernetHeader,
+    ip: Ipv4Header,
+    /// Source then destination port: the first four bytes of both TCP and UDP headers.
+    ports: [[u8; 2]; 2],
+}
+
+/// Whether the frame is a plain, whole (unfragmented) IPv4 TCP or UDP packet with neither a
+/// service's nor a backend's port: the host's own traffic (the operator's SSH), which the full
+/// parse would pass untouched too (its checks hold for such a frame, see below). Tested before
+/// anything else so that this traffic costs as little as possible; every other frame (VLAN
+/// tags, IP options, fragments, IPv6, short headers, ports in use) takes the full path, which
+/// passes the host's traffic among it just the same.
+#[inline(always)]
+fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
+    // Looked up first: the compiler treats the (inlined) lookup as a call, and would save
+    // whatever was read before it on the stack.
+    let Some(bitmap) = port_bitmap() else {
+        return false;
+    };
+    let Some(prefix) = ptr_at::<PlainPrefix>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the whole prefix.
+    let prefix = unsafe { &*prefix };
+    let ip = &prefix.ip;
+    // Version 4 with a 20-byte header, not a fragment.
+    if prefix.ethernet.ether_type != ETHER_TYPE_IPV4
+        || ip.version_ihl != 0x45
+        || u16::from_be_bytes(ip.fragment) & IPV4_FRAGMENT_MASK != 0
+    {
+        return false;
+    }
+    let transport_len = match ip.protocol {
+        protocol::TCP => TCP_HEADER_LEN,
+        protocol::UDP => UDP_HEADER_LEN,
+        _ => return false,
+    };
+    // As in `balance_ipv4`: the packet lies inside the frame, and its transport header inside
+    // the packet.
+    let total_len = usize::from(u16::from_be_bytes(ip.total_len));
+    if total_len < IPV4_HEADER_LEN + transport_len
+        || ctx.data() + ETHERNET_LEN + total_len > ctx.data_end()
+    {
+        return false;
+    }
+    let [src_port, dst_port] = prefix.ports;
+    !bitmap.contains(dst_port) && !bitmap.contains(src_port)
 }
 
 /// A packet whose transport header is missing or cut short: malformed if it is addressed to a
@@ -245,8 +305,7 @@ pub(crate) fn balance<F: Family>(
     first_fragment: Option<&FragmentKey<F::Addr>>,
 ) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
-    if !port_in_use(unsafe { *transport.dst_port }) && !port_in_use(unsafe { *transport.src_port })
-    {
+    if !either_port_in_use(unsafe { *transport.dst_port }, unsafe { *transport.src_port }) {
         return Ok(not_for_a_service::<F>(first_fragment));
     }
 

@@ -11,7 +11,7 @@ use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
     Fragment, FragmentKey, FragmentKey6, NeighbourKey, NextHop, ReverseNat, ReverseNat6, Service,
     ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol, VipProtocol6, FLOW_TABLE_SIZE,
-    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NEIGHBOURS_WANTED_SIZE, PORT_BITMAP_WORDS,
+    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NEIGHBOURS_WANTED_SIZE, PortBitmap,
     SCHEDULE_SIZE,
 };
 
@@ -125,12 +125,12 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// One bit per port number: set for every service port and every backend port. A TCP or UDP
-/// packet whose destination and source ports are both clear is neither for a service nor a
-/// backend's reply, and passes without a hash lookup: the cost of the operator's SSH and
-/// everything else on the host.
+/// One bit per port number (see [`PortBitmap`]): set for every service port and every backend
+/// port. A TCP or UDP packet whose destination and source ports are both clear is neither for
+/// a service nor a backend's reply, and passes without a hash lookup: the cost of the
+/// operator's SSH and everything else on the host.
 #[map]
-pub static PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+pub static PORTS: Array<PortBitmap> = Array::with_max_entries(1, 0);
 
 /// Programs the datapath tail-calls: `balancer` the IPv6 parser at [`PROGRAM_IPV6`], which
 /// goes on to the IPv6 transport, ICMPv6 or later-fragment program. Filled by `lb-user` at
@@ -154,13 +154,18 @@ pub fn count(index: u32) {
     }
 }
 
-/// Whether `port` (network order) is a service's or a backend's port.
+/// The bitmap of service and backend ports; `None` cannot happen (the array has its one entry
+/// from load on), and callers then look further, to be safe.
 #[inline(always)]
-pub fn port_in_use(port: [u8; 2]) -> bool {
-    let port = u16::from_be_bytes(port);
-    match PORTS.get(u32::from(port >> 6)) {
-        Some(word) => word & (1u64 << (port & 63)) != 0,
-        // Cannot happen (the array covers every port); be safe and look further.
+pub fn port_bitmap() -> Option<&'static PortBitmap> {
+    PORTS.get(0)
+}
+
+/// Whether either port (network order) is a service's or a backend's port.
+#[inline(always)]
+pub fn either_port_in_use(first: [u8; 2], second: [u8; 2]) -> bool {
+    match port_bitmap() {
+        Some(bitmap) => bitmap.contains(first) || bitmap.contains(second),
         None => true,
     }
 }

@@ -224,9 +224,8 @@ pub trait Dataplane {
         endpoint: &WideEndpoint,
     ) -> Result<(), DataplaneError>;
     fn remove_endpoint(&mut self, key: AnyEndpointKey) -> Result<(), DataplaneError>;
-    /// Replaces the bitmap of service and backend ports (`lb_common::PORT_BITMAP_WORDS`
-    /// words; bit `p % 64` of word `p / 64` is port `p`).
-    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError>;
+    /// Replaces the bitmap of service and backend ports.
+    fn set_ports(&mut self, bitmap: &lb_common::PortBitmap) -> Result<(), DataplaneError>;
     fn remove_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError>;
     fn add_vip_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError>;
@@ -289,7 +288,7 @@ pub struct XdpDataplane {
     backends: Array<MapData, Backend>,
     schedule: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
-    ports: Array<MapData, u64>,
+    ports: Array<MapData, lb_common::PortBitmap>,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     /// `None` when the object has no IPv6 maps (see [`Ipv6Maps`]).
     ipv6: Option<Ipv6Maps>,
@@ -586,6 +585,14 @@ impl XdpDataplane {
         Ok(self.flows.iter().filter_map(Result::ok).collect())
     }
 
+    /// The IPv4 flow table's descriptor, for tools that work on it with raw `bpf(2)` calls
+    /// (the benchmark's wrapper deletes an entry before each timed run).
+    pub fn flows_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        self.flows.map().fd().as_fd()
+    }
+
     /// Every entry of both flow tables (`FLOWS`, then `FLOWS6`), as [`Self::flows`] reads them.
     pub fn all_flows(&self) -> Result<Vec<(AnyFlowKey, Flow)>, DataplaneError> {
         let v4 = self.flows.iter().filter_map(Result::ok);
@@ -860,16 +867,13 @@ impl Dataplane for XdpDataplane {
         Ok(())
     }
 
-    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError> {
-        for (index, word) in bitmap.iter().enumerate() {
-            self.ports
-                .set(index as u32, word, 0)
-                .map_err(|cause| DataplaneError::Map {
-                    map: "PORTS",
-                    cause,
-                })?;
-        }
-        Ok(())
+    fn set_ports(&mut self, bitmap: &lb_common::PortBitmap) -> Result<(), DataplaneError> {
+        self.ports
+            .set(0, bitmap, 0)
+            .map_err(|cause| DataplaneError::Map {
+                map: "PORTS",
+                cause,
+            })
     }
 
     fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
@@ -1013,7 +1017,8 @@ pub struct MemoryDataplane {
     pub services: StdHashMap<AnyServiceKey, Service>,
     pub schedule: StdHashMap<u32, u32>,
     pub settings: Option<Settings>,
-    pub ports: Vec<u64>,
+    /// The port bitmap, once written.
+    pub ports: Option<lb_common::PortBitmap>,
     pub endpoints: StdHashMap<AnyEndpointKey, WideEndpoint>,
     pub backends: StdHashMap<u32, Backend>,
     /// Both families' VIP addresses (`VIP_ADDRESSES` and `VIP_ADDRESSES6`), in insertion order.
@@ -1098,9 +1103,9 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 
-    fn set_ports(&mut self, bitmap: &[u64]) -> Result<(), DataplaneError> {
+    fn set_ports(&mut self, bitmap: &lb_common::PortBitmap) -> Result<(), DataplaneError> {
         self.write()?;
-        self.ports = bitmap.to_vec();
+        self.ports = Some(*bitmap);
         Ok(())
     }
 

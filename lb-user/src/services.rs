@@ -1004,9 +1004,11 @@ fn mark_shared_endpoints(services: &mut [ServiceState]) {
 }
 
 /// Every service port and every backend port, as the datapath's `PORTS` bitmap.
-pub fn port_bitmap(services: &[ServiceState]) -> Vec<u64> {
-    let mut bitmap = vec![0u64; lb_common::PORT_BITMAP_WORDS as usize];
-    let mut set = |port: u16| bitmap[usize::from(port / 64)] |= 1u64 << (port % 64);
+pub fn port_bitmap(services: &[ServiceState]) -> lb_common::PortBitmap {
+    let mut bitmap = lb_common::PortBitmap {
+        words: [0; lb_common::PORT_BITMAP_WORDS as usize],
+    };
+    let mut set = |port: u16| bitmap.words[usize::from(port / 64)] |= 1u64 << (port % 64);
     for service in services {
         set(service.config.port);
         for backend in &service.backends {
@@ -1286,7 +1288,8 @@ mod tests {
             ["10.200.1.1".parse::<IpAddr>().expect("ip")]
         );
         let settings = dataplane.settings.expect("settings written");
-        let bit = |port: u16| dataplane.ports[usize::from(port / 64)] & (1u64 << (port % 64)) != 0;
+        let ports = dataplane.ports.expect("ports written");
+        let bit = |port: u16| ports.contains(port.to_be_bytes());
         assert!(
             bit(80) && bit(8080) && bit(53),
             "service and backend ports are in the bitmap"
@@ -1545,7 +1548,8 @@ mod tests {
 
         all_up(&mut table, &mut dataplane);
         assert_eq!(dataplane.table(&web6), vec![1, 2]);
-        let bit = |port: u16| dataplane.ports[usize::from(port / 64)] & (1u64 << (port % 64)) != 0;
+        let ports = dataplane.ports.expect("ports written");
+        let bit = |port: u16| ports.contains(port.to_be_bytes());
         assert!(
             bit(80) && bit(8080) && bit(8000),
             "IPv6 ports share the bitmap"

@@ -248,6 +248,17 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
     short_total[16..18].copy_from_slice(&19u16.to_be_bytes()); // shorter than its header
     let mut l4_in_padding = syn.clone();
     l4_in_padding[16..18].copy_from_slice(&20u16.to_be_bytes()); // TCP only in the padding
+                                                                 // The same faults on ports no service or backend uses: the host's own traffic is passed
+                                                                 // early (`is_plain_host_traffic`), which must not let malformed packets through.
+    let ssh = Tcp::from_client(22, 40007).frame();
+    let mut ssh_long_total = ssh.clone();
+    ssh_long_total[16..18].copy_from_slice(&41u16.to_be_bytes());
+    let mut ssh_short_total = ssh.clone();
+    ssh_short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
+    let mut ssh_in_padding = ssh.clone();
+    ssh_in_padding[16..18].copy_from_slice(&20u16.to_be_bytes());
+    let mut ssh_long_ihl = ssh.clone();
+    ssh_long_ihl[14] = 0x4f;
 
     // A frame shorter than an Ethernet header cannot be tested: BPF_PROG_TEST_RUN refuses
     // inputs under 14 bytes (EINVAL). The program checks for it anyway, as the verifier demands.
@@ -317,6 +328,36 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
             cut(&to_other_host, 14 + 20 + 10),
             XDP_PASS,
             counter::PASS_NOT_SERVICE,
+        ),
+        (
+            "SSH to the VIP, total length past the frame",
+            ssh_long_total,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "SSH to the VIP, total length inside the header",
+            ssh_short_total,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "SSH to the VIP, IHL past the end",
+            ssh_long_ihl,
+            XDP_DROP,
+            counter::DROP_MALFORMED_IPV4,
+        ),
+        (
+            "SSH to the VIP, TCP header only in the Ethernet padding",
+            ssh_in_padding,
+            XDP_DROP,
+            counter::DROP_MALFORMED_L4,
+        ),
+        (
+            "UDP header cut, to a VIP port without a service",
+            cut(&udp_frame(54, 40008, false), 14 + 20 + 4),
+            XDP_DROP,
+            counter::DROP_MALFORMED_L4,
         ),
     ];
     for (what, frame, expected_verdict, reason) in cases {
