@@ -20,14 +20,14 @@
 //! all of them instead of landing on one.
 
 use std::borrow::Cow;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_user::dataplane::LoadOptions;
 
-use crate::bench_wrapper::{xdp_md, Wrapper, FIRST_HOST};
+use crate::bench_wrapper::{delete_key, xdp_md, Variation, Wrapper, FIRST_HOST};
 use crate::packet::*;
 
 /// Katran's figures on this machine kind (IPIP mode, the restoring wrapper, kernel 6.18, JIT
@@ -148,7 +148,10 @@ pub struct KernelReport {
     pub seconds: f64,
 }
 
-pub const NEW_TCP_FLOW: &str = "TCP SYN, new flow";
+/// A SYN from a new source address and port on every iteration.
+pub const NEW_TCP_FLOW: &str = "TCP SYN, new flow (a new 5-tuple each time)";
+/// One SYN on every iteration, its flow-table entry deleted before each: Katran's method.
+pub const NEW_TCP_FLOW_ONE_TUPLE: &str = "TCP SYN, new flow (one 5-tuple, Katran's method)";
 pub const ESTABLISHED_TCP: &str = "TCP, established flow";
 pub const BACKEND_REPLY: &str = "backend reply";
 pub const UDP_FLOW_HIT: &str = "UDP, established flow";
@@ -282,7 +285,48 @@ struct Case {
     counters: Vec<usize>,
     /// Counters that must not move.
     unmoved: Vec<usize>,
+    /// A flow-table entry deleted before every run, so that the same SYN starts a new flow
+    /// each time.
+    forget: Option<Forget>,
     wrapper: Option<Wrapper>,
+}
+
+/// The flow table and the key of the entry a case deletes before every run.
+struct Forget {
+    flows: OwnedFd,
+    key: Vec<u8>,
+}
+
+impl Forget {
+    /// The IPv4 flow table's entry for a TCP flow from `client:port` to the web service.
+    fn tcp(fixture: &Fixture, client: [u8; 4], port: u16) -> anyhow::Result<Self> {
+        let flows = fixture
+            .dataplane
+            .flows_fd()
+            .try_clone_to_owned()
+            .context("duplicating the FLOWS descriptor")?;
+        let key = lb_common::FlowKey {
+            src_addr: client,
+            dst_addr: VIP,
+            src_port: port.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            protocol: lb_common::protocol::TCP,
+            _pad: [0; 3],
+        };
+        // SAFETY: FlowKey is repr(C) plain bytes with explicit padding.
+        let key = unsafe {
+            std::slice::from_raw_parts(
+                (&key as *const lb_common::FlowKey).cast::<u8>(),
+                std::mem::size_of::<lb_common::FlowKey>(),
+            )
+        }
+        .to_vec();
+        Ok(Self { flows, key })
+    }
+
+    fn delete(&self) -> anyhow::Result<()> {
+        delete_key(self.flows.as_fd(), &self.key)
+    }
 }
 
 /// The SYN of the `index`th new flow of the loop method, from 10.200.1.100 upwards: the
@@ -398,7 +442,16 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
     let flow_hit = counter_index(&["flow_hit"])?;
     let new_flows = new_flow_counter()?;
 
-    let floor_frame = Tcp::from_client(80, 39_999).frame();
+    // The operator's SSH to the host's own address, which is also the VIP: the pass case.
+    let ssh = Tcp {
+        syn: false,
+        payload: b"SSH-2.0-OpenSSH_9.2",
+        ..Tcp::from_client(22, 50_000)
+    }
+    .frame();
+    // The floor runs on the pass case's frame, so that the wrapper copies as many bytes for
+    // both and their ratio compares the programs alone.
+    let floor_frame = ssh.clone();
     let floor = Case {
         name: FLOOR,
         katran_ns: Some(katran::TRIVIAL_PROGRAM),
@@ -409,13 +462,15 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_TX,
         counters: Vec::new(),
         unmoved: Vec::new(),
+        forget: None,
         wrapper: None,
     };
 
     let new_flow_template = Frames::NewFlows { next: 0 }.template();
+    // Not comparable with Katran's figure, which repeated one 5-tuple: see the report.
     let new_flow = Case {
         name: NEW_TCP_FLOW,
-        katran_ns: Some(katran::NEW_TCP_FLOW),
+        katran_ns: None,
         target: Target::Balancer,
         ifindex: fixture.pub_ifindex,
         expected: [(BACKEND_A, BACKEND_A_MAC), (BACKEND_B, BACKEND_B_MAC)]
@@ -428,6 +483,28 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_REDIRECT,
         counters: vec![new_flows, forward_redirect],
         unmoved: vec![flow_hit],
+        forget: None,
+        wrapper: None,
+    };
+
+    // Katran's method for its new-flow figure: the wrapper restores one SYN, so every
+    // iteration is the same 5-tuple; here its entry is deleted before each run, so that each
+    // one really starts a flow (Katran's SYN path overwrites its entry instead).
+    let one_tuple_syn = Tcp::from_client(80, 40_003).frame();
+    let one_tuple = Case {
+        name: NEW_TCP_FLOW_ONE_TUPLE,
+        katran_ns: Some(katran::NEW_TCP_FLOW),
+        target: Target::Balancer,
+        ifindex: fixture.pub_ifindex,
+        expected: [(BACKEND_A, BACKEND_A_MAC), (BACKEND_B, BACKEND_B_MAC)]
+            .iter()
+            .map(|&(backend, mac)| expected_forward(&one_tuple_syn, BACK_MAC, mac, backend, 8080))
+            .collect(),
+        frames: Frames::Same(one_tuple_syn),
+        verdict: XDP_REDIRECT,
+        counters: vec![new_flows, forward_redirect],
+        unmoved: vec![flow_hit],
+        forget: Some(Forget::tcp(fixture, CLIENT, 40_003)?),
         wrapper: None,
     };
 
@@ -449,6 +526,7 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_REDIRECT,
         counters: vec![flow_hit, forward_redirect],
         unmoved: vec![new_flows],
+        forget: None,
         wrapper: None,
     };
 
@@ -479,6 +557,7 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_REDIRECT,
         counters: vec![counter_index(&["reply_redirect"])?],
         unmoved: vec![new_flows],
+        forget: None,
         wrapper: None,
     };
 
@@ -504,16 +583,10 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_REDIRECT,
         counters: vec![flow_hit, forward_redirect],
         unmoved: vec![new_flows],
+        forget: None,
         wrapper: None,
     };
 
-    // The operator's SSH to the host's own address, which is also the VIP.
-    let ssh = Tcp {
-        syn: false,
-        payload: b"SSH-2.0-OpenSSH_9.2",
-        ..Tcp::from_client(22, 50_000)
-    }
-    .frame();
     let pass = Case {
         name: NOT_A_SERVICE,
         katran_ns: Some(katran::NOT_A_SERVICE),
@@ -524,12 +597,14 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         verdict: XDP_PASS,
         counters: vec![counter_index(&["pass_not_service"])?],
         unmoved: vec![forward_redirect],
+        forget: None,
         wrapper: None,
     };
 
     Ok(vec![
         floor,
         new_flow,
+        one_tuple,
         established,
         reply_case,
         udp_case,
@@ -580,6 +655,9 @@ fn measure_cases(
 /// the wrapper; sets up the case's wrapper.
 fn verify(fixture: &mut Fixture, case: &mut Case) -> anyhow::Result<()> {
     let template = case.frames.template();
+    if let Some(forget) = &case.forget {
+        forget.delete()?;
+    }
     let (verdict, out, _) = run_once(program(fixture, case.target)?, &template, case.ifindex)?;
     ensure!(
         verdict == case.verdict,
@@ -599,7 +677,15 @@ fn verify(fixture: &mut Fixture, case: &mut Case) -> anyhow::Result<()> {
 
     let new_flows = matches!(case.frames, Frames::NewFlows { .. });
     let target = program(fixture, case.target)?;
-    let wrapper = Wrapper::new(target.fd()?.as_fd(), &template, new_flows)?;
+    let variation = match &case.forget {
+        Some(forget) => Variation::ForgetFlow {
+            flows: forget.flows.as_fd(),
+            key: forget.key.clone(),
+        },
+        None if new_flows => Variation::NewSource,
+        None => Variation::None,
+    };
+    let wrapper = Wrapper::new(target.fd()?.as_fd(), &template, variation)?;
     let (verdict, out, _) = wrapper.run(case.ifindex, 1)?;
     ensure!(
         verdict == case.verdict,
@@ -682,6 +768,9 @@ fn time_loop(fixture: &mut Fixture, case: &mut Case, packets: u32) -> anyhow::Re
     let program = program(fixture, case.target)?;
     let mut total_ns = 0u128;
     for _ in 0..packets {
+        if let Some(forget) = &case.forget {
+            forget.delete()?;
+        }
         let frame = case.frames.next();
         let (verdict, _, duration) = run_once(program, &frame, case.ifindex)?;
         ensure!(
@@ -843,7 +932,7 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
     // New flows past any source the fill used.
     let new_flow = Case {
         name: NEW_TCP_FLOW,
-        katran_ns: Some(katran::NEW_TCP_FLOW),
+        katran_ns: None,
         target: Target::Balancer,
         ifindex: fixture.pub_ifindex,
         expected: expected_new,
@@ -853,6 +942,7 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
         verdict: XDP_REDIRECT,
         counters: vec![new_flows, forward_redirect],
         unmoved: vec![flow_hit],
+        forget: None,
         wrapper: None,
     };
     let frames = match spread {
@@ -888,6 +978,7 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
         verdict: XDP_REDIRECT,
         counters: vec![flow_hit, forward_redirect],
         unmoved: vec![new_flows],
+        forget: None,
         wrapper: None,
     };
     let ssh = Tcp::from_client(22, 50_000).frame();
@@ -901,6 +992,7 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
         verdict: XDP_PASS,
         counters: vec![counter_index(&["pass_not_service"])?],
         unmoved: vec![forward_redirect],
+        forget: None,
         wrapper: None,
     };
     Ok(vec![new_flow, established, pass])

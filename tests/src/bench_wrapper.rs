@@ -12,13 +12,14 @@
 //!
 //! Nothing in `lb-ebpf` changes for this: the wrapper, its frame template (an array map) and
 //! its one-slot program array are created here with plain `bpf(2)` calls, and the program
-//! under test is put into the array by its file descriptor. For a new-flow case the wrapper
-//! also bumps a counter kept in the template and writes it into the source port and the last
-//! byte of the source address, so that each iteration is a different 5-tuple from the same
-//! /24 (which must stay routed through the ingress interface: the datapath checks a new flow's
-//! source against the routing table). The checksums are then
-//! not those of the new frame; the datapath updates checksums incrementally and never checks
-//! them, so the work per packet is the same).
+//! under test is put into the array by its file descriptor. A new-flow case can be made new on
+//! every iteration in one of two ways (see [`Variation`]): the wrapper either bumps a counter
+//! kept in the template and writes it into the source port and the last byte of the source
+//! address, so that each iteration is a different 5-tuple from the same /24 (which must stay
+//! routed through the ingress interface: the datapath checks a new flow's source against the
+//! routing table; the checksums are then not those of the new frame, but the datapath updates
+//! checksums incrementally and never checks them, so the work per packet is the same), or it
+//! keeps the one 5-tuple and deletes its flow-table entry before each run.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
@@ -30,13 +31,21 @@ use crate::bpf_syscall::{bpf, load_xdp_program, owned_fd};
 pub const MAX_FRAME: usize = 256;
 /// Where in the template's map value the new-flow counter lives, after the frame.
 const COUNTER_OFFSET: i16 = MAX_FRAME as i16;
+/// Where in the template's map value the flow key to forget lives, after the counter.
+const KEY_OFFSET: usize = MAX_FRAME + 8;
+/// The largest flow key (an IPv6 5-tuple).
+const MAX_KEY: usize = 40;
+/// The template's map value: frame, counter, key.
+const TEMPLATE_LEN: usize = KEY_OFFSET + MAX_KEY;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+const BPF_FUNC_MAP_DELETE_ELEM: i32 = 3;
 const BPF_FUNC_TAIL_CALL: i32 = 12;
 const XDP_ABORTED: i32 = 0;
 
@@ -101,6 +110,19 @@ fn store_op(width: usize) -> u8 {
     }
 }
 
+/// How the wrapper makes each iteration a new flow, if it does.
+pub enum Variation<'a> {
+    /// It does not: every iteration is the same packet (a flow-table hit, a pass, ...).
+    None,
+    /// A new source address and port each iteration: a new 5-tuple, whose flow-table entry
+    /// lands in memory no iteration touched before.
+    NewSource,
+    /// The same 5-tuple each iteration, its entry deleted from `flows` (keyed by `key`) first:
+    /// a new flow every time, on memory the previous iteration left warm. The deletion runs
+    /// inside the timed iteration, so it is counted against the program under test.
+    ForgetFlow { flows: BorrowedFd<'a>, key: Vec<u8> },
+}
+
 /// The wrapper around one program under test, for frames of one length.
 pub struct Wrapper {
     program: OwnedFd,
@@ -108,15 +130,17 @@ pub struct Wrapper {
     /// Kept open: the wrapper's tail call goes through it.
     _targets: OwnedFd,
     frame: Vec<u8>,
+    /// The flow key the wrapper deletes each iteration (empty if none).
+    key: Vec<u8>,
 }
 
 impl Wrapper {
-    /// Loads a wrapper that restores `frame` (at most [`MAX_FRAME`] bytes) and tail-calls
-    /// `target`; with `new_flow_each_time`, it also makes each iteration a new 5-tuple.
+    /// Loads a wrapper that restores `frame` (at most [`MAX_FRAME`] bytes), varies it as
+    /// `variation` says, and tail-calls `target`.
     pub fn new(
         target: BorrowedFd<'_>,
         frame: &[u8],
-        new_flow_each_time: bool,
+        variation: Variation<'_>,
     ) -> anyhow::Result<Self> {
         if frame.len() > MAX_FRAME || frame.len() < usize::from(SOURCE_PORT.unsigned_abs()) + 2 {
             bail!(
@@ -125,17 +149,25 @@ impl Wrapper {
                 SOURCE_PORT + 2
             );
         }
-        let template = create_map(BPF_MAP_TYPE_ARRAY, MAX_FRAME as u32 + 8)
+        let (step, key) = match variation {
+            Variation::None => (Step::None, Vec::new()),
+            Variation::NewSource => (Step::NewSource, Vec::new()),
+            Variation::ForgetFlow { flows, key } => {
+                if key.is_empty() || key.len() > MAX_KEY {
+                    bail!(
+                        "a flow key of {} bytes: the wrapper takes 1 to {MAX_KEY}",
+                        key.len()
+                    );
+                }
+                (Step::Forget(flows.as_raw_fd()), key)
+            }
+        };
+        let template = create_map(BPF_MAP_TYPE_ARRAY, TEMPLATE_LEN as u32)
             .context("creating the wrapper's frame template (array map)")?;
         let targets = create_map(BPF_MAP_TYPE_PROG_ARRAY, 4)
             .context("creating the wrapper's program array")?;
-        write_template(template.as_fd(), frame)?;
-        let instructions = assemble(
-            frame.len(),
-            template.as_raw_fd(),
-            targets.as_raw_fd(),
-            new_flow_each_time,
-        );
+        write_template(template.as_fd(), frame, &key)?;
+        let instructions = assemble(frame.len(), template.as_raw_fd(), targets.as_raw_fd(), step);
         let program = load_xdp_program("bench_restore", &instructions)
             .context("loading the restoring wrapper")?;
         update_map(targets.as_fd(), &target.as_raw_fd().to_ne_bytes())
@@ -145,6 +177,7 @@ impl Wrapper {
             template,
             _targets: targets,
             frame: frame.to_vec(),
+            key,
         })
     }
 
@@ -176,36 +209,53 @@ impl Wrapper {
 
     /// Resets the new-flow counter, so that a run starts again from the template's tuple.
     pub fn reset_counter(&self) -> anyhow::Result<()> {
-        write_template(self.template.as_fd(), &self.frame)
+        write_template(self.template.as_fd(), &self.frame, &self.key)
     }
 }
 
-/// Writes `frame` into the template, with the new-flow counter at zero.
-fn write_template(template: BorrowedFd<'_>, frame: &[u8]) -> anyhow::Result<()> {
-    let mut value = vec![0u8; MAX_FRAME + 8];
+/// Writes `frame` and the flow key to forget into the template, with the new-flow counter at
+/// zero.
+fn write_template(template: BorrowedFd<'_>, frame: &[u8], key: &[u8]) -> anyhow::Result<()> {
+    let mut value = vec![0u8; TEMPLATE_LEN];
     value[..frame.len()].copy_from_slice(frame);
+    value[KEY_OFFSET..KEY_OFFSET + key.len()].copy_from_slice(key);
     update_map(template, &value).context("writing the frame template")
 }
 
-/// The wrapper's instructions: bounds check, copy the template over the packet (8 bytes at a
-/// time, then 4, 2, 1), optionally stamp the new-flow counter, tail-call slot 0.
-fn assemble(
-    frame_len: usize,
-    template_fd: i32,
-    targets_fd: i32,
-    new_flow_each_time: bool,
-) -> Vec<Instruction> {
-    let mut code = vec![
-        instruction(MOV64_REG, 6, 1, 0, 0),                // r6 = ctx
-        instruction(load_op(4), 2, 6, 0, 0),               // r2 = ctx->data
-        instruction(load_op(4), 3, 6, 4, 0),               // r3 = ctx->data_end
-        instruction(MOV64_REG, 4, 2, 0, 0),                // r4 = data
+/// The wrapper's own step besides restoring the frame (see [`Variation`]).
+#[derive(Clone, Copy)]
+enum Step {
+    None,
+    NewSource,
+    /// Delete the template's key from the map with this descriptor.
+    Forget(i32),
+}
+
+/// The wrapper's instructions: optionally delete the flow to forget, bounds check, copy the
+/// template over the packet (8 bytes at a time, then 4, 2, 1), optionally stamp the new-flow
+/// counter, tail-call slot 0.
+fn assemble(frame_len: usize, template_fd: i32, targets_fd: i32, step: Step) -> Vec<Instruction> {
+    let mut code = vec![instruction(MOV64_REG, 6, 1, 0, 0)]; // r6 = ctx
+    if let Step::Forget(flows_fd) = step {
+        code.extend([
+            instruction(LOAD_IMM64, 1, PSEUDO_MAP_FD, 0, flows_fd), // r1 = the flow table
+            instruction(0, 0, 0, 0, 0),
+            instruction(LOAD_IMM64, 2, PSEUDO_MAP_VALUE, 0, template_fd), // r2 = &template.key
+            instruction(0, 0, 0, 0, KEY_OFFSET as i32),
+            // Its result does not matter: absent or deleted, the key is gone.
+            instruction(CALL, 0, 0, 0, BPF_FUNC_MAP_DELETE_ELEM),
+        ]);
+    }
+    let bounds_check = code.len() + 4;
+    code.extend([
+        instruction(load_op(4), 2, 6, 0, 0), // r2 = ctx->data
+        instruction(load_op(4), 3, 6, 4, 0), // r3 = ctx->data_end
+        instruction(MOV64_REG, 4, 2, 0, 0),  // r4 = data
         instruction(ADD64_IMM, 4, 0, 0, frame_len as i32), // r4 += frame_len
-        instruction(JGT_REG, 4, 3, i16::MAX, 0),           // if r4 > data_end: abort (patched)
+        instruction(JGT_REG, 4, 3, i16::MAX, 0), // if r4 > data_end: abort (patched)
         instruction(LOAD_IMM64, 5, PSEUDO_MAP_VALUE, 0, template_fd), // r5 = &template[0]
-        instruction(0, 0, 0, 0, 0),                        // ld_imm64's second half: offset 0
-    ];
-    let bounds_check = 5;
+        instruction(0, 0, 0, 0, 0),          // ld_imm64's second half: offset 0
+    ]);
     let mut offset = 0;
     while offset < frame_len {
         let width = [8, 4, 2, 1]
@@ -216,7 +266,7 @@ fn assemble(
         code.push(instruction(store_op(width), 2, 0, offset as i16, 0));
         offset += width;
     }
-    if new_flow_each_time {
+    if let Step::NewSource = step {
         code.extend([
             instruction(load_op(4), 0, 5, COUNTER_OFFSET, 0), // r0 = counter
             instruction(ADD64_IMM, 0, 0, 0, 1),               // r0 += 1
@@ -324,22 +374,42 @@ fn update_map(map: BorrowedFd<'_>, value: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes `key` from `map`; a key that is not there is no error.
+pub fn delete_key(map: BorrowedFd<'_>, key: &[u8]) -> anyhow::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: key points to a live buffer; the caller passes the map's key size.
+    match unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+        Ok(_) => Ok(()),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(error) => Err(error).context("deleting a flow-table entry"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_bounds_check_jumps_to_the_abort_tail() {
-        let code = assemble(54, 3, 4, false);
-        let abort = code.len() - 2;
-        assert_eq!(5 + 1 + code[5].offset as usize, abort);
-        assert_eq!(code[abort].code, MOV64_IMM);
-        assert_eq!(code[abort + 1].code, EXIT);
+        for (step, bounds_check) in [(Step::None, 5), (Step::NewSource, 5), (Step::Forget(5), 10)] {
+            let code = assemble(54, 3, 4, step);
+            let abort = code.len() - 2;
+            assert_eq!(code[bounds_check].code, JGT_REG);
+            assert_eq!(bounds_check + 1 + code[bounds_check].offset as usize, abort);
+            assert_eq!(code[abort].code, MOV64_IMM);
+            assert_eq!(code[abort + 1].code, EXIT);
+        }
     }
 
     #[test]
     fn the_copy_covers_the_frame_exactly() {
-        let code = assemble(67, 3, 4, false);
+        let code = assemble(67, 3, 4, Step::None);
         let stored: usize = code
             .iter()
             .filter(|insn| [0x7b, 0x63, 0x6b, 0x73].contains(&insn.code))

@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use lb_tests::bench_e2e::{E2eReport, Mode, Setup};
 use lb_tests::bench_kernel::{
-    KernelReport, BACKEND_REPLY, ESTABLISHED_TCP, NEW_TCP_FLOW, NOT_A_SERVICE, UDP_FLOW_HIT,
+    KernelReport, BACKEND_REPLY, ESTABLISHED_TCP, NEW_TCP_FLOW, NEW_TCP_FLOW_ONE_TUPLE,
+    NOT_A_SERVICE, UDP_FLOW_HIT,
 };
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
@@ -73,7 +74,8 @@ fn kernel_groups(report: &KernelReport) -> Vec<Group> {
         right: report.floor.katran_ns,
     }];
     for (label, name) in [
-        ("new TCP flow", NEW_TCP_FLOW),
+        ("new flow, one 5-tuple", NEW_TCP_FLOW_ONE_TUPLE),
+        ("new flow, new 5-tuples", NEW_TCP_FLOW),
         ("established", ESTABLISHED_TCP),
         ("reply", BACKEND_REPLY),
         ("UDP flow", UDP_FLOW_HIT),

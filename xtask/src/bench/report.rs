@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use lb_tests::bench_e2e::{E2eReport, HttpRun, Mode, Setup, UdpRun};
 use lb_tests::bench_kernel::{
-    CaseResult, KernelReport, Spread, FLOOR, NEW_TCP_FLOW, NOT_A_SERVICE,
+    katran, CaseResult, KernelReport, Spread, FLOOR, NEW_TCP_FLOW, NOT_A_SERVICE,
 };
 
 /// What the numbers were measured on.
@@ -131,16 +131,7 @@ fn verdict_against_katran(case: &CaseResult) -> &'static str {
     }
 }
 
-/// Katran's figure for a new TCP flow, as the report's cases carry it.
-fn katran_new_flow(report: &KernelReport) -> Option<f64> {
-    report
-        .cases
-        .iter()
-        .find(|case| case.name == NEW_TCP_FLOW)
-        .and_then(|case| case.katran_ns)
-}
-
-/// The issue's two goals, met or not, in one sentence each.
+/// The issue's two goals, met or not, with the new-flow figures Katran's method does not show.
 pub fn goals(report: &KernelReport) -> String {
     let behind: Vec<&str> = report
         .cases
@@ -148,38 +139,18 @@ pub fn goals(report: &KernelReport) -> String {
         .filter(|case| matches!(case.katran_ns, Some(katran) if case.wrapped.median > katran))
         .map(|case| case.name)
         .collect();
-    let pass = report.cases.iter().find(|case| case.name == NOT_A_SERVICE);
-    let mut text = if behind.is_empty() {
-        "Goal 1, every case at or below Katran's figure (wrapper method): **met**.".to_string()
-    } else {
-        format!(
-            "Goal 1, every case at or below Katran's figure (wrapper method): **not met** for {}.",
-            behind.join(", ")
-        )
-    };
-    // The main case inserts into a table with room: fresh, never-touched memory. A balancer
-    // that has started `flows.table_size` flows inserts by evicting from then on.
-    let evicting = report
-        .sweeps
-        .iter()
-        .filter(|point| point.sweep.starts_with("full flow table"))
-        .flat_map(|point| point.cases.iter())
-        .find(|case| case.name == NEW_TCP_FLOW);
-    if let (Some(evicting), Some(katran)) = (evicting, katran_new_flow(report)) {
-        let _ = write!(
-            text,
-            " A new flow into a full table, where every insert evicts the least recently used \
-             entry (the state the table reaches once the balancer has started as many flows as \
-             it holds), costs {:.0} ns ({}).",
-            evicting.wrapped.median,
-            if evicting.wrapped.median <= katran {
-                "at or below Katran's figure"
-            } else {
-                "above Katran's figure"
-            }
-        );
-    }
-    if let Some(pass) = pass {
+    let mut text = format!(
+        "Goal 1, every case at or below Katran's figure, measured as Katran's was (the \
+         restoring wrapper repeating one frame; for a new flow, one 5-tuple whose entry the \
+         wrapper deletes before each iteration, the deletion counted against us): {}.",
+        if behind.is_empty() {
+            "**met**".to_string()
+        } else {
+            format!("**not met** for {}", behind.join(", "))
+        }
+    );
+    let _ = write!(text, "{}", new_flow_beyond_katran(report));
+    if let Some(pass) = report.cases.iter().find(|case| case.name == NOT_A_SERVICE) {
         let ratio = pass.wrapped.median / report.floor.wrapped.median;
         let _ = write!(
             text,
@@ -188,6 +159,48 @@ pub fn goals(report: &KernelReport) -> String {
             ratio,
             pass.looped.median / report.floor.looped.median,
             if ratio <= 2.0 { "met" } else { "not met" }
+        );
+    }
+    text
+}
+
+/// The two new-flow costs beyond Katran's method: a never-seen 5-tuple on every iteration (the
+/// table's memory cold), and inserts into a full table (each evicting the oldest entry).
+fn new_flow_beyond_katran(report: &KernelReport) -> String {
+    let against = |ns: f64| {
+        if ns <= katran::NEW_TCP_FLOW {
+            "at or below"
+        } else {
+            "above"
+        }
+    };
+    let mut text = String::new();
+    if let Some(fresh) = report.cases.iter().find(|case| case.name == NEW_TCP_FLOW) {
+        let _ = write!(
+            text,
+            " Beyond Katran's method, a new 5-tuple on every iteration costs {:.0} ns ({} \
+             Katran's {:.0} ns for one repeated 5-tuple): each entry lands in table memory no \
+             iteration touched before, a cost Katran's figure does not include (its SYN path \
+             overwrites the repeated 5-tuple's one entry).",
+            fresh.wrapped.median,
+            against(fresh.wrapped.median),
+            katran::NEW_TCP_FLOW
+        );
+    }
+    let evicting = report
+        .sweeps
+        .iter()
+        .filter(|point| point.sweep.starts_with("full flow table"))
+        .flat_map(|point| point.cases.iter())
+        .find(|case| case.name == NEW_TCP_FLOW);
+    if let Some(evicting) = evicting {
+        let _ = write!(
+            text,
+            " A new flow into a full table, where every insert evicts the least recently used \
+             entry (the state the table reaches once the balancer has started as many flows as \
+             it holds), costs {:.0} ns ({} Katran's figure).",
+            evicting.wrapped.median,
+            against(evicting.wrapped.median)
         );
     }
     text
@@ -431,12 +444,13 @@ pub fn document(
 const KERNEL_METHOD: &str = "The real XDP object, loaded through the verifier as lb-user loads \
 it, runs on crafted frames through `BPF_PROG_TEST_RUN` inside a namespace with fixed routes \
 and permanent neighbours (so `bpf_fib_lookup` succeeds, as it does on a warm production \
-host). The cases: a TCP SYN to the web service from a new source each time (scheduling, the \
-flow-table and reverse-table inserts, the route lookup), a data packet of an established TCP \
-flow (flow-table hit), a backend's reply (reverse-table hit, source rewritten back to the \
-VIP), a UDP packet of an established flow, and a TCP packet to port 22 of the VIP's address, \
-which is no service (the operator's SSH: passed untouched). The floor is a trivial program in \
-the same object that returns XDP_TX, measured the same way.\n\n\
+host). The cases: a TCP SYN to the web service that starts a new flow (the source check, \
+scheduling, the flow-table insert, the route lookup), measured two ways (below), a data packet \
+of an established TCP flow (flow-table hit), a backend's reply (reverse-table hit, source \
+rewritten back to the VIP), a UDP packet of an established flow, and a TCP packet to port 22 \
+of the VIP's address, which is no service (the operator's SSH: passed untouched). The floor is \
+a trivial program in the same object that returns XDP_TX, measured the same way on the pass \
+case's frame (so that the wrapper copies as many bytes for both).\n\n\
 With `repeat` > 1 the kernel reuses one buffer, so a rewriting program would see its own \
 output from the second iteration on; neither method lets that happen. The **loop** method \
 calls `BPF_PROG_TEST_RUN` once per packet (repeat = 1) and adds up the kernel's timing of each \
@@ -444,11 +458,18 @@ run, which includes a fixed overhead of the kernel's timer and a cache cooled by
 call in between (the loop's floor shows how much). The **wrapper** method runs a small XDP \
 program, assembled by the benchmark, that copies the original frame back into the buffer and \
 tail-calls the program under test, with a large repeat count: the method of the Katran \
-figures of issue 3, whose floor (about 10 ns) ours matches. For new flows the wrapper also \
-writes a running counter into the source address and port, so that every iteration is a new \
-5-tuple. Katran's figures are for its IPIP mode, which needs no route lookup (it sends every \
+figures of issue 3, whose floor (about 10 ns) ours matches. Repeating one frame, Katran's \
+method times a new flow for one 5-tuple over and over (Katran's SYN path schedules and \
+overwrites that 5-tuple's entry every time, in memory the last iteration left warm). Ours \
+would find its entry from the second iteration on (a retransmitted SYN keeps its backend), so \
+for **one 5-tuple, Katran's method** the wrapper deletes the entry before each iteration, \
+inside the timed run; for **a new 5-tuple each time** it instead writes a running counter \
+into the source address and port, so that every entry goes into table memory no iteration \
+has touched: the cost of a balancer's first flows after start, which Katran's figure does not \
+include. Katran's figures are for its IPIP mode, which needs no route lookup (it sends every \
 packet to one configured gateway MAC) and no reverse translation; ours include a \
-`bpf_fib_lookup` on every translated packet.";
+`bpf_fib_lookup` on every translated packet and one more on every new flow (the check that \
+its source is routed back through the interface it came in on).";
 
 const KERNEL_READING: &str = "The sweeps time the same cases with the flow table holding 1, \
 10,000 and 1,000,000 flows (its capacity the same at every level, so nothing is evicted), with \
