@@ -38,9 +38,9 @@ use lb_common::{
 use crate::{
     family::{Family, V4},
     headers::{
-        ptr_at, EthernetHeader, Ipv4Header, TcpHeader, UdpHeader, VlanTag, ETHERNET_LEN,
-        ETHER_TYPE_IPV4, ETHER_TYPE_IPV6, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN, IPV4_FRAGMENT_MASK,
-        VLAN_TAG_LEN,
+        ptr_at, EthernetHeader, Ipv4Header, Ipv6Header, TcpHeader, UdpHeader, VlanTag,
+        ETHERNET_LEN, ETHER_TYPE_IPV4, ETHER_TYPE_IPV6, ETHER_TYPE_QINQ, ETHER_TYPE_VLAN,
+        IPV4_FRAGMENT_MASK, IPV6_HEADER_LEN, VLAN_TAG_LEN,
     },
     maps::{
         count, either_port_in_use, port_bitmap, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
@@ -230,21 +230,31 @@ fn balance_ipv4(
 
 const IPV4_HEADER_LEN: usize = core::mem::size_of::<Ipv4Header>();
 
-/// The start of the most common frame: untagged Ethernet, IPv4 without options, and the
+/// The start of the most common IPv4 frame: untagged Ethernet, IPv4 without options, and the
 /// ports of a TCP or UDP header.
 #[repr(C)]
-struct PlainPrefix {
+struct PlainPrefix4 {
     ethernet: EthernetHeader,
     ip: Ipv4Header,
     /// Source then destination port: the first four bytes of both TCP and UDP headers.
     ports: [[u8; 2]; 2],
 }
 
-/// Whether the frame is a plain, whole (unfragmented) IPv4 TCP or UDP packet with neither a
-/// service's nor a backend's port: the host's own traffic (the operator's SSH), which the full
-/// parse would pass untouched too (its checks hold for such a frame, see below). Tested before
-/// anything else so that this traffic costs as little as possible; every other frame (VLAN
-/// tags, IP options, fragments, IPv6, short headers, ports in use) takes the full path, which
+/// The same for IPv6: untagged Ethernet, the fixed header followed by TCP or UDP itself (no
+/// extension headers), and the ports.
+#[repr(C)]
+struct PlainPrefix6 {
+    ethernet: EthernetHeader,
+    ip: Ipv6Header,
+    ports: [[u8; 2]; 2],
+}
+
+/// Whether the frame is a plain, whole (unfragmented, no extension headers) IPv4 or IPv6 TCP
+/// or UDP packet with neither a service's nor a backend's port: the host's own traffic (the
+/// operator's SSH), which the full parse would pass untouched too (its checks hold for such a
+/// frame, see the two helpers). Tested before anything else so that this traffic costs as
+/// little as possible, IPv6 included (no tail call); every other frame (VLAN tags, IP options,
+/// fragments, extension headers, short headers, ports in use) takes the full path, which
 /// passes the host's traffic among it just the same.
 #[inline(always)]
 fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
@@ -253,34 +263,71 @@ fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
     let Some(bitmap) = port_bitmap() else {
         return false;
     };
-    let Some(prefix) = ptr_at::<PlainPrefix>(ctx, 0) else {
+    let Some(ethernet) = ptr_at::<EthernetHeader>(ctx, 0) else {
         return false;
     };
+    // SAFETY: ptr_at checked the header.
+    let ports = match unsafe { (*ethernet).ether_type } {
+        ETHER_TYPE_IPV4 => plain_ipv4_ports(ctx),
+        ETHER_TYPE_IPV6 => plain_ipv6_ports(ctx),
+        _ => None,
+    };
+    match ports {
+        Some([src_port, dst_port]) => !bitmap.contains(dst_port) && !bitmap.contains(src_port),
+        None => false,
+    }
+}
+
+/// The ports of a plain IPv4 TCP or UDP packet that `balance_ipv4` would find well formed:
+/// version 4 with a 20-byte header, not a fragment, the packet inside the frame and its
+/// transport header inside the packet.
+#[inline(always)]
+fn plain_ipv4_ports(ctx: &XdpContext) -> Option<[[u8; 2]; 2]> {
+    let prefix = ptr_at::<PlainPrefix4>(ctx, 0)?;
     // SAFETY: ptr_at checked the whole prefix.
     let prefix = unsafe { &*prefix };
     let ip = &prefix.ip;
-    // Version 4 with a 20-byte header, not a fragment.
-    if prefix.ethernet.ether_type != ETHER_TYPE_IPV4
-        || ip.version_ihl != 0x45
-        || u16::from_be_bytes(ip.fragment) & IPV4_FRAGMENT_MASK != 0
-    {
-        return false;
+    if ip.version_ihl != 0x45 || u16::from_be_bytes(ip.fragment) & IPV4_FRAGMENT_MASK != 0 {
+        return None;
     }
     let transport_len = match ip.protocol {
         protocol::TCP => TCP_HEADER_LEN,
         protocol::UDP => UDP_HEADER_LEN,
-        _ => return false,
+        _ => return None,
     };
-    // As in `balance_ipv4`: the packet lies inside the frame, and its transport header inside
-    // the packet.
     let total_len = usize::from(u16::from_be_bytes(ip.total_len));
     if total_len < IPV4_HEADER_LEN + transport_len
         || ctx.data() + ETHERNET_LEN + total_len > ctx.data_end()
     {
-        return false;
+        return None;
     }
-    let [src_port, dst_port] = prefix.ports;
-    !bitmap.contains(dst_port) && !bitmap.contains(src_port)
+    Some(prefix.ports)
+}
+
+/// The ports of a plain IPv6 TCP or UDP packet that `ipv6::try_parse` would find well formed:
+/// version 6, TCP or UDP right after the fixed header, the packet inside the frame and its
+/// transport header inside the packet.
+#[inline(always)]
+fn plain_ipv6_ports(ctx: &XdpContext) -> Option<[[u8; 2]; 2]> {
+    let prefix = ptr_at::<PlainPrefix6>(ctx, 0)?;
+    // SAFETY: ptr_at checked the whole prefix.
+    let prefix = unsafe { &*prefix };
+    let ip = &prefix.ip;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return None;
+    }
+    let transport_len = match ip.next_header {
+        protocol::TCP => TCP_HEADER_LEN,
+        protocol::UDP => UDP_HEADER_LEN,
+        _ => return None,
+    };
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    if payload_len < transport_len
+        || ctx.data() + ETHERNET_LEN + IPV6_HEADER_LEN + payload_len > ctx.data_end()
+    {
+        return None;
+    }
+    Some(prefix.ports)
 }
 
 /// A packet whose transport header is missing or cut short: malformed if it is addressed to a

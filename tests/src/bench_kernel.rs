@@ -156,6 +156,7 @@ pub const ESTABLISHED_TCP: &str = "TCP, established flow";
 pub const BACKEND_REPLY: &str = "backend reply";
 pub const UDP_FLOW_HIT: &str = "UDP, established flow";
 pub const NOT_A_SERVICE: &str = "not for a service (pass)";
+pub const NOT_A_SERVICE_V6: &str = "not for a service, IPv6 (pass)";
 pub const FLOOR: &str = "floor (trivial XDP_TX)";
 
 /// Runs the whole kernel-level benchmark, printing progress to stdout.
@@ -601,6 +602,28 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         wrapper: None,
     };
 
+    // The same over IPv6, from the client's IPv6 address to the VIP's.
+    let mut ssh6 = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv6(CLIENT6, VIP6, 64)
+        .tcp(50_000, 22, 1, 64_240)
+        .ack(1)
+        .write(&mut ssh6, b"SSH-2.0-OpenSSH_9.2")
+        .context("building the IPv6 SSH frame")?;
+    let pass6 = Case {
+        name: NOT_A_SERVICE_V6,
+        katran_ns: None,
+        target: Target::Balancer,
+        ifindex: fixture.pub_ifindex,
+        expected: vec![ssh6.clone()],
+        frames: Frames::Same(ssh6),
+        verdict: XDP_PASS,
+        counters: vec![counter_index(&["pass_not_service"])?],
+        unmoved: vec![forward_redirect],
+        forget: None,
+        wrapper: None,
+    };
+
     Ok(vec![
         floor,
         new_flow,
@@ -609,6 +632,7 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         reply_case,
         udp_case,
         pass,
+        pass6,
     ])
 }
 

@@ -422,6 +422,46 @@ fn truncated_ipv6_is_counted_and_never_read_past_the_end() {
     let (verdict, _) = fixture.run(&padded, fixture.pub_ifindex);
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(fixture.counter(counter::DROP_MALFORMED_L4), 2);
+
+    // The same faults on a port no service or backend uses: the host's own traffic is passed
+    // early (`is_plain_host_traffic`), which must not let malformed packets through.
+    let ssh = tcp6((CLIENT_MAC, PUB_MAC), CLIENT6, VIP6, 40002, 22, false);
+    let (verdict, out) = fixture.run(&ssh, fixture.pub_ifindex);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &ssh),
+        "SSH to the VIP passes untouched"
+    );
+    let mut ssh_long = ssh.clone();
+    ssh_long[18..20].copy_from_slice(&200u16.to_be_bytes());
+    let mut ssh_version = ssh.clone();
+    ssh_version[14] = 0x40 | (ssh_version[14] & 0x0f);
+    let mut ssh_padded = ssh.clone();
+    ssh_padded[18..20].copy_from_slice(&10u16.to_be_bytes());
+    for (what, frame, reason, count) in [
+        (
+            "payload length past the frame",
+            ssh_long,
+            counter::DROP_MALFORMED_IPV6,
+            5,
+        ),
+        (
+            "version 4 in an IPv6 frame",
+            ssh_version,
+            counter::DROP_MALFORMED_IPV6,
+            6,
+        ),
+        (
+            "TCP only in the padding",
+            ssh_padded,
+            counter::DROP_MALFORMED_L4,
+            3,
+        ),
+    ] {
+        let (verdict, _) = fixture.run(&frame, fixture.pub_ifindex);
+        assert_eq!(verdict, XDP_DROP, "SSH to the VIP, {what}");
+        assert_eq!(fixture.counter(reason), count, "SSH to the VIP, {what}");
+    }
 }
 
 #[test]

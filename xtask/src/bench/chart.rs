@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use lb_tests::bench_e2e::{E2eReport, Mode, Setup};
 use lb_tests::bench_kernel::{
     KernelReport, BACKEND_REPLY, ESTABLISHED_TCP, NEW_TCP_FLOW, NEW_TCP_FLOW_ONE_TUPLE,
-    NOT_A_SERVICE, UDP_FLOW_HIT,
+    NOT_A_SERVICE, NOT_A_SERVICE_V6, UDP_FLOW_HIT,
 };
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
@@ -80,6 +80,7 @@ fn kernel_groups(report: &KernelReport) -> Vec<Group> {
         ("reply", BACKEND_REPLY),
         ("UDP flow", UDP_FLOW_HIT),
         ("pass", NOT_A_SERVICE),
+        ("pass, IPv6", NOT_A_SERVICE_V6),
     ] {
         if let Some(case) = case(name) {
             groups.push(Group {

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use lb_tests::bench_e2e::{E2eReport, HttpRun, Mode, Setup, UdpRun};
 use lb_tests::bench_kernel::{
-    katran, CaseResult, KernelReport, Spread, FLOOR, NEW_TCP_FLOW, NOT_A_SERVICE,
+    katran, CaseResult, KernelReport, Spread, FLOOR, NEW_TCP_FLOW, NOT_A_SERVICE, NOT_A_SERVICE_V6,
 };
 
 /// What the numbers were measured on.
@@ -150,15 +150,40 @@ pub fn goals(report: &KernelReport) -> String {
         }
     );
     let _ = write!(text, "{}", new_flow_beyond_katran(report));
-    if let Some(pass) = report.cases.iter().find(|case| case.name == NOT_A_SERVICE) {
-        let ratio = pass.wrapped.median / report.floor.wrapped.median;
+    let passes: Vec<&CaseResult> = report
+        .cases
+        .iter()
+        .filter(|case| [NOT_A_SERVICE, NOT_A_SERVICE_V6].contains(&case.name))
+        .collect();
+    if !passes.is_empty() {
+        let ratios: Vec<f64> = passes
+            .iter()
+            .map(|pass| pass.wrapped.median / report.floor.wrapped.median)
+            .collect();
+        let described: Vec<String> = passes
+            .iter()
+            .zip(&ratios)
+            .map(|(pass, ratio)| {
+                format!(
+                    "{} {ratio:.1}× under the wrapper ({:.1}× with the loop)",
+                    if pass.name == NOT_A_SERVICE_V6 {
+                        "IPv6"
+                    } else {
+                        "IPv4"
+                    },
+                    pass.looped.median / report.floor.looped.median
+                )
+            })
+            .collect();
         let _ = write!(
             text,
-            " Goal 2, the pass path within 2× the floor: {:.1}× under the wrapper ({:.1}× with \
-             the loop): **{}**.",
-            ratio,
-            pass.looped.median / report.floor.looped.median,
-            if ratio <= 2.0 { "met" } else { "not met" }
+            " Goal 2, the pass path within 2× the floor: {}: **{}**.",
+            described.join(", "),
+            if ratios.iter().all(|ratio| *ratio <= 2.0) {
+                "met"
+            } else {
+                "not met"
+            }
         );
     }
     text
@@ -448,7 +473,8 @@ host). The cases: a TCP SYN to the web service that starts a new flow (the sourc
 scheduling, the flow-table insert, the route lookup), measured two ways (below), a data packet \
 of an established TCP flow (flow-table hit), a backend's reply (reverse-table hit, source \
 rewritten back to the VIP), a UDP packet of an established flow, and a TCP packet to port 22 \
-of the VIP's address, which is no service (the operator's SSH: passed untouched). The floor is \
+of the VIP's address, which is no service (the operator's SSH: passed untouched), over IPv4 \
+and over IPv6 (Katran's figure is for one family; ours answers the goal for both). The floor is \
 a trivial program in the same object that returns XDP_TX, measured the same way on the pass \
 case's frame (so that the wrapper copies as many bytes for both).\n\n\
 With `repeat` > 1 the kernel reuses one buffer, so a rewriting program would see its own \
