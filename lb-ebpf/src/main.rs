@@ -78,6 +78,11 @@ pub(crate) struct Transport {
 
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
+    // Apart from `act`, so that the host's traffic leaves by the shortest way.
+    if is_plain_host_traffic(&ctx) {
+        count(counter::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
     act(try_balance(&ctx))
 }
 
@@ -134,9 +139,6 @@ fn act(result: Result<Verdict, Drop>) -> u32 {
 }
 
 fn try_balance(ctx: &XdpContext) -> Result<Verdict, Drop> {
-    if is_plain_host_traffic(ctx) {
-        return Ok(Verdict::Pass(counter::PASS_NOT_SERVICE));
-    }
     let ethernet: *mut EthernetHeader =
         ptr_at(ctx, 0).ok_or(Drop(counter::DROP_MALFORMED_ETHERNET))?;
     // SAFETY (all raw reads and writes below): each pointer came from `ptr_at`, which checked
@@ -263,11 +265,12 @@ fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
     let Some(bitmap) = port_bitmap() else {
         return false;
     };
-    let Some(ethernet) = ptr_at::<EthernetHeader>(ctx, 0) else {
+    // Every plain frame is at least as long as the IPv4 prefix: one bounds check for both.
+    let Some(prefix) = ptr_at::<PlainPrefix4>(ctx, 0) else {
         return false;
     };
-    // SAFETY: ptr_at checked the header.
-    let ports = match unsafe { (*ethernet).ether_type } {
+    // SAFETY: ptr_at checked the whole prefix.
+    let ports = match unsafe { (*prefix).ethernet.ether_type } {
         ETHER_TYPE_IPV4 => plain_ipv4_ports(ctx),
         ETHER_TYPE_IPV6 => plain_ipv6_ports(ctx),
         _ => None,

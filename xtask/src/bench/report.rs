@@ -497,7 +497,9 @@ packet to one configured gateway MAC) and no reverse translation; ours include a
 `bpf_fib_lookup` on every translated packet and one more on every new flow (the check that \
 its source is routed back through the interface it came in on).";
 
-const KERNEL_READING: &str = "The sweeps time the same cases with the flow table holding 1, \
+const KERNEL_READING: &str = "The kernel reports a run's time per iteration in whole \
+nanoseconds, so every wrapper figure is rounded down to one: near the floor a ratio moves by \
+a sixth with one nanosecond (the floor's spread shows the machine's). The sweeps time the same cases with the flow table holding 1, \
 10,000 and 1,000,000 flows (its capacity the same at every level, so nothing is evicted), with \
 1, 16 and 256 backends behind the service, and with 1 and 1,000 services configured. Under the \
 loop method, the established-flow case visits up to 4,096 flows spread over the whole table in \
