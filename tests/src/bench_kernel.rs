@@ -292,6 +292,33 @@ struct Case {
     wrapper: Option<Wrapper>,
 }
 
+/// The source port of the one 5-tuple that [`one_tuple_case`] starts again and again.
+const ONE_TUPLE_PORT: u16 = 40_003;
+
+/// Katran's method for its new-flow figure: the wrapper restores one SYN, so every iteration
+/// is the same 5-tuple; here its entry is deleted before each run, so that each one really
+/// starts a flow (Katran's SYN path overwrites its entry instead). `expected` gives the
+/// translations the SYN may come out as.
+fn one_tuple_case(
+    fixture: &Fixture,
+    expected: impl Fn(&[u8]) -> Vec<Vec<u8>>,
+) -> anyhow::Result<Case> {
+    let syn = Tcp::from_client(80, ONE_TUPLE_PORT).frame();
+    Ok(Case {
+        name: NEW_TCP_FLOW_ONE_TUPLE,
+        katran_ns: Some(katran::NEW_TCP_FLOW),
+        target: Target::Balancer,
+        ifindex: fixture.pub_ifindex,
+        expected: expected(&syn),
+        frames: Frames::Same(syn),
+        verdict: XDP_REDIRECT,
+        counters: vec![new_flow_counter()?, counter_index(&["forward_redirect"])?],
+        unmoved: vec![counter_index(&["flow_hit"])?],
+        forget: Some(Forget::tcp(fixture, CLIENT, ONE_TUPLE_PORT)?),
+        wrapper: None,
+    })
+}
+
 /// The flow table and the key of the entry a case deletes before every run.
 struct Forget {
     flows: OwnedFd,
@@ -488,26 +515,12 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
         wrapper: None,
     };
 
-    // Katran's method for its new-flow figure: the wrapper restores one SYN, so every
-    // iteration is the same 5-tuple; here its entry is deleted before each run, so that each
-    // one really starts a flow (Katran's SYN path overwrites its entry instead).
-    let one_tuple_syn = Tcp::from_client(80, 40_003).frame();
-    let one_tuple = Case {
-        name: NEW_TCP_FLOW_ONE_TUPLE,
-        katran_ns: Some(katran::NEW_TCP_FLOW),
-        target: Target::Balancer,
-        ifindex: fixture.pub_ifindex,
-        expected: [(BACKEND_A, BACKEND_A_MAC), (BACKEND_B, BACKEND_B_MAC)]
+    let one_tuple = one_tuple_case(fixture, |syn| {
+        [(BACKEND_A, BACKEND_A_MAC), (BACKEND_B, BACKEND_B_MAC)]
             .iter()
-            .map(|&(backend, mac)| expected_forward(&one_tuple_syn, BACK_MAC, mac, backend, 8080))
-            .collect(),
-        frames: Frames::Same(one_tuple_syn),
-        verdict: XDP_REDIRECT,
-        counters: vec![new_flows, forward_redirect],
-        unmoved: vec![flow_hit],
-        forget: Some(Forget::tcp(fixture, CLIENT, 40_003)?),
-        wrapper: None,
-    };
+            .map(|&(backend, mac)| expected_forward(syn, BACK_MAC, mac, backend, 8080))
+            .collect()
+    })?;
 
     let (backend, backend_port) = establish(fixture, CLIENT, 40_001)?;
     let data = data_packet(CLIENT, 40_001);
@@ -944,7 +957,8 @@ fn fill_flow_table(fixture: &mut Fixture, count: u32) -> anyhow::Result<()> {
 }
 
 /// The sweep cases on a configuration whose measured service (port 80) goes to backend A
-/// only: new flow, established flow (one, or `spread` over many), pass.
+/// only: new flow (new 5-tuples, and one 5-tuple as Katran measured), established flow (one,
+/// or `spread` over many), pass.
 fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::Result<Vec<Case>> {
     let forward_redirect = counter_index(&["forward_redirect"])?;
     let flow_hit = counter_index(&["flow_hit"])?;
@@ -1005,6 +1019,11 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
         forget: None,
         wrapper: None,
     };
+    let one_tuple = one_tuple_case(fixture, |syn| {
+        (8080..8080 + 256)
+            .map(|port| expected_forward(syn, BACK_MAC, BACKEND_A_MAC, BACKEND_A, port))
+            .collect()
+    })?;
     let ssh = Tcp::from_client(22, 50_000).frame();
     let pass = Case {
         name: NOT_A_SERVICE,
@@ -1019,7 +1038,7 @@ fn scale_cases(fixture: &mut Fixture, spread: Option<Vec<Vec<u8>>>) -> anyhow::R
         forget: None,
         wrapper: None,
     };
-    Ok(vec![new_flow, established, pass])
+    Ok(vec![new_flow, one_tuple, established, pass])
 }
 
 #[cfg(test)]
