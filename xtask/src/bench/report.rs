@@ -295,14 +295,16 @@ fn new_flow_beyond_katran(report: &KernelReport) -> String {
         .sweeps
         .iter()
         .filter(|point| point.sweep.starts_with("full flow table"))
-        .flat_map(|point| point.cases.iter())
-        .find(|case| case.name == NEW_TCP_FLOW);
-    if let Some(evicting) = evicting {
+        .find_map(|point| {
+            let case = point.cases.iter().find(|case| case.name == NEW_TCP_FLOW)?;
+            Some((point.size, case))
+        });
+    if let Some((size, evicting)) = evicting {
         let _ = write!(
             text,
-            " A new flow into a full table, where every insert evicts the least recently used \
-             entry (the state the table reaches once the balancer has started as many flows as \
-             it holds), costs {:.0} ns ({} Katran's figure).",
+            " A new flow into a full table of {size} entries, where every insert evicts the \
+             least recently used entry (the state the table reaches once the balancer has \
+             started as many flows as it holds), costs {:.0} ns ({} Katran's figure).",
             evicting.wrapped.median,
             against(evicting.wrapped.median)
         );
@@ -568,15 +570,14 @@ run, which includes a fixed overhead of the kernel's timer and a cache cooled by
 call in between (the loop's floor shows how much). The **wrapper** method runs a small XDP \
 program, assembled by the benchmark, that copies the original frame back into the buffer and \
 tail-calls the program under test, with a large repeat count: the method of the Katran \
-figures of issue 3. Repeating one frame, Katran's \
-method times a new flow for one 5-tuple over and over (Katran's SYN path schedules and \
-overwrites that 5-tuple's entry every time, in memory the last iteration left warm). Ours \
-would find its entry from the second iteration on (a retransmitted SYN keeps its backend), so \
-for **one 5-tuple, Katran's method** the wrapper deletes the entry before each iteration, \
-inside the timed run; for **a new 5-tuple each time** it instead writes a running counter \
-into the source address and port, so that every entry goes into table memory no iteration \
-has touched: the cost of a balancer's first flows after start, which Katran's figure does not \
-include. Katran's figures are for its IPIP mode, which needs no route lookup (it sends every \
+figures of issue 3. Repeating one frame, Katran's method times a new flow for one 5-tuple \
+over and over (Katran's SYN path schedules and overwrites that 5-tuple's entry every time, in \
+memory the last iteration left warm). Ours would find its entry from the second iteration on \
+(a retransmitted SYN keeps its backend), so for **one 5-tuple, Katran's method** the wrapper \
+deletes the entry before each iteration, inside the timed run; for **a new 5-tuple each \
+time** it instead writes a running counter into the source address and port, so that every \
+entry goes into table memory no iteration has touched: the cost of a balancer's new flows \
+while its table fills, which Katran's figure does not include. Katran's figures are for its IPIP mode, which needs no route lookup (it sends every \
 packet to one configured gateway MAC) and no reverse translation; ours include a \
 `bpf_fib_lookup` on every translated packet and one more on every new flow (the check that \
 its source is routed back through the interface it came in on).";
@@ -586,9 +587,9 @@ const KERNEL_READING: &str = "The sweeps time the same cases with the flow table
 1, 16 and 256 backends behind the service, and with 1 and 1,000 services configured. Under the \
 loop method, the established-flow case visits up to 4,096 flows spread over the whole table in \
 turn, so a large table shows its cache misses there; the wrapper repeats one flow, whose \
-entry stays in cache. The full-table point fills a smaller table to its capacity first, so \
-that every new flow evicts the least recently used one: the steady state of a balancer busy \
-enough to fill its table.";
+entry stays in cache. The full-table point fills a table of the default size \
+(`flows.table_size`) to its capacity first, so that every new flow evicts the least recently \
+used one: the steady state of a balancer busy enough to fill its table.";
 
 const E2E_METHOD: &str = "The demo topology: a client, the load balancer and two backends, \
 each a network namespace, joined by veth pairs (GRO on and transmit checksum offload off on \
@@ -679,6 +680,21 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(&format!("above Katran's**: {NOT_A_SERVICE}")));
+    }
+
+    #[test]
+    fn the_full_table_figure_names_the_table_size() {
+        let mut report = report();
+        report.sweeps.push(lb_tests::bench_kernel::SweepPoint {
+            sweep: "full flow table (evicting)",
+            size: 262_144,
+            cases: vec![case(NEW_TCP_FLOW, None, 490.0)],
+        });
+        let text = goals(&report);
+        assert!(
+            text.contains("a full table of 262144 entries") && text.contains("costs 490 ns"),
+            "{text}"
+        );
     }
 
     #[test]
