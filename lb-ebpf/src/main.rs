@@ -43,8 +43,8 @@ use crate::{
         IPV4_FRAGMENT_MASK, IPV6_HEADER_LEN, VLAN_TAG_LEN,
     },
     maps::{
-        count, either_port_in_use, port_bitmap, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS, PROGRAMS,
-        PROGRAM_IPV6, RR_CURSORS, SCHEDULE, SERVICE_STATS, SETTINGS,
+        count, either_port_in_use, port_bitmap, reverse_nat, BACKENDS, BACKEND_STATS, NEXT_HOPS,
+        PROGRAMS, PROGRAM_IPV6, RR_CURSORS, SCHEDULE, SERVICE_STATS, SETTINGS,
     },
     partial::Partial,
     route::{Route, SendCounters},
@@ -205,13 +205,8 @@ fn balance_ipv4(
     let holds_transport = segment_len >= transport_len;
 
     // Only a first fragment has ports: later ones follow it (see fragments.rs).
-    let first_fragment = match fragments::ipv4(
-        ctx,
-        ethernet,
-        ip,
-        l4_offset,
-        l3_offset + total_len,
-    )? {
+    let first_fragment = match fragments::ipv4(ctx, ethernet, ip, l4_offset, l3_offset + total_len)?
+    {
         fragments::Step::Whole => None,
         fragments::Step::First(key) => Some(key),
         fragments::Step::Done(verdict) => return Ok(verdict),
@@ -355,7 +350,9 @@ pub(crate) fn balance<F: Family>(
     first_fragment: Option<&FragmentKey<F::Addr>>,
 ) -> Result<Verdict, Drop> {
     // Neither for a service nor from a backend: the host's own traffic, passed at once.
-    if !either_port_in_use(unsafe { *transport.dst_port }, unsafe { *transport.src_port }) {
+    if !either_port_in_use(unsafe { *transport.dst_port }, unsafe {
+        *transport.src_port
+    }) {
         return Ok(not_for_a_service::<F>(first_fragment));
     }
 

@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, Backend, Endpoint, Endpoint6, EndpointKey, EndpointKey6, Flow, FlowKey, FlowKey6,
-    Fragment, FragmentKey, FragmentKey6, NeighbourKey, NextHop, ReverseNat, ReverseNat6, Service,
-    ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol, VipProtocol6, FLOW_TABLE_SIZE,
-    FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NEIGHBOURS_WANTED_SIZE, PortBitmap,
-    SCHEDULE_SIZE,
+    Fragment, FragmentKey, FragmentKey6, NeighbourKey, NextHop, PortBitmap, ReverseNat,
+    ReverseNat6, Service, ServiceKey, ServiceKey6, Settings, TrafficStats, VipProtocol,
+    VipProtocol6, FLOW_TABLE_SIZE, FRAGMENT_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    NEIGHBOURS_WANTED_SIZE, SCHEDULE_SIZE,
 };
 
 /// Services by (VIP, port, protocol). Not preallocated, so that replacing a value is an RCU

@@ -885,6 +885,10 @@ fn write_changes(
         dataplane.remove_vip_address(*vip)?;
     }
 
+    // The ports of both states before anything new is published: a packet for a new service,
+    // or from a new backend port, whose port were still clear would pass untranslated as the
+    // host's own traffic. The new state's ports alone once it is all written.
+    dataplane.set_ports(&port_bitmap(from.iter().chain(&to.services)))?;
     for (key, endpoint) in &new_endpoints {
         dataplane.set_endpoint(*key, endpoint)?;
     }
@@ -1004,7 +1008,9 @@ fn mark_shared_endpoints(services: &mut [ServiceState]) {
 }
 
 /// Every service port and every backend port, as the datapath's `PORTS` bitmap.
-pub fn port_bitmap(services: &[ServiceState]) -> lb_common::PortBitmap {
+pub fn port_bitmap<'a>(
+    services: impl IntoIterator<Item = &'a ServiceState>,
+) -> lb_common::PortBitmap {
     let mut bitmap = lb_common::PortBitmap {
         words: [0; lb_common::PORT_BITMAP_WORDS as usize],
     };
@@ -2245,5 +2251,75 @@ mod tests {
         assert!(summary.services_added.is_empty(), "{summary:?}");
         assert!(summary.services_removed.is_empty(), "{summary:?}");
         assert_eq!(summary.backends_added.len(), 2, "web's backends start over");
+    }
+
+    /// Fails unless every service the datapath has, and every backend it can send a flow to,
+    /// has its port in the bitmap: a packet for one without would pass to the kernel
+    /// untranslated, as the host's own traffic does.
+    fn assert_ports_cover(dataplane: &MemoryDataplane, what: &str) {
+        let ports = dataplane.ports.expect("ports written");
+        for key in dataplane.services.keys() {
+            let port = match key {
+                AnyServiceKey::V4(key) => key.port,
+                AnyServiceKey::V6(key) => key.port,
+            };
+            assert!(
+                ports.contains(port),
+                "{what}: service {key:?} without its port"
+            );
+        }
+        for (id, backend) in &dataplane.backends {
+            if backend.state == backend_state::UP {
+                assert!(
+                    ports.contains(backend.port),
+                    "{what}: backend {id} up without its port"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn at_every_write_of_a_reload_the_port_bitmap_covers_what_the_datapath_serves() {
+        let (mut running, mut running_dataplane) = installed(CONFIG);
+        all_up(&mut running, &mut running_dataplane);
+        // A service on a new port with a backend on a new port, and a kept service whose
+        // backend moves to a new port.
+        let target = CONFIG.replacen("port = 8080", "port = 8081", 1)
+            + r#"
+            [[service]]
+            name = "mail"
+            vip = "10.200.1.1"
+            port = 25
+            [service.health_check]
+            kind = "none"
+            [[service.backend]]
+            address = "10.200.11.2"
+            port = 2525
+        "#;
+        let config = config::parse(&target).expect("valid");
+        let mut reloaded = (running.clone(), running_dataplane.clone());
+        reloaded.0.reload(&config, &mut reloaded.1).expect("fits");
+        let writes = reloaded.1.writes - running_dataplane.writes;
+        assert!(writes > 5, "{writes} writes");
+
+        // The datapath as it is after each write of the reload: every later write fails, the
+        // roll-back's included.
+        for done in 0..=writes {
+            let (mut table, mut dataplane) = (running.clone(), running_dataplane.clone());
+            dataplane.fail_at = Some(dataplane.writes + done + 1);
+            dataplane.keep_failing = true;
+            let outcome = table.reload(&config, &mut dataplane);
+            assert_eq!(
+                outcome.is_ok(),
+                done == writes,
+                "after {done} writes: {outcome:?}"
+            );
+            assert_ports_cover(&dataplane, &format!("after {done} of {writes} writes"));
+        }
+        let ports = reloaded.1.ports.expect("ports written");
+        assert!(
+            !ports.contains(8080u16.to_be_bytes()),
+            "a port nothing uses is cleared"
+        );
     }
 }

@@ -27,7 +27,7 @@ use anyhow::{bail, ensure, Context};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_user::dataplane::LoadOptions;
 
-use crate::bench_wrapper::{delete_key, xdp_md, Variation, Wrapper, FIRST_HOST};
+use crate::bench_wrapper::{delete_key, key_present, xdp_md, Variation, Wrapper, FIRST_HOST};
 use crate::packet::*;
 
 /// Katran's figures on this machine kind (IPIP mode, the restoring wrapper, kernel 6.18, JIT
@@ -51,9 +51,6 @@ pub struct KernelOptions {
     pub wrapper_repeat: u32,
     /// Flows in the table for the flow-table sweep.
     pub flow_table_fills: &'static [u32],
-    /// Flow-table capacity for that sweep (the same at every fill level) and for the main
-    /// cases.
-    pub flow_table_capacity: u32,
     /// Capacity of the table that the "full flow table" point fills to the brim.
     pub full_table: u32,
 }
@@ -65,10 +62,10 @@ impl KernelOptions {
             loop_packets: 20_000,
             wrapper_repeat: 200_000,
             flow_table_fills: &[1, 10_000, 1_000_000],
-            // Room for the fill and for every new flow the sweep then times, so that nothing
-            // is evicted: the sweep measures a table holding N flows, not LRU eviction.
-            flow_table_capacity: 1_100_000 + 7 * 200_000 + 7 * 20_000,
-            full_table: 65_536,
+            // The default `flows.table_size`: the full table a balancer run with the defaults
+            // reaches. A smaller one stays in the CPU's caches and flatters an eviction (65,536
+            // entries: ~270 ns a new flow here, against ~490 at the default).
+            full_table: lb_common::FLOW_TABLE_SIZE,
         }
     }
 
@@ -80,9 +77,61 @@ impl KernelOptions {
             loop_packets: 200,
             wrapper_repeat: 1_000,
             flow_table_fills: &[1, 1_000],
-            flow_table_capacity: lb_common::FLOW_TABLE_SIZE,
             full_table: 4_096,
         }
+    }
+
+    /// The new flows one fixture's trials start, all on the benchmark's one CPU: every
+    /// iteration of the new-5-tuple case under both methods (the one-5-tuple case reuses one
+    /// entry), and room to spare for the few flows the cases set up.
+    fn new_flows_per_fixture(&self) -> u32 {
+        self.trials as u32 * (self.wrapper_repeat + self.loop_packets) + 1_000
+    }
+}
+
+/// The flow-table capacities the benchmark ran with.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowTables {
+    /// Possible CPUs. The flow table keeps an LRU list per CPU (`BPF_F_NO_COMMON_LRU`) and
+    /// the kernel gives each possible CPU an equal share of the capacity: a table of N entries
+    /// starts evicting on the benchmark's CPU at N / `cpus`.
+    pub cpus: u32,
+    /// The main cases' and the backend and service sweeps': room on the benchmark's CPU for
+    /// every new flow their trials start.
+    pub main: u32,
+    /// The flow-table sweep's, the same at every fill level: room for the largest fill and
+    /// every new flow the trials then start.
+    pub sweep: u32,
+    /// The full-table point's ([`KernelOptions::full_table`]), which evicts on purpose.
+    pub full: u32,
+}
+
+impl FlowTables {
+    fn for_options(options: &KernelOptions) -> anyhow::Result<Self> {
+        let cpus = aya::util::nr_cpus().map_err(|(path, error)| {
+            anyhow::anyhow!("counting the possible CPUs ({path}): {error}")
+        })?;
+        let cpus = u32::try_from(cpus).context("the number of possible CPUs")?;
+        let room = |flows: u32| {
+            flows
+                .checked_mul(cpus)
+                .context("a flow table with that much room per CPU does not fit in a u32")
+        };
+        let largest_fill = options.flow_table_fills.iter().copied().max().unwrap_or(0);
+        Ok(Self {
+            cpus,
+            main: room(options.new_flows_per_fixture())?,
+            sweep: room(largest_fill + options.new_flows_per_fixture())?,
+            full: options.full_table,
+        })
+    }
+}
+
+/// Load options for a flow table of `capacity` entries.
+fn flow_table(capacity: u32) -> LoadOptions {
+    LoadOptions {
+        flow_table_size: capacity,
+        ..LoadOptions::default()
     }
 }
 
@@ -145,6 +194,7 @@ pub struct KernelReport {
     /// The five cases of issue 3, on the default configuration.
     pub cases: Vec<CaseResult>,
     pub sweeps: Vec<SweepPoint>,
+    pub flow_tables: FlowTables,
     pub seconds: f64,
 }
 
@@ -185,40 +235,46 @@ pub fn run(options: KernelOptions) -> anyhow::Result<KernelReport> {
 fn measure_all(options: KernelOptions) -> anyhow::Result<KernelReport> {
     let started = Instant::now();
     println!("bench kernel: the five cases and the floor on the default configuration");
-    // Capacity for every new flow the trials make: the new-flow case measures an insert into
-    // a table with room, not an eviction (the "full flow table" sweep measures that).
-    let load = LoadOptions {
-        flow_table_size: options.flow_table_capacity,
-        ..LoadOptions::default()
-    };
-    let mut fixture = Fixture::with_config(CONFIG, &load);
+    // Room for every new flow the trials make: the new-flow case measures an insert into a
+    // table with room, not an eviction (the "full flow table" sweep measures that).
+    let flow_tables = FlowTables::for_options(&options)?;
+    let mut fixture = Fixture::with_config(CONFIG, &flow_table(flow_tables.main));
+    plant_sentinel(&mut fixture)?;
     let mut cases = main_cases(&mut fixture)?;
     let mut measured = measure_cases(&mut fixture, &mut cases, &options)?;
+    ensure_nothing_evicted(&fixture)?;
     let floor = measured.remove(0);
 
     let mut sweeps = Vec::new();
     for &fill in options.flow_table_fills {
         println!("bench kernel: flow table holding {fill} flows");
-        sweeps.push(flow_table_point(fill, &options)?);
+        sweeps.push(flow_table_point(fill, flow_tables.sweep, &options)?);
     }
     println!(
         "bench kernel: a full flow table of {} flows (each new flow evicts one)",
         options.full_table
     );
-    sweeps.push(full_table_point(options.full_table, &options)?);
+    sweeps.push(full_table_point(flow_tables.full, &options)?);
     for backends in [1, 16, 256] {
         println!("bench kernel: a service with {backends} backends");
-        sweeps.push(scale_point("backends", backends, 1, backends, &options)?);
+        let table = flow_tables.main;
+        sweeps.push(scale_point(
+            "backends", backends, 1, backends, table, &options,
+        )?);
     }
     for services in [1, 1000] {
         println!("bench kernel: {services} services");
-        sweeps.push(scale_point("services", services, services, 1, &options)?);
+        let table = flow_tables.main;
+        sweeps.push(scale_point(
+            "services", services, services, 1, table, &options,
+        )?);
     }
     Ok(KernelReport {
         options,
         floor,
         cases: measured,
         sweeps,
+        flow_tables,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -333,28 +389,61 @@ impl Forget {
             .flows_fd()
             .try_clone_to_owned()
             .context("duplicating the FLOWS descriptor")?;
-        let key = lb_common::FlowKey {
-            src_addr: client,
-            dst_addr: VIP,
-            src_port: port.to_be_bytes(),
-            dst_port: 80u16.to_be_bytes(),
-            protocol: lb_common::protocol::TCP,
-            _pad: [0; 3],
-        };
-        // SAFETY: FlowKey is repr(C) plain bytes with explicit padding.
-        let key = unsafe {
-            std::slice::from_raw_parts(
-                (&key as *const lb_common::FlowKey).cast::<u8>(),
-                std::mem::size_of::<lb_common::FlowKey>(),
-            )
-        }
-        .to_vec();
-        Ok(Self { flows, key })
+        Ok(Self {
+            flows,
+            key: web_flow_key(client, port),
+        })
     }
 
     fn delete(&self) -> anyhow::Result<()> {
         delete_key(self.flows.as_fd(), &self.key)
     }
+}
+
+/// The IPv4 flow table's key, as bytes, for a TCP flow from `client:port` to the web service.
+fn web_flow_key(client: [u8; 4], port: u16) -> Vec<u8> {
+    let key = lb_common::FlowKey {
+        src_addr: client,
+        dst_addr: VIP,
+        src_port: port.to_be_bytes(),
+        dst_port: 80u16.to_be_bytes(),
+        protocol: lb_common::protocol::TCP,
+        _pad: [0; 3],
+    };
+    // SAFETY: FlowKey is repr(C) plain bytes with explicit padding.
+    unsafe {
+        std::slice::from_raw_parts(
+            (&key as *const lb_common::FlowKey).cast::<u8>(),
+            std::mem::size_of::<lb_common::FlowKey>(),
+        )
+    }
+    .to_vec()
+}
+
+/// The source of the first flow a table that must evict nothing receives: no case sends from
+/// it again, so it is the least recently used entry, the first an LRU table would evict.
+const SENTINEL: ([u8; 4], u16) = ([10, 200, 1, 90], 1);
+
+/// Starts the sentinel flow; call it before any other flow enters the fixture's table.
+fn plant_sentinel(fixture: &mut Fixture) -> anyhow::Result<()> {
+    establish(fixture, SENTINEL.0, SENTINEL.1)?;
+    Ok(())
+}
+
+/// Fails if the fixture's flow table evicted anything since [`plant_sentinel`]: figures said
+/// to be for a table with room must not include evictions.
+fn ensure_nothing_evicted(fixture: &Fixture) -> anyhow::Result<()> {
+    let present = key_present(
+        fixture.dataplane.flows_fd(),
+        &web_flow_key(SENTINEL.0, SENTINEL.1),
+        std::mem::size_of::<lb_common::Flow>(),
+    )?;
+    ensure!(
+        present,
+        "the flow table evicted its oldest flow during the trials: it had no room for every \
+         flow they started"
+    );
+    Ok(())
 }
 
 /// The SYN of the `index`th new flow of the loop method, from 10.200.1.100 upwards: the
@@ -863,37 +952,36 @@ fn scale_config(services: u32, backends: u32) -> String {
 }
 
 /// New flow, established flow and pass on a configuration of `services` services, the
-/// measured one with `backends` backends.
+/// measured one with `backends` backends, and a flow table of `capacity` entries (room for
+/// every new flow the trials make, as in the main cases).
 fn scale_point(
     sweep: &'static str,
     size: u32,
     services: u32,
     backends: u32,
+    capacity: u32,
     options: &KernelOptions,
 ) -> anyhow::Result<SweepPoint> {
-    // Room for every new flow the trials make, as in the main cases.
-    let load = LoadOptions {
-        flow_table_size: options.flow_table_capacity,
-        ..LoadOptions::default()
-    };
+    let load = flow_table(capacity);
     let mut fixture = Fixture::with_config(&scale_config(services, backends), &load);
+    plant_sentinel(&mut fixture)?;
     let mut cases = scale_cases(&mut fixture, None)?;
-    Ok(SweepPoint {
-        sweep,
-        size,
-        cases: measure_cases(&mut fixture, &mut cases, options)?,
-    })
+    let cases = measure_cases(&mut fixture, &mut cases, options)?;
+    ensure_nothing_evicted(&fixture)?;
+    Ok(SweepPoint { sweep, size, cases })
 }
 
-/// A flow table of `flow_table_capacity` entries holding `fill` flows: new flow, and
-/// established flows spread over the whole table (the loop visits up to 4096 of them in turn;
-/// the wrapper repeats one).
-fn flow_table_point(fill: u32, options: &KernelOptions) -> anyhow::Result<SweepPoint> {
-    let load = LoadOptions {
-        flow_table_size: options.flow_table_capacity,
-        ..LoadOptions::default()
-    };
+/// A flow table of `capacity` entries holding `fill` flows: new flow, and established flows
+/// spread over the whole table (the loop visits up to 4096 of them in turn; the wrapper
+/// repeats one).
+fn flow_table_point(
+    fill: u32,
+    capacity: u32,
+    options: &KernelOptions,
+) -> anyhow::Result<SweepPoint> {
+    let load = flow_table(capacity);
     let mut fixture = Fixture::with_config(&scale_config(1, 1), &load);
+    plant_sentinel(&mut fixture)?;
     fill_flow_table(&mut fixture, fill)?;
     let visited = fill.min(4096);
     let step = (fill / visited).max(1);
@@ -906,10 +994,12 @@ fn flow_table_point(fill: u32, options: &KernelOptions) -> anyhow::Result<SweepP
     let mut cases = scale_cases(&mut fixture, Some(spread))?;
     // The pass path never looks at the flow table.
     cases.retain(|case| case.name != NOT_A_SERVICE);
+    let cases = measure_cases(&mut fixture, &mut cases, options)?;
+    ensure_nothing_evicted(&fixture)?;
     Ok(SweepPoint {
         sweep: "flows in the table",
         size: fill,
-        cases: measure_cases(&mut fixture, &mut cases, options)?,
+        cases,
     })
 }
 
@@ -917,10 +1007,7 @@ fn flow_table_point(fill: u32, options: &KernelOptions) -> anyhow::Result<SweepP
 /// the steady state of a busy balancer. Only new flows are timed here (an established flow's
 /// entry could be the one evicted).
 fn full_table_point(capacity: u32, options: &KernelOptions) -> anyhow::Result<SweepPoint> {
-    let load = LoadOptions {
-        flow_table_size: capacity,
-        ..LoadOptions::default()
-    };
+    let load = flow_table(capacity);
     let mut fixture = Fixture::with_config(&scale_config(1, 1), &load);
     fill_flow_table(&mut fixture, capacity)?;
     let mut cases = scale_cases(&mut fixture, None)?;

@@ -39,6 +39,7 @@ const MAX_KEY: usize = 40;
 const TEMPLATE_LEN: usize = KEY_OFFSET + MAX_KEY;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -388,6 +389,26 @@ pub fn delete_key(map: BorrowedFd<'_>, key: &[u8]) -> anyhow::Result<()> {
         Ok(_) => Ok(()),
         Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(error) => Err(error).context("deleting a flow-table entry"),
+    }
+}
+
+/// Whether `map` holds `key`, whose value has `value_len` bytes. A lookup from userspace does
+/// not mark an LRU entry as used, so asking does not keep the entry from being evicted.
+pub fn key_present(map: BorrowedFd<'_>, key: &[u8], value_len: usize) -> anyhow::Result<bool> {
+    let mut value = vec![0u8; value_len];
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point to live buffers; the caller passes the map's key size and
+    // its value size.
+    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(error) => Err(error).context("looking up a flow-table entry"),
     }
 }
 

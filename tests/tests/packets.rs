@@ -248,8 +248,9 @@ fn truncated_headers_are_counted_and_never_read_past_the_end() {
     short_total[16..18].copy_from_slice(&19u16.to_be_bytes()); // shorter than its header
     let mut l4_in_padding = syn.clone();
     l4_in_padding[16..18].copy_from_slice(&20u16.to_be_bytes()); // TCP only in the padding
-                                                                 // The same faults on ports no service or backend uses: the host's own traffic is passed
-                                                                 // early (`is_plain_host_traffic`), which must not let malformed packets through.
+
+    // The same faults on ports no service or backend uses: the host's own traffic is passed
+    // early (`is_plain_host_traffic`), which must not let malformed packets through.
     let ssh = Tcp::from_client(22, 40007).frame();
     let mut ssh_long_total = ssh.clone();
     ssh_long_total[16..18].copy_from_slice(&41u16.to_be_bytes());
