@@ -102,6 +102,7 @@ pub async fn run(options: Options) -> Result<()> {
     let verifier_log = options.socket.with_file_name("verifier.log");
     let load_options = LoadOptions {
         flow_table_size: config.flows.table_size,
+        other_flow_tables_size: None,
         fragment_table_size: config.fragments.table_size,
         schedule_size,
         generic_xdp: options.mode == XdpMode::Skb,

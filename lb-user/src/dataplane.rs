@@ -128,6 +128,11 @@ pub const FLOOR_PROGRAM_NAME: &str = "floor";
 pub struct LoadOptions {
     /// Entries in each flow table and each reverse-translation table (both families).
     pub flow_table_size: u32,
+    /// Entries in `REVERSE_FLOWS`, `FLOWS6` and `REVERSE_FLOWS6` instead, when only the IPv4
+    /// flow table needs `flow_table_size`: the benchmark, which fills that one table with
+    /// millions of IPv4 flows, keeps the other three at the default. `None` sizes all four
+    /// alike (lb-user).
+    pub other_flow_tables_size: Option<u32>,
     /// Entries in the fragment table.
     pub fragment_table_size: u32,
     /// Entries in the shared scheduling table (see `services::ServiceTable::schedule_size_for`).
@@ -142,6 +147,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             flow_table_size: lb_common::FLOW_TABLE_SIZE,
+            other_flow_tables_size: None,
             fragment_table_size: lb_common::FRAGMENT_TABLE_SIZE,
             schedule_size: lb_common::SCHEDULE_SIZE,
             generic_xdp: false,
@@ -317,11 +323,14 @@ impl XdpDataplane {
 
     /// [`Self::load`] with sizes other than the defaults.
     pub fn load_with(verifier_log: &Path, options: &LoadOptions) -> Result<Self, DataplaneError> {
+        let others = options
+            .other_flow_tables_size
+            .unwrap_or(options.flow_table_size);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", options.flow_table_size)
-            .map_max_entries("REVERSE_FLOWS", options.flow_table_size)
-            .map_max_entries("FLOWS6", options.flow_table_size)
-            .map_max_entries("REVERSE_FLOWS6", options.flow_table_size)
+            .map_max_entries("REVERSE_FLOWS", others)
+            .map_max_entries("FLOWS6", others)
+            .map_max_entries("REVERSE_FLOWS6", others)
             .map_max_entries("FRAGMENTS", options.fragment_table_size)
             .map_max_entries("FRAGMENTS6", options.fragment_table_size)
             .map_max_entries("SCHEDULE", options.schedule_size)

@@ -14,6 +14,7 @@ fn the_kernel_benchmark_times_new_flows_without_evicting_any() {
         trials: 5,
         loop_packets: 200,
         wrapper_repeat: 30_000,
+        new_flow_repeat: 30_000,
         flow_table_fills: &[1],
         full_table: 4_096,
     };

@@ -70,9 +70,13 @@ pub fn kernel_markdown(report: &KernelReport) -> String {
          `BPF_PROG_TEST_RUN` with repeat = 1 per packet from userspace, {} packets a trial, the \
          kernel's timing of each run summed. **wrapper**: repeat = {} under the restoring \
          wrapper (copies the original frame back, then tail-calls the program), the method of \
-         the Katran figures. Each case's verdict and output frame were checked under both \
+         the Katran figures; {} for the new-5-tuple case, whose every iteration takes one more \
+         flow-table entry. Each case's verdict and output frame were checked under both \
          methods before timing, and the datapath's counters after every trial.\n",
-        options.trials, options.loop_packets, options.wrapper_repeat
+        options.trials,
+        options.loop_packets,
+        options.wrapper_repeat,
+        options.new_flow_repeat.min(options.wrapper_repeat)
     );
     let _ = writeln!(
         text,
