@@ -109,9 +109,17 @@ pub async fn run(options: Options) -> Result<()> {
     };
     let mut dataplane =
         XdpDataplane::load_with(&verifier_log, &load_options).context("loading the XDP program")?;
+    // The flow table's LRU lists are per possible CPU, each with an equal share of the entries.
+    let flows_per_cpu = match aya::util::nr_cpus() {
+        Ok(cpus) if cpus > 0 => format!(
+            ", {} per CPU over {cpus} possible CPUs",
+            config.flows.table_size / cpus as u32
+        ),
+        _ => String::new(),
+    };
     tracing::info!(
-        "XDP program loaded (flow table {} entries, fragment table {} entries, scheduling table \
-         {schedule_size} entries)",
+        "XDP program loaded (flow table {} entries{flows_per_cpu}, fragment table {} entries, \
+         scheduling table {schedule_size} entries)",
         config.flows.table_size,
         config.fragments.table_size
     );

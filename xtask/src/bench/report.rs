@@ -481,7 +481,8 @@ const CLIENT_VETH_DROPS: &str = "The client's own veth dropped those of xdp-lb's
 lost, before the balancer saw them: with an XDP program attached to its peer (the balancer's \
 public interface), a veth hands packets to a ring of 256 that the peer drains in NAPI polls, \
 and drops when the senders outrun it; without one (nftables), it queues them on the kernel's \
-backlog instead. A physical NIC has its own, larger rings; this loss belongs to the test bed.";
+backlog instead. The client's interface counted them, so they never reached the balancer's \
+program; a physical NIC has its own, larger rings.";
 
 const UDP_PAYLOAD_NOTE: &str = "60-byte frames (18-byte payload) over 16 flows from one sending \
                                 thread per core in the client namespace";
@@ -593,7 +594,13 @@ loop method, the established-flow case visits up to 4,096 flows spread over the 
 turn, so a large table shows its cache misses there; the wrapper repeats one flow, whose \
 entry stays in cache. The full-table point fills a table of the default size \
 (`flows.table_size`) to its capacity first, so that every new flow evicts the least recently \
-used one: the steady state of a balancer busy enough to fill its table.";
+used one: the steady state of a balancer busy enough to fill its table. The pass figures \
+hold for the host's traffic on ports that are neither a service's nor a backend's (the \
+operator's SSH, most of what the host sends and receives): untagged, without IP options or \
+IPv6 extension headers, it passes before the full parse. A packet that shares a port number \
+with a service or a backend (say, the answer to the host's own HTTPS request while 443 is a \
+service port) takes the full parse and the service and backend-endpoint lookups first; that \
+path is not timed here.";
 
 const E2E_METHOD: &str = "The demo topology: a client, the load balancer and two backends, \
 each a network namespace, joined by veth pairs (GRO on and transmit checksum offload off on \
