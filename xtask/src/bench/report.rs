@@ -330,6 +330,39 @@ fn runs_of(report: &E2eReport, setup: Setup, mode: Mode) -> Vec<&HttpRun> {
         .collect()
 }
 
+/// xdp-lb's requests per second as a ratio to every other setup's, per connection mode, in
+/// the same run (median over median): ahead where above 1, behind where below.
+fn http_against_the_others(report: &E2eReport) -> String {
+    let rate = |setup, mode| {
+        let runs = runs_of(report, setup, mode);
+        (!runs.is_empty()).then(|| median(runs.iter().map(|run| run.requests_per_second)))
+    };
+    let mut parts = Vec::new();
+    for mode in [Mode::KeepAlive, Mode::NewConnection] {
+        let Some(ours) = rate(Setup::XdpLb, mode) else {
+            continue;
+        };
+        let ratios: Vec<String> = Setup::ALL
+            .into_iter()
+            .filter(|setup| *setup != Setup::XdpLb)
+            .filter_map(|setup| {
+                rate(setup, mode).map(|theirs| format!("{:.2}× {}", ours / theirs, setup.name()))
+            })
+            .collect();
+        if !ratios.is_empty() {
+            parts.push(format!("{}: {}", mode.name(), ratios.join(", ")));
+        }
+    }
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(
+        "xdp-lb's requests/s against each setup of this run (median ÷ median; above 1× ahead, \
+         below 1× behind): {}.",
+        parts.join("; ")
+    )
+}
+
 /// The end-to-end tables.
 pub fn e2e_markdown(report: &E2eReport) -> String {
     let options = &report.options;
@@ -398,6 +431,7 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
             );
         }
     }
+    let _ = writeln!(text, "\n{}", http_against_the_others(report));
     let new_connection_rate = |setup| {
         median(
             runs_of(report, setup, Mode::NewConnection)
@@ -444,6 +478,22 @@ pub fn e2e_markdown(report: &E2eReport) -> String {
             lost as f64 / sent.max(1) as f64 * 100.0,
             runs.iter().map(|run| run.interface_drops).sum::<u64>(),
             median(runs.iter().map(|run| run.softirq_percent)),
+        );
+    }
+    let delivered = |setup| {
+        let runs: Vec<f64> = report
+            .udp
+            .iter()
+            .filter(|run| run.setup == setup)
+            .map(UdpRun::delivered_pps)
+            .collect();
+        (!runs.is_empty()).then(|| median(runs))
+    };
+    if let (Some(ours), Some(nft)) = (delivered(Setup::XdpLb), delivered(Setup::NftDnat)) {
+        let _ = writeln!(
+            text,
+            "\nxdp-lb delivered {:.2}× the packets per second of nftables DNAT (median ÷ median).",
+            ours / nft
         );
     }
     let mut sites: Vec<(String, u64)> = Vec::new();
@@ -715,6 +765,49 @@ mod tests {
             text.contains("1541000, 2541000 and 32768 of them"),
             "{text}"
         );
+    }
+
+    fn http(setup: Setup, mode: Mode, requests_per_second: f64) -> HttpRun {
+        HttpRun {
+            setup,
+            mode,
+            round: 0,
+            requests: 1,
+            requests_per_second,
+            p50_ms: 0.1,
+            p99_ms: 1.0,
+            errors: 0,
+            seconds: 10.0,
+            cpu: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn http_rates_are_set_against_every_other_setup() {
+        let report = E2eReport {
+            options: lb_tests::bench_e2e::E2eOptions::quick(),
+            http: vec![
+                http(Setup::XdpLb, Mode::KeepAlive, 132_000.0),
+                http(Setup::HaproxyTcp, Mode::KeepAlive, 88_000.0),
+                http(Setup::NftDnat, Mode::KeepAlive, 141_000.0),
+                http(Setup::XdpLb, Mode::NewConnection, 20_000.0),
+            ],
+            udp: Vec::new(),
+            versions: Vec::new(),
+            seconds: 1.0,
+        };
+        let text = http_against_the_others(&report);
+        assert!(
+            text.contains(&format!(
+                "{}: 1.50× {}, 0.94× {}.",
+                Mode::KeepAlive.name(),
+                Setup::HaproxyTcp.name(),
+                Setup::NftDnat.name()
+            )),
+            "{text}"
+        );
+        // No other setup ran with a new connection per request: nothing to compare.
+        assert!(!text.contains(Mode::NewConnection.name()), "{text}");
     }
 
     #[test]
