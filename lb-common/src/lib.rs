@@ -39,16 +39,33 @@ pub struct PortBitmap {
 }
 
 impl PortBitmap {
+    /// No port set.
+    pub const EMPTY: Self = Self {
+        words: [0; PORT_BITMAP_WORDS as usize],
+    };
+
+    /// Sets `port`'s bit.
+    pub fn insert(&mut self, port: u16) {
+        let (word, bit) = Self::place(port);
+        self.words[word] |= bit;
+    }
+
     /// Whether `port` (network byte order) has its bit set.
     #[inline(always)]
     pub fn contains(&self, port: [u8; 2]) -> bool {
-        let port = u16::from_be_bytes(port);
-        // `port / 64` is below PORT_BITMAP_WORDS: `get` never misses, it only keeps the index
+        let (word, bit) = Self::place(u16::from_be_bytes(port));
+        // `word` is below PORT_BITMAP_WORDS: `get` never misses, it only keeps the index
         // visibly bounded (for the verifier) without a panic path.
-        match self.words.get(usize::from(port / 64)) {
-            Some(word) => word & (1u64 << (port % 64)) != 0,
+        match self.words.get(word) {
+            Some(bits) => bits & bit != 0,
             None => true,
         }
+    }
+
+    /// The word holding `port`'s bit, and the bit.
+    #[inline(always)]
+    fn place(port: u16) -> (usize, u64) {
+        (usize::from(port / 64), 1u64 << (port % 64))
     }
 }
 /// The longest TCP or UDP segment (header and payload) whose partial checksum the datapath

@@ -1011,14 +1011,11 @@ fn mark_shared_endpoints(services: &mut [ServiceState]) {
 pub fn port_bitmap<'a>(
     services: impl IntoIterator<Item = &'a ServiceState>,
 ) -> lb_common::PortBitmap {
-    let mut bitmap = lb_common::PortBitmap {
-        words: [0; lb_common::PORT_BITMAP_WORDS as usize],
-    };
-    let mut set = |port: u16| bitmap.words[usize::from(port / 64)] |= 1u64 << (port % 64);
+    let mut bitmap = lb_common::PortBitmap::EMPTY;
     for service in services {
-        set(service.config.port);
+        bitmap.insert(service.config.port);
         for backend in &service.backends {
-            set(backend.addr.port());
+            bitmap.insert(backend.addr.port());
         }
     }
     bitmap
