@@ -265,8 +265,9 @@ fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
         return false;
     };
     // SAFETY: ptr_at checked the whole prefix.
-    let ports = match unsafe { (*prefix).ethernet.ether_type } {
-        ETHER_TYPE_IPV4 => plain_ipv4_ports(ctx),
+    let prefix = unsafe { &*prefix };
+    let ports = match prefix.ethernet.ether_type {
+        ETHER_TYPE_IPV4 => plain_ipv4_ports(ctx, prefix),
         ETHER_TYPE_IPV6 => plain_ipv6_ports(ctx),
         _ => None,
     };
@@ -278,12 +279,9 @@ fn is_plain_host_traffic(ctx: &XdpContext) -> bool {
 
 /// The ports of a plain IPv4 TCP or UDP packet that `balance_ipv4` would find well formed:
 /// version 4 with a 20-byte header, not a fragment, the packet inside the frame and its
-/// transport header inside the packet.
+/// transport header inside the packet. `prefix` is the frame's start, bounds-checked.
 #[inline(always)]
-fn plain_ipv4_ports(ctx: &XdpContext) -> Option<[[u8; 2]; 2]> {
-    let prefix = ptr_at::<PlainPrefix4>(ctx, 0)?;
-    // SAFETY: ptr_at checked the whole prefix.
-    let prefix = unsafe { &*prefix };
+fn plain_ipv4_ports(ctx: &XdpContext, prefix: &PlainPrefix4) -> Option<[[u8; 2]; 2]> {
     let ip = &prefix.ip;
     if ip.version_ihl != 0x45 || u16::from_be_bytes(ip.fragment) & IPV4_FRAGMENT_MASK != 0 {
         return None;
