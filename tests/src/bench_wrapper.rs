@@ -150,25 +150,29 @@ impl Wrapper {
                 SOURCE_PORT + 2
             );
         }
-        let (step, key) = match variation {
-            Variation::None => (Step::None, Vec::new()),
-            Variation::NewSource => (Step::NewSource, Vec::new()),
-            Variation::ForgetFlow { flows, key } => {
+        let key = match &variation {
+            Variation::ForgetFlow { key, .. } => {
                 if key.is_empty() || key.len() > MAX_KEY {
                     bail!(
                         "a flow key of {} bytes: the wrapper takes 1 to {MAX_KEY}",
                         key.len()
                     );
                 }
-                (Step::Forget(flows.as_raw_fd()), key)
+                key.clone()
             }
+            Variation::None | Variation::NewSource => Vec::new(),
         };
         let template = create_map(BPF_MAP_TYPE_ARRAY, TEMPLATE_LEN as u32)
             .context("creating the wrapper's frame template (array map)")?;
         let targets = create_map(BPF_MAP_TYPE_PROG_ARRAY, 4)
             .context("creating the wrapper's program array")?;
         write_template(template.as_fd(), frame, &key)?;
-        let instructions = assemble(frame.len(), template.as_raw_fd(), targets.as_raw_fd(), step);
+        let instructions = assemble(
+            frame.len(),
+            template.as_raw_fd(),
+            targets.as_raw_fd(),
+            &variation,
+        );
         let program = load_xdp_program("bench_restore", &instructions)
             .context("loading the restoring wrapper")?;
         update_map(targets.as_fd(), &target.as_raw_fd().to_ne_bytes())
@@ -223,23 +227,19 @@ fn write_template(template: BorrowedFd<'_>, frame: &[u8], key: &[u8]) -> anyhow:
     update_map(template, &value).context("writing the frame template")
 }
 
-/// The wrapper's own step besides restoring the frame (see [`Variation`]).
-#[derive(Clone, Copy)]
-enum Step {
-    None,
-    NewSource,
-    /// Delete the template's key from the map with this descriptor.
-    Forget(i32),
-}
-
 /// The wrapper's instructions: optionally delete the flow to forget, bounds check, copy the
 /// template over the packet (8 bytes at a time, then 4, 2, 1), optionally stamp the new-flow
 /// counter, tail-call slot 0.
-fn assemble(frame_len: usize, template_fd: i32, targets_fd: i32, step: Step) -> Vec<Instruction> {
+fn assemble(
+    frame_len: usize,
+    template_fd: i32,
+    targets_fd: i32,
+    variation: &Variation<'_>,
+) -> Vec<Instruction> {
     let mut code = vec![instruction(MOV64_REG, 6, 1, 0, 0)]; // r6 = ctx
-    if let Step::Forget(flows_fd) = step {
+    if let Variation::ForgetFlow { flows, .. } = variation {
         code.extend([
-            instruction(LOAD_IMM64, 1, PSEUDO_MAP_FD, 0, flows_fd), // r1 = the flow table
+            instruction(LOAD_IMM64, 1, PSEUDO_MAP_FD, 0, flows.as_raw_fd()), // r1 = flow table
             instruction(0, 0, 0, 0, 0),
             instruction(LOAD_IMM64, 2, PSEUDO_MAP_VALUE, 0, template_fd), // r2 = &template.key
             instruction(0, 0, 0, 0, KEY_OFFSET as i32),
@@ -267,7 +267,7 @@ fn assemble(frame_len: usize, template_fd: i32, targets_fd: i32, step: Step) -> 
         code.push(instruction(store_op(width), 2, 0, offset as i16, 0));
         offset += width;
     }
-    if let Step::NewSource = step {
+    if let Variation::NewSource = variation {
         code.extend([
             instruction(load_op(4), 0, 5, COUNTER_OFFSET, 0), // r0 = counter
             instruction(ADD64_IMM, 0, 0, 0, 1),               // r0 += 1
@@ -418,8 +418,18 @@ mod tests {
 
     #[test]
     fn the_bounds_check_jumps_to_the_abort_tail() {
-        for (step, bounds_check) in [(Step::None, 5), (Step::NewSource, 5), (Step::Forget(5), 10)] {
-            let code = assemble(54, 3, 4, step);
+        // SAFETY: the descriptor is only copied into instructions, never used.
+        let flows = unsafe { BorrowedFd::borrow_raw(5) };
+        let forget = Variation::ForgetFlow {
+            flows,
+            key: vec![0; 16],
+        };
+        for (variation, bounds_check) in [
+            (Variation::None, 5),
+            (Variation::NewSource, 5),
+            (forget, 10),
+        ] {
+            let code = assemble(54, 3, 4, &variation);
             let abort = code.len() - 2;
             assert_eq!(code[bounds_check].code, JGT_REG);
             assert_eq!(bounds_check + 1 + code[bounds_check].offset as usize, abort);
@@ -430,7 +440,7 @@ mod tests {
 
     #[test]
     fn the_copy_covers_the_frame_exactly() {
-        let code = assemble(67, 3, 4, Step::None);
+        let code = assemble(67, 3, 4, &Variation::None);
         let stored: usize = code
             .iter()
             .filter(|insn| [0x7b, 0x63, 0x6b, 0x73].contains(&insn.code))
