@@ -94,15 +94,7 @@ fn kernel_groups(report: &KernelReport) -> Vec<Group> {
 }
 
 fn e2e_groups(report: &E2eReport) -> Vec<Group> {
-    let rate = |setup: Setup, mode: Mode| {
-        let rates: Vec<f64> = report
-            .http
-            .iter()
-            .filter(|run| run.setup == setup && run.mode == mode)
-            .map(|run| run.requests_per_second)
-            .collect();
-        (!rates.is_empty()).then(|| lb_tests::bench_kernel::Spread::of(rates).median)
-    };
+    let rate = |setup, mode| super::report::median_rate(report, setup, mode);
     Setup::ALL
         .into_iter()
         .map(|setup| Group {
