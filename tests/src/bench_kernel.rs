@@ -716,13 +716,7 @@ fn main_cases(fixture: &mut Fixture) -> anyhow::Result<Vec<Case>> {
     };
 
     // The same over IPv6, from the client's IPv6 address to the VIP's.
-    let mut ssh6 = Vec::new();
-    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
-        .ipv6(CLIENT6, VIP6, 64)
-        .tcp(50_000, 22, 1, 64_240)
-        .ack(1)
-        .write(&mut ssh6, b"SSH-2.0-OpenSSH_9.2")
-        .context("building the IPv6 SSH frame")?;
+    let ssh6 = tcp6_ack_frame(CLIENT6, VIP6, 50_000, 22, b"SSH-2.0-OpenSSH_9.2");
     let pass6 = Case {
         name: NOT_A_SERVICE_V6,
         katran_ns: None,

@@ -565,6 +565,56 @@ impl Tcp {
     }
 }
 
+/// A UDP frame over IPv6 from the client's MAC to the public interface's.
+pub fn udp6_frame(
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv6(src, dst, 64)
+        .udp(src_port, dst_port)
+        .write(&mut frame, payload)
+        .expect("build frame");
+    frame
+}
+
+/// A TCP ACK with `payload` over IPv6, from the client's MAC to the public interface's.
+pub fn tcp6_ack_frame(
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(src_port, dst_port, 1, 64_240)
+        .ack(1)
+        .write(&mut frame, payload)
+        .expect("build frame");
+    frame
+}
+
+/// 802.1Q's and 802.1ad's tag EtherTypes.
+pub const DOT1Q: [u8; 2] = [0x81, 0x00];
+pub const DOT1AD: [u8; 2] = [0x88, 0xa8];
+
+/// `frame` with `tags` (each: EtherType, TCI) inserted after the MAC addresses, outermost first.
+pub fn vlan_tagged(frame: &[u8], tags: &[([u8; 2], u16)]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for (ether_type, tci) in tags {
+        out.extend_from_slice(ether_type);
+        out.extend_from_slice(&tci.to_be_bytes());
+    }
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
 pub fn udp_frame(dst_port: u16, src_port: u16, zero_checksum: bool) -> Vec<u8> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)

@@ -57,11 +57,6 @@ fn run(fixture: &mut Fixture, frame: &[u8]) -> Outcome {
     }
 }
 
-/// `frame` with an 802.1Q tag (VLAN 5) after the MAC addresses.
-fn tagged(frame: &[u8]) -> Vec<u8> {
-    [&frame[..12], &[0x81, 0x00, 0x00, 0x05], &frame[12..]].concat()
-}
-
 /// The counters' names, for failure messages.
 fn names(moved: &[(u32, u64)]) -> Vec<(&'static str, u64)> {
     moved
@@ -82,27 +77,6 @@ fn udp4(src: [u8; 4], dst: [u8; 4], ports: (u16, u16), payload: &[u8]) -> Vec<u8
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
         .ipv4(src, dst, 64)
-        .udp(ports.0, ports.1)
-        .write(&mut frame, payload)
-        .expect("build");
-    frame
-}
-
-fn tcp6(src: [u8; 16], dst: [u8; 16], ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(ports.0, ports.1, 7, 64_240)
-        .ack(1)
-        .write(&mut frame, payload)
-        .expect("build");
-    frame
-}
-
-fn udp6(src: [u8; 16], dst: [u8; 16], ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
-        .ipv6(src, dst, 64)
         .udp(ports.0, ports.1)
         .write(&mut frame, payload)
         .expect("build");
@@ -138,12 +112,12 @@ fn plain_frames() -> Vec<Vec<u8>> {
         udp4(CLIENT, VIP, (40_005, 5000), b""),
         udp4(CLIENT, VIP, (40_006, 80), b"not tcp"),
         udp4(CLIENT, OTHER_HOST, (40_007, 123), b"ntp"),
-        tcp6(CLIENT6, VIP6, (40_008, 22), b"SSH-2.0-x"),
-        tcp6(CLIENT6, OTHER6, (40_009, 22), b""),
-        tcp6(BACKEND6_A, CLIENT6, (8080, 40_010), b"reply"),
-        udp6(CLIENT6, VIP6, (40_011, 5000), b"hello"),
-        udp6(CLIENT6, VIP6, (40_012, 5000), b""),
-        udp6(CLIENT6, VIP6, (40_013, 80), b"not tcp"),
+        tcp6_ack_frame(CLIENT6, VIP6, 40_008, 22, b"SSH-2.0-x"),
+        tcp6_ack_frame(CLIENT6, OTHER6, 40_009, 22, b""),
+        tcp6_ack_frame(BACKEND6_A, CLIENT6, 8080, 40_010, b"reply"),
+        udp6_frame(CLIENT6, VIP6, 40_011, 5000, b"hello"),
+        udp6_frame(CLIENT6, VIP6, 40_012, 5000, b""),
+        udp6_frame(CLIENT6, VIP6, 40_013, 80, b"not tcp"),
     ]
 }
 
@@ -210,7 +184,7 @@ fn the_early_pass_is_what_the_full_parse_does_for_every_mutated_frame() {
     for base in plain_frames() {
         for frame in mutations(&base) {
             let plain = run(&mut fixture, &frame);
-            let vlan = tagged(&frame);
+            let vlan = vlan_tagged(&frame, &[(DOT1Q, 5)]);
             let full = run(&mut fixture, &vlan);
             assert_eq!(
                 plain.is_early_pass(&frame),
@@ -351,10 +325,10 @@ fn edge_cases_next_to_the_early_pass_get_the_full_parse_verdict() {
     let mut short_tcp_other = short_tcp.clone();
     short_tcp_other[30..34].copy_from_slice(&OTHER_HOST);
     // 58 bytes: the same for IPv6.
-    let ssh6 = tcp6(CLIENT6, VIP6, (40_002, 22), b"");
+    let ssh6 = tcp6_ack_frame(CLIENT6, VIP6, 40_002, 22, b"");
     let mut short_tcp6 = ssh6[..58].to_vec();
     short_tcp6[18..20].copy_from_slice(&4u16.to_be_bytes());
-    let udp6_empty = udp6(CLIENT6, VIP6, (40_003, 5000), b"");
+    let udp6_empty = udp6_frame(CLIENT6, VIP6, 40_003, 5000, b"");
     let mut udp6_no_payload_len = udp6_empty.clone();
     udp6_no_payload_len[18..20].copy_from_slice(&0u16.to_be_bytes());
     let mut ping = Vec::new();

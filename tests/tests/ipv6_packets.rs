@@ -121,16 +121,6 @@ fn tcp6(
     frame
 }
 
-fn udp6(src: [u8; 16], dst: [u8; 16], src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, PUB_MAC)
-        .ipv6(src, dst, 64)
-        .udp(src_port, dst_port)
-        .write(&mut frame, payload)
-        .expect("build");
-    frame
-}
-
 /// A client's TCP frame as it should leave towards `backend` port 8080.
 fn at_backend(mac: [u8; 6], backend: [u8; 16], src_port: u16, syn: bool) -> Vec<u8> {
     tcp6((BACK_MAC, mac), CLIENT6, backend, src_port, 8080, syn)
@@ -282,10 +272,10 @@ fn ipv6_udp_needs_a_checksum_and_a_computed_zero_leaves_as_ffff() {
         return;
     }
     let mut fixture = fixture6();
-    let query = udp6(CLIENT6, VIP6, 40000, 53, b"a dns query, more or less");
+    let query = udp6_frame(CLIENT6, VIP6, 40000, 53, b"a dns query, more or less");
     let (verdict, out) = fixture.run(&query, fixture.pub_ifindex);
     assert_eq!(verdict, XDP_REDIRECT);
-    let mut expected = udp6(
+    let mut expected = udp6_frame(
         CLIENT6,
         BACKEND6_A,
         40000,
@@ -304,14 +294,14 @@ fn ipv6_udp_needs_a_checksum_and_a_computed_zero_leaves_as_ffff() {
     // A payload whose translated datagram sums to zero: etherparse writes 0xffff for it, and
     // so must the datapath. Search two payload bytes for one (a few hundred tries at most).
     let translated = |word: u16| {
-        let mut frame = udp6(CLIENT6, BACKEND6_A, 40002, 5353, &word.to_be_bytes());
+        let mut frame = udp6_frame(CLIENT6, BACKEND6_A, 40002, 5353, &word.to_be_bytes());
         frame[..12].copy_from_slice(&[BACKEND_A_MAC, BACK_MAC].concat());
         frame
     };
     let word = (0..=u16::MAX)
         .find(|&word| translated(word)[54 + 6..54 + 8] == [0xff, 0xff])
         .expect("some payload sums to zero");
-    let input = udp6(CLIENT6, VIP6, 40002, 53, &word.to_be_bytes());
+    let input = udp6_frame(CLIENT6, VIP6, 40002, 53, &word.to_be_bytes());
     let (verdict, out) = fixture.run(&input, fixture.pub_ifindex);
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, translated(word), "a computed zero leaves as 0xffff");
@@ -508,12 +498,12 @@ fn icmpv6_errors_about_balanced_flows_are_translated_both_ways() {
     // Backend A's side says the client's packet (client -> A:8080, after translation) could
     // not be delivered: the client hears it from the VIP about VIP:80. UDP, quoted whole, so
     // its checksum is checked too.
-    let query = udp6(CLIENT6, VIP6, 40001, 53, b"query");
+    let query = udp6_frame(CLIENT6, VIP6, 40001, 53, b"query");
     let (verdict, _) = fixture.run(&query, fixture.pub_ifindex);
     assert_eq!(verdict, XDP_REDIRECT);
     let unreachable =
         Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port);
-    let translated = udp6(CLIENT6, BACKEND6_A, 40001, 5353, b"query");
+    let translated = udp6_frame(CLIENT6, BACKEND6_A, 40001, 5353, b"query");
     let input = icmp6_error(
         (BACKEND_A_MAC, BACK_MAC),
         BACKEND6_A,
@@ -570,7 +560,7 @@ fn neighbour_discovery_echo_and_other_ipv6_pass_byte_for_byte() {
         ),
         (
             "UDP to the VIP, no service on the port",
-            udp6(CLIENT6, VIP6, 40000, 54, b"x"),
+            udp6_frame(CLIENT6, VIP6, 40000, 54, b"x"),
             counter::PASS_NOT_SERVICE,
         ),
     ];

@@ -5,20 +5,6 @@
 use lb_common::counter;
 use lb_tests::{packet::*, skip_unless_privileged};
 
-/// `frame` with `tags` (each: EtherType, TCI) inserted after the MAC addresses, outermost first.
-fn tagged(frame: &[u8], tags: &[([u8; 2], u16)]) -> Vec<u8> {
-    let mut out = frame[..12].to_vec();
-    for (ether_type, tci) in tags {
-        out.extend_from_slice(ether_type);
-        out.extend_from_slice(&tci.to_be_bytes());
-    }
-    out.extend_from_slice(&frame[12..]);
-    out
-}
-
-const DOT1Q: [u8; 2] = [0x81, 0x00];
-const DOT1AD: [u8; 2] = [0x88, 0xa8];
-
 #[test]
 fn tagged_frames_are_balanced_with_their_tags_kept() {
     if !skip_unless_privileged("tagged_frames_are_balanced_with_their_tags_kept") {
@@ -29,7 +15,7 @@ fn tagged_frames_are_balanced_with_their_tags_kept() {
     for (index, tags) in stacks.iter().enumerate() {
         let port = 46000 + index as u16;
         let syn = Tcp::from_client(80, port).frame();
-        let (verdict, out) = fixture.run(&tagged(&syn, tags), fixture.pub_ifindex);
+        let (verdict, out) = fixture.run(&vlan_tagged(&syn, tags), fixture.pub_ifindex);
         assert_eq!(verdict, XDP_REDIRECT, "{} tag(s)", tags.len());
         // Compare without the tags, with the untagged expectation, then the tags themselves.
         // Round robin: the first flow goes to backend A, the second to B.
@@ -45,7 +31,7 @@ fn tagged_frames_are_balanced_with_their_tags_kept() {
         assert_frames_equal(&untagged, &expected, "tagged SYN");
         assert_eq!(
             &out[12..12 + offset],
-            &tagged(&syn, tags)[12..12 + offset],
+            &vlan_tagged(&syn, tags)[12..12 + offset],
             "tags kept"
         );
 
@@ -61,7 +47,7 @@ fn tagged_frames_are_balanced_with_their_tags_kept() {
             payload: b"tagged reply",
         }
         .frame();
-        let (verdict, out) = fixture.run(&tagged(&reply, tags), fixture.back_ifindex);
+        let (verdict, out) = fixture.run(&vlan_tagged(&reply, tags), fixture.back_ifindex);
         assert_eq!(verdict, XDP_REDIRECT);
         let mut untagged = out[..12].to_vec();
         untagged.extend_from_slice(&out[12 + offset..]);
@@ -73,7 +59,7 @@ fn tagged_frames_are_balanced_with_their_tags_kept() {
         assert_frames_equal(&untagged, &with_fresh_checksums(expected), "tagged reply");
         assert_eq!(
             &out[12..12 + offset],
-            &tagged(&reply, tags)[12..12 + offset]
+            &vlan_tagged(&reply, tags)[12..12 + offset]
         );
     }
     // One backend per flow, round robin: both flows were new.
@@ -87,7 +73,7 @@ fn odd_tag_stacks_pass_or_drop_untouched() {
     }
     let mut fixture = Fixture::new();
     let syn = Tcp::from_client(80, 47000).frame();
-    let three = tagged(&syn, &[(DOT1AD, 1), (DOT1Q, 2), (DOT1Q, 3)]);
+    let three = vlan_tagged(&syn, &[(DOT1AD, 1), (DOT1Q, 2), (DOT1Q, 3)]);
     let (verdict, out) = fixture.run(&three, fixture.pub_ifindex);
     assert_eq!(
         (verdict, &out),
@@ -96,7 +82,7 @@ fn odd_tag_stacks_pass_or_drop_untouched() {
     );
     assert_eq!(fixture.counter(counter::PASS_NOT_IP), 1);
 
-    let cut = tagged(&syn, &[(DOT1Q, 7)])[..16].to_vec();
+    let cut = vlan_tagged(&syn, &[(DOT1Q, 7)])[..16].to_vec();
     let (verdict, out) = fixture.run(&cut, fixture.pub_ifindex);
     assert_eq!((verdict, &out), (XDP_DROP, &cut), "a tag cut short");
     assert_eq!(fixture.counter(counter::DROP_MALFORMED_ETHERNET), 1);
